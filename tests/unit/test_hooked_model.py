@@ -25,6 +25,8 @@ def test_residual_identities(tiny_models, name):
         attn, mlp = cache[f"blocks.{l}.hook_attn_out"], cache[f"blocks.{l}.hook_mlp_out"]
         assert rel(pre + attn, mid) <= 1e-5
         assert rel(pre + attn + mlp, post) <= 1e-5
+        assert torch.equal(cache[f"blocks.{l}.hook_attn_in"], pre)
+        assert rel(cache[f"blocks.{l}.hook_mlp_in"], mid) <= 1e-5
         if l + 1 < L:
             assert torch.equal(post, cache[f"blocks.{l + 1}.hook_resid_pre"])
     # final norm + unembedding of the last resid_post reproduce the logits
@@ -64,7 +66,7 @@ def test_interventions(tiny_models, name):
     toks = m.to_tokens(PROMPTS)
     base = m(toks)
     # identity hooks change nothing
-    for hn in ("hook_embed", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_z",
+    for hn in ("blocks.1.hook_attn_in", "blocks.1.hook_mlp_in", "hook_embed", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.1.attn.hook_z",
                "blocks.1.mlp.hook_post", "blocks.1.hook_mlp_out", "blocks.1.hook_attn_out"):
         with m.hooks([(hn, lambda x, n: x.clone())]):
             assert torch.allclose(m(toks), base, atol=1e-6), hn

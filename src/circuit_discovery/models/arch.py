@@ -7,7 +7,10 @@ per-layer paths are relative to one decoder layer. The hook is read (and may be 
   these are the post-norms (``post_attention_layernorm``, ``post_feedforward_layernorm``).
 * ``z_proj`` / ``mlp_post_proj``: the *input* of that module (the attention output projection sees the
   concatenated per-head ``z``; the MLP down projection sees the post-activation ``hook_post``).
-* ``ln2``: the *output* of the norm in front of the MLP (``blocks.{l}.ln2.hook_normalized``).
+* ``ln2``: the *output* of the norm in front of the MLP (``blocks.{l}.ln2.hook_normalized``); its *input* is
+  ``blocks.{l}.hook_mlp_in``.
+* ``ln1``: the norm in front of the attention; its *input* is ``blocks.{l}.hook_attn_in`` (equal in value to
+  ``hook_resid_pre``, but a gradient there flows through the attention only, as edge attribution needs).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class ArchSpec:
     z_proj: str
     mlp_post_proj: str
     ln2: str
+    ln1: str = "input_layernorm"
     pos_embed: str | None = None
     softcap_attr: str | None = None  # config attribute holding the final-logit soft cap, if any
 
@@ -47,7 +51,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         base="transformer", layers="transformer.h", embed="transformer.wte", pos_embed="transformer.wpe",
         final_norm="transformer.ln_f", unembed="lm_head", attn="attn", attn_out="attn", mlp_out="mlp",
-        z_proj="attn.c_proj", mlp_post_proj="mlp.c_proj", ln2="ln_2",
+        z_proj="attn.c_proj", mlp_post_proj="mlp.c_proj", ln2="ln_2", ln1="ln_1",
     ),
     "llama": ArchSpec(**_LLAMA_LIKE),
     "mistral": ArchSpec(**_LLAMA_LIKE),

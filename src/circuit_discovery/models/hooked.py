@@ -9,9 +9,12 @@ Hook names (``l`` is the layer)::
     hook_embed                       [batch, pos, d_model]  token embedding (Gemma: already scaled by sqrt(d_model))
     hook_pos_embed                   [batch, pos, d_model]  GPT-2 only
     blocks.{l}.hook_resid_pre        [batch, pos, d_model]
+    blocks.{l}.hook_attn_in          [batch, pos, d_model]  the attention's input (before its norm): resid_pre's
+                                                            value, but edits/gradients here reach the attention only
     blocks.{l}.hook_attn_out         [batch, pos, d_model]  what the attention adds to the residual stream
     blocks.{l}.hook_resid_mid        [batch, pos, d_model]  resid_pre + attn_out
-    blocks.{l}.ln2.hook_normalized   [batch, pos, d_model]  the MLP's input
+    blocks.{l}.hook_mlp_in           [batch, pos, d_model]  the MLP's input before its norm (resid_mid's value)
+    blocks.{l}.ln2.hook_normalized   [batch, pos, d_model]  the MLP's normalised input
     blocks.{l}.mlp.hook_post         [batch, pos, d_mlp]
     blocks.{l}.hook_mlp_out          [batch, pos, d_model]  what the MLP adds to the residual stream
     blocks.{l}.hook_resid_post       [batch, pos, d_model]
@@ -126,7 +129,7 @@ class HookedModel:
         names = ["hook_embed"] + (["hook_pos_embed"] if self.spec.pos_embed else [])
         for l in range(self.cfg.n_layers):
             names += [f"blocks.{l}.{n}" for n in (
-                "hook_resid_pre", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized",
+                "hook_resid_pre", "hook_attn_in", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized",
                 "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
         return names
 
@@ -203,6 +206,8 @@ class HookedModel:
             get_module(layer, spec.attn_out).register_forward_hook(partial(attn_out, l))
             get_module(layer, spec.mlp_out).register_forward_hook(partial(out_hook, f"blocks.{l}.hook_mlp_out"))
             get_module(layer, spec.ln2).register_forward_hook(partial(out_hook, f"blocks.{l}.ln2.hook_normalized"))
+            get_module(layer, spec.ln2).register_forward_pre_hook(partial(in_hook, f"blocks.{l}.hook_mlp_in"))
+            get_module(layer, spec.ln1).register_forward_pre_hook(partial(in_hook, f"blocks.{l}.hook_attn_in"))
             get_module(layer, spec.z_proj).register_forward_pre_hook(partial(z_hook, f"blocks.{l}.attn.hook_z"))
             get_module(layer, spec.mlp_post_proj).register_forward_pre_hook(
                 partial(in_hook, f"blocks.{l}.mlp.hook_post"))
