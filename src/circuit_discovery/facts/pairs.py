@@ -1,0 +1,248 @@
+"""Clean/corrupted fact pairs: tokenization, subject spans, position roles and partner choice.
+
+The tokenizer is anything with ``encode(text, add_special_tokens=False)`` or ``__call__`` returning
+``{"input_ids": ...}`` (a Hugging Face tokenizer); BOS is its ``bos_token_id`` and is prepended when
+``prepend_bos`` is true (Gemma's ``<bos>``), matching ``HookedModel.to_tokens(prepend_bos=True)``.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from circuit_discovery.facts.types import Dataset, DatasetError, Fact, FactPair
+
+
+class PairError(DatasetError):
+    """A fact cannot be turned into a pair (e.g. the subject does not align with token boundaries)."""
+
+
+# --------------------------------------------------------------------------- tokenization helpers
+
+def encode(tokenizer, text: str, prepend_bos: bool = True) -> list[int]:
+    """Token ids of ``text`` without special tokens, with the tokenizer's BOS first if ``prepend_bos``."""
+    if hasattr(tokenizer, "encode"):
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+    else:
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if prepend_bos and bos is not None:
+        ids = [bos, *ids]
+    return ids
+
+
+def _decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def answer_tokens(tokenizer, answer: str) -> list[int]:
+    """Token ids of an answer, tokenized without BOS: ``[n_answer_tokens]``."""
+    ids = encode(tokenizer, answer, prepend_bos=False)
+    if not ids:
+        raise PairError(f"answer {answer!r} tokenizes to nothing; give a non-empty answer")
+    return ids
+
+
+def align_answer(tokenizer, prompt: str, answer: str) -> tuple[str, str]:
+    """Move a whitespace-only first answer token to the end of the prompt.
+
+    Gemma tokenizes ``" 1789"`` as ``"▁" "1" "7" "8" "9"``; predicting ``"▁"`` says nothing about the
+    year, so the pair uses prompt ``"... in the year "`` and answer ``"1789"`` instead. Returns
+    ``(prompt, answer)`` unchanged where the first answer token carries content.
+    """
+    ids = answer_tokens(tokenizer, answer)
+    if len(ids) < 2 or _decode(tokenizer, ids[:1]).strip():
+        return prompt, answer
+    stripped = answer.lstrip()
+    if answer_tokens(tokenizer, stripped) != ids[1:]:
+        return prompt, answer
+    return prompt + answer[: len(answer) - len(stripped)], stripped
+
+
+def subject_span(tokenizer, prompt: str, subject: str, start: int | None = None,
+                 prepend_bos: bool = True) -> tuple[int, int]:
+    """Half-open token range ``(start, end)`` of ``subject`` in the tokenized ``prompt``.
+
+    ``start`` is the character offset of the subject (default: its first occurrence). Counts the
+    tokens of the text before and through the subject and checks they are prefixes of the prompt's
+    tokens; falls back to the tokenizer's offset mapping where a token straddles the boundary.
+    """
+    if start is None:
+        start = prompt.find(subject)
+    if start < 0 or prompt[start:start + len(subject)] != subject:
+        raise PairError(f"subject {subject!r} not found in prompt {prompt!r}")
+    end = start + len(subject)
+    full = encode(tokenizer, prompt, prepend_bos)
+    before_text = prompt[:start].rstrip()
+    before = encode(tokenizer, before_text, prepend_bos) if before_text else encode(tokenizer, "", prepend_bos)
+    through = encode(tokenizer, prompt[:end], prepend_bos)
+    if full[:len(before)] == before and full[:len(through)] == through and len(through) > len(before):
+        return len(before), len(through)
+    return _span_from_offsets(tokenizer, prompt, start, end, prepend_bos, len(full))
+
+
+def _span_from_offsets(tokenizer, prompt: str, start: int, end: int, prepend_bos: bool,
+                       n_full: int) -> tuple[int, int]:
+    try:
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (TypeError, KeyError, NotImplementedError, ValueError):
+        raise PairError(f"subject at chars {start}:{end} of {prompt!r} does not fall on token boundaries and the "
+                        f"tokenizer gives no offsets; use a fast tokenizer or rephrase the prompt") from None
+    shift = n_full - len(offsets)
+    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start and prompt[max(a, start):min(b, end)].strip()]
+    if not hit:
+        raise PairError(f"no token of {prompt!r} covers the subject at chars {start}:{end}")
+    return hit[0] + shift, hit[-1] + 1 + shift
+
+
+def token_roles(n_tokens: int, span: tuple[int, int], has_bos: bool) -> list[str]:
+    """Role of each position (docs/ARCHITECTURE.md): ``bos``, ``subject_first``/``subject_middle``/
+    ``subject_last`` (a one-token subject is ``subject_last``), ``relation_first`` (the first token after
+    the subject), ``relation`` (other prompt tokens) and ``last`` (the final token, which wins)."""
+    s, e = span
+    if not 0 <= s < e <= n_tokens:
+        raise PairError(f"subject span {span} out of range for {n_tokens} tokens")
+    roles = ["relation"] * n_tokens
+    if has_bos:
+        roles[0] = "bos"
+    for i in range(s, e):
+        roles[i] = "subject_middle"
+    roles[s] = "subject_first"
+    roles[e - 1] = "subject_last"
+    if e < n_tokens:
+        roles[e] = "relation_first"
+    roles[-1] = "last"
+    return roles
+
+
+# --------------------------------------------------------------------------- pair building
+
+@dataclass(frozen=True)
+class _Prepared:
+    fact: Fact
+    prompt: str
+    answer: str
+    moved: str  # whitespace moved from the answer to the prompt
+    tokens: tuple[int, ...]
+    answer_tokens: tuple[int, ...]
+    span: tuple[int, int]
+    roles: tuple[str, ...]
+
+
+def _subject_start(fact: Fact) -> int:
+    if fact.template and "{}" in fact.template and fact.template.replace("{}", fact.subject, 1) == fact.prompt:
+        return fact.template.index("{}")
+    return fact.prompt.find(fact.subject)
+
+
+def prepare_fact(tokenizer, fact: Fact, prepend_bos: bool = True) -> _Prepared:
+    """Tokenize one fact: aligned prompt/answer, tokens ``[pos]``, answer tokens, subject span, roles."""
+    prompt, answer = align_answer(tokenizer, fact.prompt, fact.answer)
+    tokens = encode(tokenizer, prompt, prepend_bos)
+    span = subject_span(tokenizer, prompt, fact.subject, _subject_start(fact), prepend_bos)
+    has_bos = prepend_bos and getattr(tokenizer, "bos_token_id", None) is not None
+    roles = token_roles(len(tokens), span, has_bos)
+    return _Prepared(fact, prompt, answer, fact.answer[: len(fact.answer) - len(answer)], tuple(tokens),
+                     tuple(answer_tokens(tokenizer, answer)), span, tuple(roles))
+
+
+def _strip_moved(text: str, moved: str) -> str:
+    if not moved:
+        return text
+    return text[len(moved):] if text.startswith(moved) else text.lstrip()
+
+
+def _rng(seed: int, fact: Fact) -> random.Random:
+    return random.Random(f"{seed}|{fact.relation}|{fact.subject}|{fact.prompt}")
+
+
+def build_pairs(facts: Dataset | Mapping[str, Iterable[Fact]] | Iterable[Fact], tokenizer, *, seed: int = 0,
+                prepend_bos: bool = True) -> list[FactPair]:
+    """One :class:`FactPair` per fact, deterministic for ``seed``.
+
+    The corrupted prompt is another subject of the same relation whose prompt has the same roles
+    (hence the same number of tokens and subject span) and a different answer, preferably with a
+    different first answer token (see :attr:`FactPair.first_token_differs`); when the
+    fact has an explicit counterfactual, partners answering it are preferred and the counterfactual
+    is kept. Without a partner the pair uses ``corruption="noise"`` (corrupted prompt = clean prompt),
+    and the counterfactual is the given one or another answer of the relation.
+    """
+    if isinstance(facts, Mapping):
+        flat = [f for items in facts.values() for f in items]
+    else:
+        flat = list(facts)
+    if not flat:
+        raise DatasetError("no facts to build pairs from; give a non-empty dataset")
+    prepared = [prepare_fact(tokenizer, f, prepend_bos) for f in flat]
+    groups: dict[tuple[str, tuple[str, ...]], list[_Prepared]] = defaultdict(list)
+    by_relation: dict[str, list[_Prepared]] = defaultdict(list)
+    for p in prepared:
+        groups[(p.fact.relation, p.roles)].append(p)
+        by_relation[p.fact.relation].append(p)
+    return [_make_pair(p, groups[(p.fact.relation, p.roles)], by_relation[p.fact.relation], tokenizer, seed)
+            for p in prepared]
+
+
+def _make_pair(p: _Prepared, group: list[_Prepared], relation: list[_Prepared], tokenizer, seed: int) -> FactPair:
+    rng = _rng(seed, p.fact)
+    first = p.answer_tokens[0]
+    given_cf = _strip_moved(p.fact.counterfactual, p.moved) if p.fact.counterfactual else None
+    given_cf_first = answer_tokens(tokenizer, given_cf)[0] if given_cf else None
+    others = [q for q in group if q.fact.subject != p.fact.subject and q.tokens != p.tokens
+              and q.answer_tokens != p.answer_tokens]
+    # prefer a different first answer token (single-token logit differences need it); years such as
+    # "1789"/"1815" share their first digit and fall back to differing later tokens
+    candidates = [q for q in others if q.answer_tokens[0] != first] or others
+    if given_cf_first is not None:
+        preferred = [q for q in candidates if q.answer_tokens[0] == given_cf_first]
+        candidates = preferred or candidates
+    if candidates:
+        q = rng.choice(candidates)
+        cf = given_cf if given_cf is not None else q.answer
+        return FactPair(p.fact.relation, p.prompt, q.prompt, p.answer, cf, p.fact.subject, q.fact.subject,
+                        "subject_swap", p.tokens, q.tokens, p.answer_tokens,
+                        tuple(answer_tokens(tokenizer, cf)), p.span, list(p.roles))
+    cf = given_cf
+    if cf is None:
+        others = sorted({q.answer for q in relation if q.answer_tokens[0] != first})
+        cf = rng.choice(others) if others else None
+    cf_tokens = tuple(answer_tokens(tokenizer, cf)) if cf is not None else ()
+    return FactPair(p.fact.relation, p.prompt, p.prompt, p.answer, cf, p.fact.subject, None, "noise",
+                    p.tokens, p.tokens, p.answer_tokens, cf_tokens, p.span, list(p.roles))
+
+
+# --------------------------------------------------------------------------- batching
+
+def group_by_length(pairs: Iterable[FactPair]) -> dict[int, list[FactPair]]:
+    """Pairs keyed by their number of tokens (pairs of one length stack without padding)."""
+    out: dict[int, list[FactPair]] = defaultdict(list)
+    for p in pairs:
+        out[p.n_tokens].append(p)
+    return dict(sorted(out.items()))
+
+
+def stack_pairs(pairs: Sequence[FactPair]) -> dict[str, torch.Tensor]:
+    """Tensors of equal-length pairs: ``clean``/``corrupted`` LongTensor ``[batch, pos]``, ``answer``/
+    ``counterfactual`` LongTensor ``[batch]`` (first tokens; -1 where no counterfactual) and
+    ``subject_mask`` BoolTensor ``[batch, pos]`` (the positions to noise for ``corruption="noise"``)."""
+    if not pairs:
+        raise DatasetError("stack_pairs needs at least one pair")
+    lengths = {p.n_tokens for p in pairs}
+    if len(lengths) != 1:
+        raise DatasetError(f"pairs have different lengths {sorted(lengths)}; group them with group_by_length first")
+    n = lengths.pop()
+    mask = torch.zeros(len(pairs), n, dtype=torch.bool)
+    for i, p in enumerate(pairs):
+        mask[i, p.subject_span[0]:p.subject_span[1]] = True
+    return {
+        "clean": torch.tensor([p.clean_tokens for p in pairs], dtype=torch.long),
+        "corrupted": torch.tensor([p.corrupted_tokens for p in pairs], dtype=torch.long),
+        "answer": torch.tensor([p.answer_id for p in pairs], dtype=torch.long),
+        "counterfactual": torch.tensor([p.counterfactual_id if p.counterfactual_tokens else -1 for p in pairs],
+                                       dtype=torch.long),
+        "subject_mask": mask,
+    }
