@@ -462,3 +462,25 @@ def test_filter_known_with_tiny_gemma3():
         assert score.rank == want, f.prompt
         assert score.known == (want <= 50)
     assert report.n == 10 and known.n_facts == report.n_known
+
+
+def test_informative_pair_moves_shared_answer_prefix():
+    tok = RegexTokenizer()
+    from dataclasses import replace
+
+    from circuit_discovery.facts import build_pairs, informative_pair
+    from circuit_discovery.facts.pairs import encode
+
+    facts = [Fact("historical_date", "the war", "In the year of the war", " 1789"),
+             Fact("historical_date", "the fall", "In the year of the fall", " 1492")]
+    p = build_pairs(facts, tok, seed=0)[0]
+    a, c = encode(tok, " 17 89", prepend_bos=False), encode(tok, " 17 92", prepend_bos=False)
+    p = replace(p, answer_tokens=tuple(a), counterfactual_tokens=tuple(c))
+    q = informative_pair(p, tok)
+    k = next(i for i in range(len(a)) if a[i] != c[i])
+    assert q.clean_tokens == p.clean_tokens + tuple(a[:k]) and q.corrupted_tokens == p.corrupted_tokens + tuple(a[:k])
+    assert q.answer_tokens == tuple(a[k:]) and q.first_token_differs
+    assert len(q.roles) == len(q.clean_tokens) and q.roles[-1] == "last"
+    assert informative_pair(replace(p, counterfactual_tokens=()), tok) is None
+    assert informative_pair(replace(p, counterfactual_tokens=tuple(a)), tok) is None
+    assert informative_pair(replace(p, counterfactual_tokens=(a[0] + 1,)), tok).clean_tokens == p.clean_tokens

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -246,3 +246,31 @@ def stack_pairs(pairs: Sequence[FactPair]) -> dict[str, torch.Tensor]:
                                        dtype=torch.long),
         "subject_mask": mask,
     }
+
+
+def informative_pair(pair: FactPair, tokenizer) -> FactPair | None:
+    """The pair with answer tokens it shares with the counterfactual moved into both prompts.
+
+    A logit difference of first answer tokens is zero when the two answers start alike (years: " 1789" and
+    " 1492" both start with "1"). Appending the shared prefix to the clean *and* the corrupted prompt keeps the
+    positions aligned and makes the first remaining answer tokens differ. Returns None when no counterfactual
+    exists or one answer is a prefix of the other.
+    """
+    a, c = tuple(pair.answer_tokens), tuple(pair.counterfactual_tokens or ())
+    if not c:
+        return None
+    k = 0
+    while k < min(len(a), len(c)) and a[k] == c[k]:
+        k += 1
+    if k == 0:
+        return pair
+    if k == min(len(a), len(c)):
+        return None
+    prefix = a[:k]
+    text = _decode(tokenizer, prefix)
+    clean = tuple(pair.clean_tokens) + prefix
+    roles = token_roles(len(clean), pair.subject_span, has_bos=bool(pair.roles) and pair.roles[0] == "bos")
+    return replace(pair, clean_prompt=pair.clean_prompt + text, corrupted_prompt=pair.corrupted_prompt + text,
+                   answer=_decode(tokenizer, a[k:]), counterfactual_answer=_decode(tokenizer, c[k:]),
+                   clean_tokens=clean, corrupted_tokens=tuple(pair.corrupted_tokens) + prefix,
+                   answer_tokens=a[k:], counterfactual_tokens=c[k:], roles=roles)

@@ -1,0 +1,64 @@
+"""Run configuration: one dataclass with defaults that work, loadable from TOML and overridable from the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CircuitDiscoveryError
+
+
+class ConfigError(CircuitDiscoveryError, ValueError):
+    """A configuration file or option that cannot be used."""
+
+
+class OutputError(CircuitDiscoveryError, OSError):
+    """The output folder cannot be created or written."""
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None            # None: the built-in gemma-3-270m
+    device: str = "auto"
+    seed: int = 0
+    quick: bool = False
+    relations: list[str] | None = None  # None: every relation of the dataset
+    dataset: str | None = None          # None: the built-in facts; else a JSON file (seed, rich or ROME format)
+    out: str | None = None              # None: outputs/circuit_discovery_YYYYMMDD_HHMMSS
+    known_k: int = 1                    # a fact is known when its first answer token ranks <= k
+    max_facts: int = 8                  # facts per relation used for attribution (known ones first)
+    metric: str = "logit_diff"
+    top_nodes: int = 12                 # nodes kept in a relation's first circuit
+    batch_size: int = 32
+    resume: bool = False
+    cache_dir: str | None = None
+    progress: bool = True
+    quick_relations: int = 4            # with --quick: the first N relations...
+    quick_facts: int = 3                # ...and N facts each
+    extra: dict = field(default_factory=dict)
+
+    def effective(self) -> "RunConfig":
+        """The configuration after applying ``quick``."""
+        if not self.quick:
+            return self
+        return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides) -> "RunConfig":
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; check the path") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML ({e}); fix it") from None
+        data = data.get("run", data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} in {path}; valid: {', '.join(sorted(known))}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
