@@ -143,3 +143,25 @@ def test_tiny_models_are_deterministic():
     a, b = load_model("tiny-gemma2"), load_model("tiny-gemma2")
     t = a.to_tokens("The capital of Italy is")
     assert torch.equal(a(t), b(t))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_block_attention(tiny_models, name):
+    """Blocking the last query's view of the middle tokens changes the output, leaves every other position's
+    residual stream untouched (causality), and blocking nothing changes nothing."""
+    m = tiny_models[name]
+    toks = m.to_tokens("The capital of France is")
+    n = toks.shape[1]
+    base = m.last_logits(toks)
+    block = torch.zeros(1, n, n, dtype=torch.bool)
+    with m.block_attention(range(m.cfg.n_layers), block):  # blocking nothing changes nothing
+        assert torch.allclose(m.last_logits(toks), base, atol=1e-5)
+    block[0, -1, 1:-1] = True  # last token may see only BOS and itself
+    with m.block_attention(range(m.cfg.n_layers), block):
+        blocked = m.last_logits(toks)
+    assert not torch.allclose(blocked, base, atol=1e-4)
+    # oracle: other positions are untouched, so their residuals equal the unblocked run's
+    _, c0 = m.run_with_cache(toks, names=["blocks.1.hook_resid_post"])
+    with m.block_attention(range(m.cfg.n_layers), block):
+        _, c1 = m.run_with_cache(toks, names=["blocks.1.hook_resid_post"])
+    assert torch.allclose(c0["blocks.1.hook_resid_post"][:, :-1], c1["blocks.1.hook_resid_post"][:, :-1], atol=1e-5)

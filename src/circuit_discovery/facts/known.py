@@ -111,8 +111,13 @@ def _teacher_forced_worst_rank(model, prompts: Sequence[str], answers: Sequence[
 
 
 def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size: int = 32,
-                 progress: bool = True, use_aliases: bool = True) -> tuple[Dataset | list[Fact], KnownReport]:
+                 progress: bool = True, use_aliases: bool = True,
+                 all_tokens: bool = True) -> tuple[Dataset | list[Fact], KnownReport]:
     """Keep facts whose first answer token has rank ``<= k`` at the last prompt position.
+
+    With ``all_tokens`` (default) every token of a multi-token answer must also rank ``<= k`` when the answer
+    is teacher-forced (needs a model with ``final_hidden``, i.e. a HookedModel): otherwise the shared "1" of
+    years split into digits would make every date "known". ``all_tokens=False`` is ROME's first-token rule.
 
     With ``use_aliases`` a fact also counts as known through an alias; the kept fact then has the best
     ranked alias as its answer (the old answer moves to the aliases). A whitespace-only first answer
@@ -168,7 +173,7 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
                 best_ids[i] = cands[j][1]
         # multi-token answers (years split into digits, two-word names): every token must rank <= k when the
         # answer is teacher-forced, else the first token alone (e.g. "1" of "1789") would decide
-        multi = [i for i in best if best[i][1] <= k and len(best_ids[i]) > 1] if hasattr(model, "final_hidden") else []
+        multi = [i for i in best if best[i][1] <= k and len(best_ids[i]) > 1] if all_tokens and hasattr(model, "final_hidden") else []
         for start in range(0, len(multi), batch_size):
             idx = multi[start:start + batch_size]
             worst = _teacher_forced_worst_rank(model, [items[i][0] for i in idx], [best_ids[i] for i in idx])

@@ -257,6 +257,41 @@ class HookedModel:
             for i, mod in enumerate(saved):
                 self._layers[i] = mod
 
+    @contextlib.contextmanager
+    def block_attention(self, layers: Iterable[int], block: Tensor):
+        """Forbid chosen attention edges in ``layers``: ``block`` [batch, q, k] (bool) is True where query position
+        q may NOT attend to key position k (e.g. the last token to the subject tokens, Geva et al. 2023).
+
+        Works on the attention mask the model passes to each attention module (float, bool or None), so it holds
+        for eager and sdpa attention alike; every head is blocked.
+        """
+        block = torch.as_tensor(block, dtype=torch.bool, device=self.device)
+        if block.ndim != 3:
+            raise InputError(f"block must be [batch, q, k] booleans, got shape {tuple(block.shape)}")
+
+        def pre(module, args, kwargs):
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            b, n = h.shape[:2]
+            if block.shape != (b, n, n):
+                raise InputError(f"block has shape {tuple(block.shape)}, the run has batch {b} and {n} positions")
+            mask = kwargs.get("attention_mask")
+            if mask is None:  # sdpa without padding: build the causal mask it would have used
+                mask = torch.ones(n, n, dtype=torch.bool, device=h.device).tril()[None, None].expand(b, 1, n, n)
+            mask = mask.expand(b, *mask.shape[1:]).clone()
+            if mask.dtype == torch.bool:
+                mask[:, 0][block] = False
+            else:
+                mask[:, 0][block] = torch.finfo(mask.dtype).min
+            return args, {**kwargs, "attention_mask": mask}
+
+        handles = [get_module(self._layers[l], self.spec.attn).register_forward_pre_hook(pre, with_kwargs=True)
+                   for l in layers]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
     # ------------------------------------------------------------------ tokens
     def to_tokens(self, text: str | Sequence[str], prepend_bos: bool = True, check_length: bool = True) -> Tensor:
         """Token ids [batch, pos], right-padded with the pad token; BOS prepended when ``prepend_bos``."""
