@@ -19,11 +19,21 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+class _LazyModels(dict):
+    """Tiny models built on first use (a test that needs one model does not pay for five)."""
+
+    def __missing__(self, name):
+        from circuit_discovery import load_model
+
+        if name not in TINY:
+            raise KeyError(name)
+        self[name] = load_model(name, device="cpu")
+        return self[name]
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
-    from circuit_discovery import load_model
-
-    return {name: load_model(name, device="cpu") for name in TINY}
+    return _LazyModels()
 
 
 @pytest.fixture(scope="session")

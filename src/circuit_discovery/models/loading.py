@@ -6,6 +6,7 @@ Cache root: argument ``cache_dir``, else ``$CIRCUIT_DISCOVERY_CACHE``, else ``~/
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -135,10 +136,9 @@ _TINY_CORPUS = (
 )
 
 
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (vocab 512) trained in-process, deterministic, no download."""
+@functools.lru_cache(maxsize=1)
+def _tiny_tokenizer_json() -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -146,6 +146,15 @@ def tiny_tokenizer():
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (vocab 512) trained in-process (once per process), deterministic, no download."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_tiny_tokenizer_json())
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                    pad_token="<pad>", unk_token="<unk>")
 
