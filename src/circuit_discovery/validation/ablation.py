@@ -1,0 +1,317 @@
+"""Model-side circuit evaluation: ``m(C)`` with every component outside the circuit ``C`` ablated.
+
+A circuit is a set of component node ids:
+
+* role-keyed (relation circuits, :func:`circuit_discovery.graph.role_key`): ``embed/L-1/subject_last``,
+  ``head/L4/I2/last``, ``attn_out/L3/relation``, ``mlp_out/L3/subject_last`` — the node covers every position of
+  a prompt with that role (none where the prompt lacks the role);
+* positional (``Node.key``): ``head/L4/I2/P5``, ``mlp_out/L3/P4``, ``embed/L-1/P0``.
+
+Logit nodes (``logit/...``) are the metric, not components, and are ignored. The universe ``N`` is every
+embedding, attention head (``granularity="head"``, patched at ``attn.hook_z``) or attention layer
+(``"layer"``, ``hook_attn_out``) and MLP (``hook_mlp_out``) at every role (or position). ``m(C)`` runs the
+clean prompts with the output of every node **not** in ``C`` replaced by
+
+* ``"corrupted"``: its value in the corrupted prompt's run (default; Wang et al. 2023, MIB 2025),
+* ``"mean"``: its mean over a reference set (the clean prompts of ``reference`` pairs of the same length, per
+  position; default: the evaluated pairs themselves),
+* ``"zero"``: zero,
+
+and returns the metric averaged over the prompts. Nodes in ``C`` compute normally from their (partly ablated)
+inputs. Hence ``m(N)`` is the clean metric and ``m(∅)`` the fully ablated one (for ``"corrupted"``: the
+corrupted run scored on the clean answers), so faithfulness ``f(N) = 1`` and ``f(∅) = 0`` for every ablation.
+
+``metric_of(list of node sets) -> list of floats`` stacks the variants along the batch dimension (at most
+``max_batch`` rows per forward pass) and plugs into :mod:`circuit_discovery.validation.curves` with
+``batched=True``.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_discovery.errors import InputError
+from circuit_discovery.facts.types import ROLES
+from circuit_discovery.metrics import batch_from_pairs, get_metric
+from circuit_discovery.validation import curves
+
+__all__ = ["ABLATIONS", "parse_component_id", "CircuitEvaluator"]
+
+ABLATIONS = ("corrupted", "mean", "zero")
+_COMPONENTS = ("embed", "head", "attn_out", "mlp_out")
+
+
+def parse_component_id(node_id: str) -> tuple[str, int, int | None, str | None, int | None]:
+    """``(component, layer, index, role, position)`` of a role-keyed or positional node id.
+
+    Raises :class:`InputError` for malformed ids.
+    """
+    parts = str(node_id).split("/")
+    if len(parts) < 2 or not parts[1].startswith("L"):
+        raise InputError(f"bad node id {node_id!r}: expected e.g. 'mlp_out/L3/subject_last' or 'head/L4/I2/P5'")
+    comp = parts[0]
+    try:
+        layer = int(parts[1][1:])
+    except ValueError:
+        raise InputError(f"bad layer in node id {node_id!r}") from None
+    index = role = position = None
+    for part in parts[2:]:
+        if part in ROLES:
+            role = part
+        elif part[:1] == "I" and part[1:].lstrip("-").isdigit():
+            index = int(part[1:])
+        elif part[:1] == "P" and part[1:].isdigit():
+            position = int(part[1:])
+        else:
+            raise InputError(f"bad part {part!r} in node id {node_id!r}; roles are {', '.join(ROLES)}")
+    return comp, layer, index, role, position
+
+
+class _Group:
+    """Equal-length pairs with cached clean tokens and ablation values."""
+
+    def __init__(self, pairs, idx):
+        self.pairs = [pairs[i] for i in idx]
+        self.idx = idx
+
+
+class CircuitEvaluator:
+    """``m(C)`` for component circuits on fact pairs (see module docstring).
+
+    Args:
+        model: a :class:`~circuit_discovery.models.HookedModel`.
+        pairs: the :class:`~circuit_discovery.facts.FactPair` objects to evaluate on.
+        metric: a metric name of :mod:`circuit_discovery.metrics` or ``metric(model, hidden, batch) -> [batch]``.
+        ablation: ``"corrupted"`` | ``"mean"`` | ``"zero"``.
+        granularity: ``"head"`` (heads as nodes) or ``"layer"`` (attention layers as nodes).
+        keyed_by: ``"role"`` or ``"position"`` — the form of the universe's ids (both forms are accepted as input).
+        reference: pairs whose clean runs define the mean for ``ablation="mean"`` (default ``pairs``).
+        max_batch: rows per forward pass (variants x prompts).
+    """
+
+    def __init__(self, model, pairs: Sequence, metric: Any = "logit_diff", ablation: str = "corrupted",
+                 granularity: str = "head", keyed_by: str = "role", reference: Sequence | None = None,
+                 max_batch: int = 256) -> None:
+        if not pairs:
+            raise InputError("CircuitEvaluator needs at least one fact pair")
+        if ablation not in ABLATIONS:
+            raise InputError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        if granularity not in ("head", "layer"):
+            raise InputError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+        if keyed_by not in ("role", "position"):
+            raise InputError(f"keyed_by must be 'role' or 'position', got {keyed_by!r}")
+        if int(max_batch) < 1:
+            raise InputError(f"max_batch must be >= 1, got {max_batch}")
+        for p in pairs:
+            if len(p.clean_tokens) != len(p.corrupted_tokens):
+                raise InputError(f"pair {p.clean_prompt!r}: clean and corrupted prompts differ in length")
+        self.model, self.pairs = model, list(pairs)
+        self.metric_fn = get_metric(metric)
+        self.ablation, self.granularity, self.keyed_by = ablation, granularity, keyed_by
+        self.max_batch = int(max_batch)
+        self.n_evaluations = 0
+        cfg = model.cfg
+        L = cfg.n_layers
+        self._attn_hook = "attn.hook_z" if granularity == "head" else "hook_attn_out"
+        self.hook_names = ["hook_embed"] + [f"blocks.{l}.{self._attn_hook}" for l in range(L)] + \
+                          [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(self.pairs):
+            by_len.setdefault(len(p.clean_tokens), []).append(i)
+        ref_means: dict[int, dict[str, Tensor]] = {}
+        if ablation == "mean":
+            ref = list(reference) if reference is not None else self.pairs
+            ref_by_len: dict[int, list] = {}
+            for p in ref:
+                ref_by_len.setdefault(len(p.clean_tokens), []).append(p)
+            for n in by_len:
+                if n not in ref_by_len:
+                    raise InputError(f"mean ablation: no reference prompt of {n} tokens; give reference pairs of "
+                                     f"every evaluated length ({sorted(by_len)})")
+                b = batch_from_pairs(model, ref_by_len[n])
+                _, cache = model.run_with_cache(b.tokens, names=self.hook_names, attention_mask=b.mask,
+                                                return_logits=False)
+                ref_means[n] = {k: v.mean(0, keepdim=True) for k, v in cache.items()}
+        self._groups = []
+        for n, idx in sorted(by_len.items()):
+            g = _Group(self.pairs, idx)
+            g.batch = batch_from_pairs(model, g.pairs)
+            if ablation == "corrupted":
+                cb = batch_from_pairs(model, g.pairs, corrupted=True)
+                _, cache = model.run_with_cache(cb.tokens, names=self.hook_names, attention_mask=cb.mask,
+                                                return_logits=False)
+                g.values = cache
+            elif ablation == "mean":
+                g.values = {k: v.expand(len(idx), *v.shape[1:]) for k, v in ref_means[n].items()}
+            else:
+                g.values = None
+            self._groups.append(g)
+        self._universe = self._build_universe()
+        self._mask_cache: dict[str, list[tuple[str, Tensor]]] = {}
+
+    # ------------------------------------------------------------------ universe
+    def _build_universe(self) -> list[str]:
+        cfg = self.model.cfg
+        if self.keyed_by == "role":
+            present = [r for r in ROLES if any(r in p.roles for p in self.pairs)]
+            places = present
+            fmt = lambda place: place  # noqa: E731
+        else:
+            n_max = max(len(p.clean_tokens) for p in self.pairs)
+            places = list(range(n_max))
+            fmt = lambda place: f"P{place}"  # noqa: E731
+        ids = []
+        for place in places:
+            ids.append(f"embed/L-1/{fmt(place)}")
+        for l in range(cfg.n_layers):
+            for place in places:
+                if self.granularity == "head":
+                    ids += [f"head/L{l}/I{h}/{fmt(place)}" for h in range(cfg.n_heads)]
+                else:
+                    ids.append(f"attn_out/L{l}/{fmt(place)}")
+                ids.append(f"mlp_out/L{l}/{fmt(place)}")
+        return ids
+
+    @property
+    def universe(self) -> list[str]:
+        """Every node id that can be ablated (``N``)."""
+        return list(self._universe)
+
+    def _node_masks(self, node_id: str) -> list[tuple[str, Tensor]] | None:
+        """Per group: ``(hook name, mask)`` where mask is ``[b, pos]`` (or ``[b, pos, heads]`` for heads)."""
+        if node_id in self._mask_cache:
+            return self._mask_cache[node_id]
+        comp, layer, index, role, position = parse_component_id(node_id)
+        if comp == "logit":
+            return None
+        if comp not in _COMPONENTS:
+            raise InputError(f"node {node_id!r}: component {comp!r} cannot be ablated; use one of {_COMPONENTS}")
+        if comp == "head" and self.granularity != "head" or comp == "attn_out" and self.granularity != "layer":
+            raise InputError(f"node {node_id!r} does not match granularity={self.granularity!r}")
+        L = self.model.cfg.n_layers
+        if comp == "embed":
+            hook = "hook_embed"
+        elif not 0 <= layer < L:
+            raise InputError(f"node {node_id!r}: layer {layer} out of range 0..{L - 1}")
+        else:
+            hook = f"blocks.{layer}.{self._attn_hook}" if comp in ("head", "attn_out") else f"blocks.{layer}.hook_mlp_out"
+        if comp == "head" and (index is None or not 0 <= index < self.model.cfg.n_heads):
+            raise InputError(f"node {node_id!r}: head index missing or out of range")
+        if (role is None) == (position is None):
+            raise InputError(f"node {node_id!r} needs exactly one of a role or a position P<n>")
+        out = []
+        for g in self._groups:
+            b, n = g.batch.tokens.shape
+            m = torch.zeros(b, n, dtype=torch.bool)
+            if role is not None:
+                for i, p in enumerate(g.pairs):
+                    m[i] = torch.tensor([r == role for r in p.roles], dtype=torch.bool)
+            elif position < n:
+                m[:, position] = True
+            if comp == "head":
+                mh = torch.zeros(b, n, self.model.cfg.n_heads, dtype=torch.bool)
+                mh[:, :, index] = m
+                m = mh
+            out.append((hook, m))
+        self._mask_cache[node_id] = out
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
+        """``m(C)`` for each node set (averaged over all prompts): ``[len(node_sets)]`` floats."""
+        sets = [list(s) for s in node_sets]
+        if not sets:
+            return []
+        masks = [[m for m in (self._node_masks(i) for i in s) if m is not None] for s in sets]
+        total = torch.zeros(len(sets), dtype=torch.float64)
+        n_all = len(self.pairs)
+        for gi, g in enumerate(self._groups):
+            b, n = g.batch.tokens.shape
+            per = max(1, self.max_batch // b)
+            for c in range(0, len(sets), per):
+                chunk = masks[c: c + per]
+                V = len(chunk)
+                keep = {}
+                for name in self.hook_names:
+                    shape = (V, b, n, self.model.cfg.n_heads) if name.endswith("hook_z") else (V, b, n)
+                    keep[name] = torch.zeros(shape, dtype=torch.bool)
+                for v, node_masks in enumerate(chunk):
+                    for nm in node_masks:
+                        hook, m = nm[gi]
+                        keep[hook][v] |= m
+                vals = self._run(g, keep, V)
+                total[c: c + V] += vals.sum(1)
+        self.n_evaluations += len(sets)
+        return (total / n_all).tolist()
+
+    def _run(self, g, keep: dict[str, Tensor], V: int) -> Tensor:
+        b, n = g.batch.tokens.shape
+        dev = self.model.device
+
+        def make(name):
+            k = keep[name].reshape(V * b, *keep[name].shape[2:]).to(dev)
+
+            def fn(x, _name):
+                kk = k[..., None]
+                if g.values is None:
+                    patch = torch.zeros((), dtype=x.dtype, device=x.device)
+                else:
+                    pv = g.values[name]
+                    patch = pv.repeat(V, *([1] * (pv.ndim - 1))).to(x.dtype)
+                return torch.where(kk, x, patch)
+            return fn
+
+        hooks = [(name, make(name)) for name in self.hook_names]
+        batch = _repeat_batch(g.batch, V)
+        with torch.no_grad(), self.model.hooks(hooks):
+            hidden = self.model.final_hidden(batch.tokens, batch.mask)
+            m = self.metric_fn(self.model, hidden, batch)
+        return m.double().cpu().reshape(V, b)
+
+    def __call__(self, node_set: Iterable[str]) -> float:
+        return self.metric_of([node_set])[0]
+
+    # ------------------------------------------------------------------ conveniences (validation.curves)
+    def references(self) -> tuple[float, float]:
+        """``(m(N), m(∅))``."""
+        mf, me = self.metric_of([self._universe, []])
+        return mf, me
+
+    def faithfulness(self, circuit: Iterable[str]) -> float:
+        mc, mf, me = self.metric_of([list(circuit), self._universe, []])
+        return float(curves.faithfulness(mc, mf, me))
+
+    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
+        """:func:`curves.faithfulness_curve` over ``ranked_nodes`` (restricted to ablatable nodes)."""
+        ranked = self._components_only(ranked_nodes)
+        return curves.faithfulness_curve(ranked, self.metric_of, batched=True, **kwargs)
+
+    def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
+        return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
+                                              n_samples=n_samples, batched=True, **kwargs)
+
+    def completeness(self, circuit: Sequence[str], **kwargs):
+        return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
+                                   **kwargs)
+
+    def minimality(self, circuit: Sequence[str], **kwargs):
+        return curves.minimality(self._components_only(circuit), self.metric_of, batched=True, **kwargs)
+
+    def _components_only(self, nodes: Sequence[str]) -> list[str]:
+        out = []
+        for i in nodes:
+            if parse_component_id(i)[0] == "logit":
+                continue
+            self._node_masks(i)  # validates
+            out.append(i)
+        return out
+
+
+def _repeat_batch(batch, V: int):
+    from circuit_discovery.metrics import PromptBatch
+
+    return PromptBatch(batch.tokens.repeat(V, 1), batch.mask.repeat(V, 1), batch.last.repeat(V),
+                       batch.answer_ids * V, batch.cf_ids * V)
