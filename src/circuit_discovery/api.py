@@ -62,8 +62,11 @@ class CircuitDiscovery:
             raise CircuitDiscoveryError(f"the model knows none of the {len(facts)} facts of {rel!r}")
         return circuits[0]
 
-    def discover_all_circuits(self, dataset: Any = None, train_sae: bool = False, relations: Sequence[str] | None = None):
-        """Circuits (``.name``, ``.nodes``, ``.attribution_score``) for every relation with known facts.
+    def discover_all_circuits(self, dataset: Any = None, train_sae: bool = False,
+                              relations: Sequence[str] | None = None, validate: bool = True):
+        """Component circuits (``.name``, ``.nodes``, ``.edges``, ``.attribution_score``, ``.faithfulness``) for
+        every relation with known facts: EAP edge scores over heads, MLPs and embeddings, combined over the
+        relation's facts by token role and pruned by influence; ``validate`` fills ``.faithfulness``.
 
         ``dataset``: None (built-in facts), the seed's dict format, our rich format, a ROME list, a path, or a
         :class:`~circuit_discovery.facts.Dataset`.
@@ -73,7 +76,9 @@ class CircuitDiscovery:
                 "train_sae=True (feature circuits over sparse-autoencoder features) is not available yet; "
                 "use train_sae=False for component circuits")
         from .facts import filter_known, select_relations
-        from .pipeline.attribution_stage import circuit_from_scores, relation_patching
+        from .graph import Circuit
+        from .pipeline.attribution_stage import relation_pairs
+        from .pipeline.circuit_stage import circuit_for_relation, validate_relation
 
         ds = self._dataset(dataset)
         if relations:
@@ -82,16 +87,18 @@ class CircuitDiscovery:
                                      progress=self.cfg.progress)
         self.known_report = report
         circuits = []
-        for rel in known.relation_names if hasattr(known, "relation_names") else []:
-            facts = known[rel][: self.cfg.max_facts]
-            if not facts:
-                log.warning("relation %s: no known facts; skipped", rel)
-                continue
-            scores = relation_patching(self.model, facts, self.cfg)
-            if scores is None:
-                continue
-            circuits.append(circuit_from_scores(rel, scores, self.cfg))
         for rel in ds.relation_names:
-            if rel not in {c.relation for c in circuits}:
-                log.warning("relation %s: no known facts; skipped", rel)
+            facts = known[rel][: self.cfg.max_facts] if rel in known else []
+            pairs = relation_pairs(self.model, facts, self.cfg) if facts else []
+            if not pairs:
+                log.warning("relation %s: no known fact with a usable counterfactual; skipped", rel)
+                continue
+            found = circuit_for_relation(self.model, rel, pairs, self.cfg)
+            circuit = Circuit.from_dict(found["circuit"])
+            if validate:
+                v = validate_relation(self.model, pairs, found, self.cfg, self.cfg.seed)
+                circuit.faithfulness = v["faithfulness"]
+                circuit.extra["validation"] = {k: v[k] for k in ("node_share", "cpr", "cmd", "random_p",
+                                                                 "held_out_faithfulness")}
+            circuits.append(circuit)
         return circuits

@@ -17,14 +17,26 @@ def first_run(tmp_path_factory):
 
 def test_outputs(first_run):
     out = first_run.out_dir
-    for f in ("report.md", "circuits.json", "config.json", "known_facts.json"):
+    for f in ("report.md", "circuits.json", "config.json", "known_facts.json", "metrics.json", "hypotheses.csv",
+              "index.html"):
         assert (out / f).is_file(), f
     data = json.loads((out / "circuits.json").read_text())
-    assert len(data["circuits"]) == 2
+    assert len(data["circuits"]) >= 1
+    metrics = json.loads((out / "metrics.json").read_text())
     for c in data["circuits"]:
         assert {"name", "nodes", "attribution_score", "relation", "edges", "faithfulness", "n_facts"} <= set(c)
-        assert 0 < c["attribution_score"] <= 1 and len(c["nodes"]) == 12
-        assert (out / "figures" / f"patching_{c['name']}.png").stat().st_size > 1000
+        assert len(c["nodes"]) > 0 and len(c["edges"]) > 0
+        assert c["faithfulness"] == metrics["relations"][c["name"]]["faithfulness"]
+        for f in (f"patching_{c['name']}.png", f"circuit_{c['name']}.png"):
+            assert (out / "figures" / f).stat().st_size > 1000
+        for g in c["graphs"]:
+            assert (out / g).is_file()
+    import csv
+
+    with open(out / "hypotheses.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["hypothesis_id", "relation", "statistic", "effect", "ci_low", "ci_high", "p_value",
+                             "p_adjusted", "n", "verdict"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 0 and "torch" in cfg["versions"] and cfg["model"] == "tiny-gemma3"
     report = (out / "report.md").read_text()
@@ -34,7 +46,8 @@ def test_outputs(first_run):
 
 def test_same_seed_same_circuits(first_run, tmp_path):
     again = run_pipeline(RunConfig(out=str(tmp_path / "b"), **BASE))
-    assert (again.out_dir / "circuits.json").read_text() == (first_run.out_dir / "circuits.json").read_text()
+    for f in ("circuits.json", "hypotheses.csv", "metrics.json"):
+        assert (again.out_dir / f).read_text() == (first_run.out_dir / f).read_text(), f
 
 
 def test_resume_reuses_stages_and_matches(first_run, tmp_path):
@@ -42,10 +55,13 @@ def test_resume_reuses_stages_and_matches(first_run, tmp_path):
 
     out = tmp_path / "c"
     shutil.copytree(first_run.out_dir, out)
-    (out / "stages" / "circuits.json").unlink()  # as if killed after the attribution stage
-    (out / "circuits.json").unlink()
+    for stage in ("validation", "hypotheses"):  # as if killed during validation
+        (out / "stages" / f"{stage}.json").unlink()
+    for f in ("circuits.json", "metrics.json", "hypotheses.csv", "report.md"):
+        (out / f).unlink()
     res = run_pipeline(RunConfig(out=str(out), resume=True, **BASE))
-    assert (out / "circuits.json").read_text() == (first_run.out_dir / "circuits.json").read_text()
+    for f in ("circuits.json", "metrics.json", "hypotheses.csv"):
+        assert (out / f).read_text() == (first_run.out_dir / f).read_text(), f
     assert res.timings["attribution"] == json.loads((out / "stages" / "attribution.json").read_text())["_seconds"]
 
 

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from circuit_discovery.attribution._common import PairInputs, noise_hook
 from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.circuit import Circuit, combine_graphs
@@ -226,13 +227,14 @@ def _interp_hook(e_clean: Tensor, e_corr: Tensor, alpha: float, requires_grad: b
     return fn
 
 
-def _outputs(model, tokens: Tensor, layout: ComponentLayout) -> Tensor:
-    """Residual-space outputs of every source slot ``[batch, n_src, pos, d_model]`` (no gradients)."""
+def _outputs(model, tokens: Tensor, layout: ComponentLayout, noise: Tensor | None = None) -> Tensor:
+    """Residual-space outputs of every source slot ``[batch, n_src, pos, d_model]`` (no gradients); ``noise``
+    [batch, pos, d_model] is added to ``hook_embed`` (ROME-style corruption of the subject)."""
     L = layout.n_layers
     names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
     names += [f"blocks.{l}.attn.hook_z" if layout.granularity == "head" else f"blocks.{l}.hook_attn_out"
               for l in range(L)]
-    with torch.no_grad():
+    with torch.no_grad(), model.hooks(noise_hook(noise)):
         _, cache = model.run_with_cache(tokens, names=names, return_logits=False)
         b, n, d = cache["hook_embed"].shape
         out = torch.zeros(b, layout.n_src, n, d, dtype=cache["hook_embed"].dtype, device=tokens.device)
@@ -317,8 +319,10 @@ def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layou
 
 def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granularity: str = "head",
                           method: str = "eap-ig", n_steps: int = 5, rule: str = "riemann_right",
+                          noise_scale: float = 3.0, seed: int = 0,
                           ) -> tuple[ComponentLayout, Tensor, Tensor, dict[str, Tensor]]:
-    """Edge scores of equal-length ``pairs`` (one batch).
+    """Edge scores of equal-length ``pairs`` (one batch). Pairs with ``corruption="noise"`` are corrupted by
+    Gaussian noise of ``noise_scale`` x the embedding std on the subject (seeded, as in causal tracing).
 
     Returns ``(layout, A, node_scores, extra)``: ``A`` ``[batch, n_nodes, n_nodes]`` (``A[b, target, source]``,
     float64), ``node_scores`` ``[batch, n_nodes]`` (sum of outgoing edges; for the logit node ``m(clean) -
@@ -344,9 +348,12 @@ def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granul
     corr_tokens = batch_from_pairs(model, pairs, corrupted=True).tokens
     if batch.tokens.shape[1] != n:
         raise InputError("pairs must not be teacher-forced for component graphs")
+    noise = PairInputs.from_pairs(model, pairs, noise_scale=noise_scale, seed=seed).noise  # noise pairs only
     with torch.no_grad():
         e_clean, e_corr = model.embed(batch.tokens), model.embed(corr_tokens)
-        delta = _outputs(model, batch.tokens, layout) - _outputs(model, corr_tokens, layout)  # [b, S, n, d]
+        if noise is not None:
+            e_corr = e_corr + noise.to(e_corr.dtype)
+        delta = _outputs(model, batch.tokens, layout) - _outputs(model, corr_tokens, layout, noise)  # [b,S,n,d]
     b, S, L = len(pairs), layout.n_src, cfg.n_layers
     slot_layer = layout.slot_layers().to(delta.device)
     E_mlp = torch.zeros(b, L, S, n, dtype=torch.float64)
@@ -390,7 +397,8 @@ def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granul
     with torch.no_grad():
         m_clean = metric_fn(model, model.final_hidden(batch.tokens, batch.mask), batch).double().cpu()
         cb = batch_from_pairs(model, pairs, corrupted=True)
-        m_corr = metric_fn(model, model.final_hidden(cb.tokens, cb.mask), cb).double().cpu()
+        with model.hooks(noise_hook(noise)):
+            m_corr = metric_fn(model, model.final_hidden(cb.tokens, cb.mask), cb).double().cpu()
     node_scores[:, N - 1] = m_clean - m_corr
     extra = {"m_clean": m_clean, "m_corrupted": m_corr, "delta": delta.detach().cpu(),
              "attn_in_grad": attn_in_grad}

@@ -28,7 +28,14 @@ def metric_pairs(model, facts, seed: int, metric: str = "logit_diff") -> tuple[l
     return ready, len(pairs) - len(ready)
 
 
-def relation_patching(model, facts, cfg: RunConfig) -> dict | None:
+def relation_pairs(model, facts, cfg: RunConfig) -> list:
+    """The relation's metric-ready pairs; subject-swap pairs first (component graphs need a corrupted prompt:
+    a noise pair's corrupted tokens equal its clean ones)."""
+    pairs, _ = metric_pairs(model, facts, cfg.seed, cfg.metric)
+    return [p for p in pairs if p.corruption == "subject_swap"] + [p for p in pairs if p.corruption != "subject_swap"]
+
+
+def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = None) -> dict | None:
     """Denoising activation patching of ``resid_pre`` over (layer, position) for each fact of one relation.
 
     Scores are normalised per prompt as (m(patched) - m(corrupted)) / (m(clean) - m(corrupted)), so 1 means
@@ -37,6 +44,7 @@ def relation_patching(model, facts, cfg: RunConfig) -> dict | None:
     from ..attribution.patching import activation_patching
 
     pairs, dropped = metric_pairs(model, facts, cfg.seed, cfg.metric)
+    pairs = pairs[:max_prompts] if max_prompts else pairs
     if not pairs:
         log.warning("relation %s: no fact has a counterfactual answer that differs from its answer; skipped "
                     "(use metric='logprob' or add counterfactuals)", facts[0].relation)

@@ -36,13 +36,26 @@ class RunConfig:
     progress: bool = True
     quick_relations: int = 4            # with --quick: the first N relations...
     quick_facts: int = 3                # ...and N facts each
+    patching_facts: int = 2             # prompts per relation for the exact resid_pre patching heatmap
+    granularity: str = "head"           # component circuits: attention heads ("head") or whole layers ("layer")
+    component_method: str = "eap"       # edge scores: "eap" (one backward) or "eap-ig"
+    ig_steps: int = 5                   # EAP-IG steps
+    node_threshold: float = 0.8         # pruning: share of influence the kept nodes cover
+    edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
+    held_out_fraction: float = 0.34     # facts held out from discovery and used only for validation
+    ablation: str = "corrupted"         # outside the circuit: "corrupted", "mean" or "zero"
+    n_random: int = 100                 # random circuits in the baseline
+    graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
+    causal_facts: int = 2               # facts per relation traced ROME-style (MLP, last subject token)
+    causal_samples: int = 3             # noise samples per traced fact
     extra: dict = field(default_factory=dict)
 
     def effective(self) -> "RunConfig":
         """The configuration after applying ``quick``."""
         if not self.quick:
             return self
-        return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts))
+        return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts), patching_facts=1,
+                                   n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

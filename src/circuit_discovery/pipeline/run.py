@@ -165,86 +165,119 @@ class Run:
             out[rel] = kept[: self.cfg.max_facts]
         return out
 
+    def _relations_loop(self, items, desc: str, fn):
+        from tqdm.auto import tqdm
+
+        out = {}
+        it = tqdm(list(items), desc=desc, unit="relation", disable=not self.cfg.progress)
+        for rel, value in it:
+            it.set_postfix_str(rel)
+            r = fn(rel, value)
+            if r is not None:
+                out[rel] = r
+        return out
+
+    def relation_pairs(self, facts_by_rel: dict[str, list]) -> dict[str, list]:
+        """Metric-ready fact pairs per relation (deterministic for the seed; recomputed, never pickled)."""
+        from .attribution_stage import relation_pairs
+
+        if not hasattr(self, "_pairs"):
+            self._pairs = {rel: relation_pairs(self.model, facts, self.cfg) for rel, facts in facts_by_rel.items()}
+            for rel, pairs in list(self._pairs.items()):
+                if sum(p.corruption == "subject_swap" for p in pairs) < 1:
+                    log.warning("relation %s: no usable subject-swap pair (a counterfactual subject of the same "
+                                "token length with a different answer); skipped", rel)
+                    del self._pairs[rel]
+        return self._pairs
+
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
         from .attribution_stage import relation_patching
 
         def run():
-            from tqdm.auto import tqdm
-
-            res, skipped = {}, {}
-            it = tqdm(facts_by_rel.items(), desc="activation patching", unit="relation",
-                      disable=not self.cfg.progress)
-            for rel, facts in it:
-                it.set_postfix_str(rel)
-                r = relation_patching(self.model, facts, self.cfg)
-                if r is not None:
-                    res[rel] = r
-                else:
-                    skipped[rel] = "no fact with a counterfactual answer that differs from its answer"
+            res = self._relations_loop(
+                facts_by_rel.items(), "activation patching",
+                lambda rel, facts: relation_patching(self.model, facts, self.cfg, self.cfg.patching_facts))
+            skipped = {rel: "no fact with a counterfactual answer that differs from its answer"
+                       for rel in facts_by_rel if rel not in res}
             return {"relations": res, "skipped": skipped}
 
         return self._stage("attribution", run)
 
-    def stage_circuits(self, attribution: dict) -> dict:
-        from .attribution_stage import circuit_from_scores
+    def stage_causal(self, pairs_by_rel: dict[str, list]) -> dict:
+        """ROME causal tracing of the MLP (windowed) at every layer, on a few facts per relation."""
+        from ..attribution.causal_tracing import causal_tracing
+
+        def trace(rel, pairs):
+            tr = causal_tracing(self.model, pairs[: self.cfg.causal_facts], kinds=("mlp", "attn"),
+                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+            arr = tr.scores.per_prompt_array("mlp_out")  # [n_facts, n_layers, n_pos]
+            ie_last_subject = [arr[i][:, pairs[i].subject_span[1] - 1].tolist() for i in range(arr.shape[0])]
+            summ = tr.summary()
+            return {"mlp_ie_subject_last": ie_last_subject, "summary": summ,
+                    "mlp_table": summ.get("mlp", {}).get("table"), "attn_table": summ.get("attn", {}).get("table")}
+
+        return self._stage("causal_tracing", lambda: {"relations": self._relations_loop(
+            pairs_by_rel.items(), "causal tracing", trace)})
+
+    def stage_circuits(self, pairs_by_rel: dict[str, list]) -> dict:
+        from .circuit_stage import circuit_for_relation
+
+        graphs_dir = self.out_dir / "graphs"
+        return self._stage("circuits", lambda: {"relations": self._relations_loop(
+            pairs_by_rel.items(), "component circuits",
+            lambda rel, pairs: circuit_for_relation(self.model, rel, pairs, self.cfg, graphs_dir))})
+
+    def stage_validation(self, pairs_by_rel: dict[str, list], circuits: dict) -> dict:
+        from .circuit_stage import validate_relation
 
         def run():
-            circuits = [circuit_from_scores(rel, r, self.cfg).to_dict()
-                        for rel, r in attribution["relations"].items()]
-            return {"circuits": circuits}
+            items = [(rel, (pairs_by_rel[rel], c)) for rel, c in circuits["relations"].items()]
+            return {"relations": self._relations_loop(
+                items, "validation",
+                lambda rel, v: validate_relation(self.model, v[0], v[1], self.cfg, self.cfg.seed))}
 
-        return self._stage("circuits", run)
+        return self._stage("validation", run)
 
-    def stage_report(self, known: dict, attribution: dict, circuits: dict) -> dict:
-        from ..graph import Circuit, write_circuits_json
-        from ..report.figures import patching_heatmap
-        from ..report.markdown import write_report
+    def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict) -> dict:
+        from ..validation.hypotheses import run_hypotheses, write_hypotheses_csv
 
-        model_name = self.cfg.model or "gemma-3-270m"
-        circ = [Circuit.from_dict(c) for c in circuits["circuits"]]
-        write_circuits_json(circ, self.out_dir / "circuits.json", model=model_name)
-        atomic_write_json(self.out_dir / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
-        rows, sections = [], []
-        for c in circ:
-            r = attribution["relations"][c.relation]
-            fig = self.out_dir / "figures" / f"patching_{safe_name(c.relation)}.png"
-            patching_heatmap(np.array(r["role_scores"]), r["roles"],
-                             f"{c.relation}: denoising resid_pre (mean over {r['n_prompts']} prompts)", fig,
-                             colorbar_label="restored share of logit difference")
-            if r.get("example_scores") is not None:
-                ex = self.out_dir / "figures" / f"patching_{safe_name(c.relation)}_example.png"
-                patching_heatmap(np.array(r["example_scores"]), r["example_tokens"],
-                                 f"{c.relation}: {r['example_prompt']!r}", ex,
-                                 colorbar_label="restored share of logit difference")
-            acc = known["per_relation"].get(c.relation, {})
-            rows.append({"name": c.relation, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
-                         "circuit_size": len(c.nodes), "faithfulness": c.faithfulness,
-                         "attribution_score": c.attribution_score,
-                         "top_nodes": [n.label for n in sorted(c.nodes, key=lambda n: -abs(n.score or 0))[:5]]})
-            figs = [{"path": str(fig.relative_to(self.out_dir)),
-                     "caption": "Share of the clean-minus-corrupted logit difference restored by patching the "
-                                "clean resid_pre at each (layer, token role) into the corrupted run."}]
-            if r.get("example_scores") is not None:
-                figs.append({"path": str(ex.relative_to(self.out_dir)), "caption": "One prompt, by token."})
-            sections.append({"name": c.relation, "metrics": {
-                "prompts": r["n_prompts"], "clean logit diff (mean)": r["clean_metric"],
-                "corrupted logit diff (mean)": r["corrupted_metric"], "attribution score": c.attribution_score},
-                "figures": figs})
-        for rel, acc in known["per_relation"].items():
-            if rel not in attribution["relations"]:
-                why = attribution.get("skipped", {}).get(rel, "no known facts")
-                rows.append({"name": rel, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
-                             "circuit_size": None, "top_nodes": [f"(skipped: {why})"]})
-        summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
-                   "model": model_name, "config": {"seed": self.cfg.seed, "quick": self.cfg.quick,
-                                                   "metric": self.cfg.metric, "max_facts": self.cfg.max_facts,
-                                                   "known_k": self.cfg.known_k},
-                   "relations": rows, "sections": sections, "timings": dict(self.timings),
-                   "notes": [f"Known-fact accuracy (first answer token ranked <= {known['k']}): "
-                             f"{known['n_known']}/{known['n']} = {known['accuracy']:.1%}."],
-                   "files": ["circuits.json", "config.json", "known_facts.json"]}
-        write_report(self.out_dir, summary)
-        return summary
+        def run():
+            val = validation["relations"]
+            ctx = {"n_resamples": 2000, "relation": "all"}
+            ids = []
+            ie = [row for c in causal["relations"].values() for row in c["mlp_ie_subject_last"]]
+            if len(ie) >= 2:  # pooled over relations: ROME's claim is about factual recall in general
+                ctx["mlp_indirect_effect"] = np.asarray(ie)
+                ids.append("early_site_mlp")
+            if val:
+                two = {r: v for r, v in val.items() if len(v["attn_block_drop_upper"]) >= 2}
+                if two:
+                    ctx["attn_block_drop_upper"] = {r: np.asarray(v["attn_block_drop_upper"]) for r, v in two.items()}
+                    ctx["attn_block_drop_lower"] = {r: np.asarray(v["attn_block_drop_lower"]) for r, v in two.items()}
+                    ids.append("late_attention_extraction")
+                f5 = {r: np.asarray(v["faithfulness_at_5pct_per_prompt"]) for r, v in val.items()
+                      if len(v["faithfulness_at_5pct_per_prompt"]) >= 2}
+                if f5:
+                    ctx["faithfulness_at_5pct"] = f5
+                    ids.append("sparsity")
+            circ = {r: [n["id"] for n in c["circuit"]["nodes"] if not n["id"].startswith(("logit", "embed"))]
+                    for r, c in circuits["relations"].items()}
+            if len(circ) >= 2:
+                ctx["circuits"] = circ
+                ctx["node_universe"] = sorted({u for v in val.values() for u in v["universe"]})
+                ids.append("shared_mechanism")
+            df = run_hypotheses(ctx, ids=ids, seed=self.cfg.seed, on_error="record")
+            write_hypotheses_csv(df, self.out_dir / "hypotheses.csv")
+            not_run = {"features_matter": "needs sparse-autoencoder features (train_sae); not part of this run"}
+            return {"rows": json.loads(df.to_json(orient="records")), "not_run": not_run}
+
+        return self._stage("hypotheses", run)
+
+    def stage_report(self, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
+                     hypotheses: dict) -> dict:
+        from .report_stage import write_outputs
+
+        return write_outputs(self, known, attribution, causal, circuits, validation, hypotheses)
 
     def write_config(self) -> None:
         m = self._model
@@ -278,13 +311,24 @@ class Run:
             raise CircuitDiscoveryError("no relation has a known fact; nothing to attribute. Try --known-k 5 or "
                                         "another dataset")
         attribution = self.stage_attribution(facts)
-        circuits = self.stage_circuits(attribution)
-        summary = self.stage_report(known, attribution, circuits)
+        pairs = self.relation_pairs(facts)
+        if not pairs:
+            raise CircuitDiscoveryError("no relation has a usable fact pair (a counterfactual subject with a "
+                                        "prompt of the same token length); add facts or counterfactuals")
+        causal = self.stage_causal(pairs)
+        circuits = self.stage_circuits(pairs)
+        validation = self.stage_validation(pairs, circuits)
+        hypotheses = self.stage_hypotheses(circuits, validation, causal)
+        self.timings["report"] = 0.0
+        t1 = time.time()
+        summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses)
+        self.timings["report"] = round(time.time() - t1, 2)
         self.timings["total"] = round(time.time() - t0, 2)
         self.write_config()
         from ..graph import Circuit
 
-        return RunResult(self.out_dir, [Circuit.from_dict(c) for c in circuits["circuits"]], summary, self.timings)
+        circ = [Circuit.from_dict(c) for c in json.loads((self.out_dir / "circuits.json").read_text())["circuits"]]
+        return RunResult(self.out_dir, circ, summary, self.timings)
 
 
 def run_pipeline(cfg: RunConfig | None = None, **kwargs: Any) -> RunResult:

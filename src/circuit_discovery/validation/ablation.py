@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from circuit_discovery.attribution._common import PairInputs, noise_hook
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
@@ -141,8 +142,10 @@ class CircuitEvaluator:
             g.batch = batch_from_pairs(model, g.pairs)
             if ablation == "corrupted":
                 cb = batch_from_pairs(model, g.pairs, corrupted=True)
-                _, cache = model.run_with_cache(cb.tokens, names=self.hook_names, attention_mask=cb.mask,
-                                                return_logits=False)
+                noise = PairInputs.from_pairs(model, g.pairs).noise  # ROME noise on the subject of noise pairs
+                with model.hooks(noise_hook(noise)):
+                    _, cache = model.run_with_cache(cb.tokens, names=self.hook_names, attention_mask=cb.mask,
+                                                    return_logits=False)
                 g.values = cache
             elif ablation == "mean":
                 g.values = {k: v.expand(len(idx), *v.shape[1:]) for k, v in ref_means[n].items()}

@@ -1,0 +1,183 @@
+"""Writes the run folder from the stage results: circuits.json, metrics.json, hypotheses.csv (already written by its
+stage), figures/*.png, graphs/*.json (written by the circuits stage), index.html and report.md."""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..graph import Circuit, write_circuits_json
+from ..io import atomic_write_json
+from ..report import figures as fig
+from ..report.markdown import write_report
+from ..report.viewer import write_viewer
+
+
+def _rel(p: Path, out: Path) -> str:
+    return str(p.relative_to(out))
+
+
+def _fmt(x, digits=2):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
+                  hypotheses: dict) -> dict:
+    from .run import safe_name
+
+    out, cfg = run.out_dir, run.cfg
+    model_name = cfg.model or "gemma-3-270m"
+    figs = out / "figures"
+    val = validation["relations"]
+    circ_objs: list[Circuit] = []
+    for rel, c in circuits["relations"].items():
+        circuit = Circuit.from_dict(c["circuit"])
+        if rel in val:
+            circuit.faithfulness = val[rel]["faithfulness"]
+            circuit.extra["validation"] = {k: val[rel][k] for k in (
+                "faithfulness", "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "ablation")}
+        circ_objs.append(circuit)
+    write_circuits_json(circ_objs, out / "circuits.json", model=model_name)
+
+    # ---------------------------------------------------------------- metrics.json
+    metrics = {"model": model_name, "metric": cfg.metric, "ablation": cfg.ablation, "granularity": cfg.granularity,
+               "known": {k: known[k] for k in ("k", "n", "n_known", "accuracy")},
+               "relations": {}}
+    for rel, v in val.items():
+        info = circuits["relations"][rel]["info"]
+        metrics["relations"][rel] = {
+            "faithfulness": v["faithfulness"], "node_share": v["node_share"], "circuit_size": v["circuit_size"],
+            "n_universe": v["n_universe"], "cpr": v["cpr"], "cmd": v["cmd"], "curve": v["curve"],
+            "random_baseline_p": v["random_p"], "random_baseline_z": v["random_z"],
+            "random_mean_faithfulness": v["random_mean"], "held_out_faithfulness": v["held_out_faithfulness"],
+            "n_discovery": circuits["relations"][rel]["n_discovery"], "n_held_out": v["n_held_out"],
+            "m_full": v["m_full"], "m_empty": v["m_empty"], **{f"graph_{k}": x for k, x in info.items()}}
+    atomic_write_json(out / "metrics.json", metrics)
+
+    # ---------------------------------------------------------------- figures
+    sections = {}
+    for rel, r in attribution["relations"].items():
+        p = fig.patching_heatmap(np.array(r["role_scores"]), r["roles"],
+                                 f"{rel}: denoising resid_pre ({r['n_prompts']} prompt(s))",
+                                 figs / f"patching_{safe_name(rel)}.png",
+                                 colorbar_label="restored share of logit difference")
+        sections.setdefault(rel, []).append({"path": _rel(p, out), "caption": (
+            "Activation patching: share of the clean-minus-corrupted logit difference restored by patching the "
+            "clean resid_pre at each (layer, token role) into the corrupted run.")})
+    ct = causal["relations"]
+    if ct:
+        classes = next(iter(ct.values()))["summary"]["classes"]
+        with np.errstate(all="ignore"), warnings.catch_warnings():  # classes absent from every prompt stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mlp = np.nanmean([np.array(c["mlp_table"], dtype=float) for c in ct.values()], axis=0)
+            attn = np.nanmean([np.array(c["attn_table"], dtype=float) for c in ct.values()], axis=0)
+        states = np.full_like(mlp, np.nan)
+        p = fig.causal_tracing_figure(states, mlp, attn, classes, figs / "causal_tracing.png",
+                                      title=f"Causal tracing, mean over {len(ct)} relations (states not traced)")
+        causal_fig = _rel(p, out)
+    else:
+        causal_fig = None
+    for c in circ_objs:
+        p = fig.circuit_drawing(c.to_dict(), figs / f"circuit_{safe_name(c.relation)}.png",
+                                title=f"{c.relation}: pruned component circuit")
+        sections.setdefault(c.relation, []).append({"path": _rel(p, out), "caption": (
+            "The pruned circuit: layer on the vertical axis, token role on the horizontal; edge width and colour "
+            "show the EAP edge score.")})
+    if val:
+        p = fig.faithfulness_curves({r: (v["curve"]["fractions"], v["curve"]["faithfulness"]) for r, v in val.items()},
+                                    figs / "faithfulness_curves.png")
+        curves_fig = _rel(p, out)
+    else:
+        curves_fig = None
+    overlap_fig = None
+    if len(circ_objs) >= 2:
+        names = [c.relation for c in circ_objs]
+        mat = np.array([[a.compare(b)["jaccard"] for b in circ_objs] for a in circ_objs])
+        overlap_fig = _rel(fig.overlap_matrix(names, mat, figs / "circuit_overlap.png"), out)
+
+    # ---------------------------------------------------------------- viewer
+    import json
+
+    cj = json.loads((out / "circuits.json").read_text())
+    write_viewer(out, cj)
+
+    # ---------------------------------------------------------------- report.md
+    hyp_rows = hypotheses["rows"]
+    verdicts: dict[str, dict] = {}
+    for h in hyp_rows:
+        for rel in str(h["relation"]).split("|"):
+            verdicts.setdefault(rel, {})[h["hypothesis_id"]] = h["verdict"]
+    rows = []
+    for c in circ_objs:
+        v = val.get(c.relation, {})
+        acc = known["per_relation"].get(c.relation, {})
+        top = sorted((n for n in c.nodes if n.component not in ("logit",)), key=lambda n: -abs(n.score or 0))[:5]
+        rows.append({"name": c.relation, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
+                     "circuit_size": v.get("circuit_size", len(c.nodes)), "faithfulness": v.get("faithfulness"),
+                     "cpr": v.get("cpr"), "cmd": v.get("cmd"), "top_nodes": [n.label for n in top],
+                     "verdicts": verdicts.get(c.relation, {})})
+    done = {c.relation for c in circ_objs}
+    for rel, acc in known["per_relation"].items():
+        if rel not in done:
+            why = attribution.get("skipped", {}).get(rel) or ("no known facts" if not acc.get("n_known")
+                                                               else "no usable subject-swap pair")
+            rows.append({"name": rel, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
+                         "top_nodes": [f"(skipped: {why})"]})
+    sec_list = []
+    for c in circ_objs:
+        v = val.get(c.relation, {})
+        sec_list.append({"name": c.relation, "metrics": {
+            "facts (discovery / held out)": f"{circuits['relations'][c.relation]['n_discovery']} / {v.get('n_held_out')}",
+            "nodes in circuit / all nodes": f"{v.get('circuit_size')} / {v.get('n_universe')} "
+                                            f"({100 * v.get('node_share', float('nan')):.1f}%)",
+            "faithfulness": v.get("faithfulness"), "held-out faithfulness": v.get("held_out_faithfulness"),
+            "CPR": v.get("cpr"), "CMD": v.get("cmd"),
+            "random-circuit baseline: mean f, p": f"{_fmt(v.get('random_mean'))}, {_fmt(v.get('random_p'), 3)}",
+            "attribution score": c.attribution_score},
+            "figures": sections.get(c.relation, []),
+            "text": "Per-prompt graphs (Neuronpedia JSON): " + ", ".join(c.extra.get("graphs", []))})
+    headline = _headline(val)
+    notes = [f"Known-fact accuracy (every answer token ranked <= {known['k']}): "
+             f"{known['n_known']}/{known['n']} = {known['accuracy']:.1%}.", headline,
+             f"Faithfulness f = (m(C) - m(empty)) / (m(N) - m(empty)) with every component outside the circuit "
+             f"ablated to its value on the {cfg.ablation} run; the metric is the {cfg.metric}.",
+             *[f"Hypothesis {k} not run: {why}" for k, why in hypotheses.get("not_run", {}).items()]]
+    extra_sections = []
+    if causal_fig:
+        extra_sections.append({"name": "Causal tracing (ROME)", "figures": [{"path": causal_fig, "caption": (
+            "Average indirect effect on the answer probability of restoring a window of MLP / attention outputs "
+            "at one token class into a run with noised subject embeddings.")}]})
+    if curves_fig or overlap_fig:
+        extra_sections.append({"name": "Across relations", "figures": [
+            *([{"path": curves_fig, "caption": "Faithfulness curves (MIB): f against the fraction of ranked nodes "
+                                                "kept."}] if curves_fig else []),
+            *([{"path": overlap_fig, "caption": "Jaccard overlap of the circuits' nodes."}] if overlap_fig else [])]})
+    summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
+               "model": model_name,
+               "config": {"seed": cfg.seed, "quick": cfg.quick, "metric": cfg.metric, "max_facts": cfg.max_facts,
+                          "granularity": cfg.granularity, "method": cfg.component_method, "ablation": cfg.ablation,
+                          "node_threshold": cfg.node_threshold, "known_k": cfg.known_k},
+               "relations": rows, "sections": extra_sections + sec_list,
+               "hypotheses": [{k: h[k] for k in ("hypothesis_id", "relation", "statistic", "effect", "ci_low",
+                                                 "ci_high", "p_value", "p_adjusted", "n", "verdict")} for h in hyp_rows],
+               "timings": dict(run.timings), "notes": notes,
+               "files": ["circuits.json", "metrics.json", "hypotheses.csv", "config.json", "known_facts.json",
+                         "index.html"]}
+    atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
+    write_report(out, summary)
+    return {k: summary[k] for k in ("relations", "notes")}
+
+
+def _headline(val: dict) -> str:
+    if not val:
+        return "No circuit was validated."
+    ok = [r for r, v in val.items() if v["faithfulness"] >= 0.8 and v["node_share"] <= 0.10]
+    short = {r: v for r, v in val.items() if r not in ok}
+    s = f"{len(ok)} of {len(val)} circuits reach faithfulness >= 0.8 with <= 10% of the nodes."
+    if short:
+        s += " Short of it: " + "; ".join(f"{r} (f = {v['faithfulness']:.2f} at {100 * v['node_share']:.1f}% of nodes)"
+                                           for r, v in short.items()) + "."
+    return s
