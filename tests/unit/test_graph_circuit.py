@@ -161,7 +161,7 @@ def test_combine_sums_nodes_sharing_a_role_within_one_graph_and_prunes():
     kept = {n.id for n in circuit.nodes}
     assert "mlp_out/L0/relation" in kept and "mlp_out/L0/bos" not in kept
     scores = {n.id: n.score for n in comb.nodes if n.node.component != "logit"}
-    expected = sum(v for k, v in scores.items() if k in kept) / sum(scores.values())
+    expected = sum(abs(v) for k, v in scores.items() if k in kept) / sum(abs(v) for v in scores.values())
     assert circuit.attribution_score == pytest.approx(expected)
     with pytest.raises(GraphError, match="role"):
         combine_graphs([g], [None])
@@ -179,8 +179,8 @@ def test_circuit_from_graph_uses_prune_result():
     for e in c.edges:
         assert e.weight == float(g.adjacency[g.index(e.target), g.index(e.source)])
     infl = g.influence()
-    total = float(infl[:-1].sum())
-    kept_sum = float(sum(infl[g.index(i)] for i in kept if not i.startswith("logit")))
+    total = float(infl[:-1].abs().sum())
+    kept_sum = float(sum(abs(infl[g.index(i)]) for i in kept if not i.startswith("logit")))
     assert c.attribution_score == pytest.approx(kept_sum / total)
     assert torch.isclose(torch.tensor(c.node("head/L1/I0/P4").influence, dtype=torch.float64),
                          infl[g.index("head/L1/I0/P4")])

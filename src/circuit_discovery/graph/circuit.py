@@ -70,9 +70,9 @@ class Circuit:
     """A circuit for one relation (or one prompt).
 
     Attributes:
-        attribution_score: share of the metric difference the circuit's nodes account for:
-            ``sum(score of kept nodes) / sum(score of all nodes)`` (signed sums of the node scores
-            before pruning; ``None`` when unknown).
+        attribution_score: share of the attribution mass the circuit's nodes hold:
+            ``sum |score of kept nodes| / sum |score of all nodes|`` (node scores before pruning, logit nodes
+            excluded; in [0, 1]; ``None`` when unknown). Its causal counterpart is ``faithfulness``.
         faithfulness: metric recovered by the circuit alone, ``None`` until validation ran.
         facts: the facts (``{"prompt": ..., "answer": ...}``) the circuit was built from.
         n_facts: defaults to ``len(facts)``.
@@ -223,9 +223,10 @@ def _edges(graph: AttributionGraph, mask: torch.Tensor) -> list[CircuitEdge]:
 
 
 def attribution_share(scores: torch.Tensor, kept: torch.Tensor, exclude: torch.Tensor | None = None) -> float | None:
-    """``sum(scores[kept]) / sum(scores)`` over the nodes not in ``exclude`` (e.g. the logit nodes,
-    which are the metric, not a part of its explanation). ``None`` if the total is 0."""
-    s = torch.as_tensor(scores, dtype=torch.float64)
+    """``sum |scores[kept]| / sum |scores|`` over the nodes not in ``exclude`` (e.g. the logit nodes,
+    which are the metric, not a part of its explanation): the share of the attribution mass the kept nodes
+    hold, in [0, 1] (signed sums can cancel and leave the range). ``None`` if the total is 0."""
+    s = torch.as_tensor(scores, dtype=torch.float64).abs()
     use = torch.ones_like(kept, dtype=torch.bool) if exclude is None else ~exclude
     total = float(s[use].sum())
     if total == 0 or not math.isfinite(total):

@@ -1,0 +1,49 @@
+"""The seed README's example on the built-in model, and `python main.py --quick` end to end."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SEED = {
+    "entity_location": [
+        {"clean": "The Eiffel Tower is located in Paris", "corrupted": "The Eiffel Tower is located in London"},
+        {"clean": "The Colosseum is located in Rome", "corrupted": "The Colosseum is located in Paris"},
+    ],
+}
+
+
+def test_seed_example_on_builtin_model():
+    from circuit_discovery import CircuitDiscovery
+
+    discovery = CircuitDiscovery(model_name=None, device="cpu", progress=False, n_random=20)
+    circuits = discovery.discover_all_circuits(SEED, train_sae=False)
+    assert [c.name for c in circuits] == ["entity_location"]
+    c = circuits[0]
+    print(c.name, len(c.nodes), c.attribution_score, c.faithfulness)
+    assert len(c.nodes) > 0 and len(c.edges) > 0
+    assert c.faithfulness is not None and c.faithfulness > 0.3
+
+
+@pytest.mark.timeout(900)
+def test_main_quick_runs_offline(tmp_path):
+    out = tmp_path / "run"
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    import os
+
+    env = {**os.environ, **env}
+    res = subprocess.run([sys.executable, "main.py", "--quick", "--relations", "capital_city,country_language",
+                          "--out", str(out), "--no-progress"], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(out)
+    data = json.loads((out / "circuits.json").read_text())
+    assert {c["name"] for c in data["circuits"]} == {"capital_city", "country_language"}
+    for c in data["circuits"]:
+        assert c["faithfulness"] is not None
+    for f in ("report.md", "metrics.json", "hypotheses.csv", "index.html", "config.json"):
+        assert (out / f).is_file(), f
