@@ -1,0 +1,145 @@
+"""Benchmark SAE training on the built-in model: quality per layer and throughput.
+
+    python benchmarks/sae.py --quick --out sae_bench.json     # middle layer, default budget (< 5 min, 2 cores)
+    python benchmarks/sae.py --out sae_bench.json             # every layer, trained together from one pass
+    python benchmarks/sae.py --quick --training-tokens 50000 200000 --out t.json   # quality vs budget table
+
+Writes ``{"layers": {"<hook>": {"l0", "explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction",
+...}}, "harvest_tokens_per_s", "train_tokens_per_s", "settings": {...}}`` (with several ``--training-tokens``
+also ``"budgets": [{"training_tokens", "layers", ...}, ...]``; ``"layers"`` is then the last budget).
+Metrics are on held-out documents of the built-in corpus (see ``docs/sae.md``), never the training tokens.
+``harvest_tokens_per_s``: model forward up to the deepest hook; ``train_tokens_per_s``: tokens per second
+through all SAEs trained together (``train_sae_tokens_per_s`` multiplies by the number of SAEs).
+On a CPU shared with other jobs ``--threads 1`` is often several times faster than the default.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from circuit_discovery.io import atomic_write_json  # noqa: E402
+from circuit_discovery.sae import (  # noqa: E402
+    SAETrainConfig,
+    build_corpus,
+    evaluate_sae,
+    harvest_activations,
+    split_heldout,
+    train_saes,
+)
+from circuit_discovery.sae.evaluate import plot_layer_metrics  # noqa: E402
+
+BAR = {"explained_variance": (">=", 0.80), "ce_loss_score": (">=", 0.85), "dead_fraction": ("<=", 0.10),
+       "l0": ("<=", 64)}
+
+
+def meets_bar(m: dict) -> bool:
+    return all(m[k] >= v if op == ">=" else m[k] <= v for k, (op, v) in BAR.items())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one middle layer (< 5 min on 2 cores once the corpus is cached)")
+    ap.add_argument("--out", required=True, help="output JSON file")
+    ap.add_argument("--plot", default=None, help="also plot the metrics per layer to this PNG")
+    ap.add_argument("--model", default=None, help="model name for load_model (default: built-in Gemma 3 270M)")
+    ap.add_argument("--layers", type=int, nargs="*", default=None, help="default: all (middle one with --quick)")
+    ap.add_argument("--hook", default="hook_resid_post", help="hook within each block")
+    ap.add_argument("--architecture", default=None, help="default: SAETrainConfig's (topk)")
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--l1-coefficient", type=float, default=None)
+    ap.add_argument("--training-tokens", type=int, nargs="*", default=None,
+                    help="one or more budgets (default: SAETrainConfig's)")
+    ap.add_argument("--n-sequences", type=int, default=None, help="model-sampled corpus sequences (default: built-in)")
+    ap.add_argument("--text-files", nargs="*", default=[], help="extra UTF-8 text files for the corpus")
+    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--cache-dir", default=None, help="corpus cache (default: the package cache)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from circuit_discovery.models import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model) if args.model else load_model()
+    t_load = time.perf_counter() - t0
+    n_layers = model.cfg.n_layers
+    layers = args.layers if args.layers is not None else ([n_layers // 2] if args.quick else list(range(n_layers)))
+    t = time.perf_counter()
+    kw = {"n_sequences": args.n_sequences} if args.n_sequences is not None else {}
+    corpus = build_corpus(model, cache_dir=args.cache_dir, text_files=args.text_files, progress=True, **kw)
+    t_corpus = time.perf_counter() - t
+    train_texts, heldout = split_heldout(corpus.texts, 0.1, seed=0)
+
+    extra = {k: v for k, v in (("architecture", args.architecture), ("k", args.k), ("lr", args.lr),
+                                ("l1_coefficient", args.l1_coefficient)) if v is not None}
+    hooks = [f"blocks.{l}.{args.hook}" for l in layers]
+    t = time.perf_counter()
+    acts = harvest_activations(model, train_texts, hooks, context_size=128, progress=True)
+    t_harvest = time.perf_counter() - t
+    n_unique = int(acts[hooks[0]].shape[0])
+    budgets = args.training_tokens or [SAETrainConfig("x").training_tokens]
+    runs = []
+    for tokens in budgets:
+        cfgs = [SAETrainConfig(h, training_tokens=tokens, model_name=model.cfg.model_name, context_size=128, **extra)
+                for h in hooks]
+        t = time.perf_counter()
+        res = train_saes(acts, cfgs, progress=True)
+        t_train = time.perf_counter() - t
+        run = {"training_tokens": tokens, "train_seconds": t_train, "layers": {},
+               "train_tokens_per_s": next(iter(res.values())).final["train_tokens_per_s"]}
+        t = time.perf_counter()
+        for cfg in cfgs:
+            r = res[cfg.key]
+            m = evaluate_sae(model, r.sae, cfg.hook_name, heldout, n_tokens=args.eval_tokens, context_size=128)
+            m["train_explained_variance"] = r.final.get("explained_variance")
+            m["meets_bar"] = meets_bar(m)
+            run["layers"][cfg.hook_name] = m
+            print(tokens, cfg.hook_name, {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()
+                                          if k in ("l0", "explained_variance", "ce_loss_score", "dead_fraction",
+                                                   "meets_bar")}, flush=True)
+        run["eval_seconds"] = time.perf_counter() - t
+        runs.append(run)
+
+    cfg0 = SAETrainConfig(hooks[0], **extra)
+    last = runs[-1]
+    out = {
+        "layers": last["layers"],
+        "harvest_tokens_per_s": n_unique / t_harvest,
+        "train_tokens_per_s": last["train_tokens_per_s"],
+        "train_sae_tokens_per_s": last["train_tokens_per_s"] * len(hooks),
+        "model": model.cfg.model_name,
+        "settings": {
+            "layers": layers, "hook": args.hook, "architecture": cfg0.architecture,
+            "k": cfg0.k if cfg0.architecture == "topk" else None, "lr": cfg0.lr,
+            "l1_coefficient": cfg0.l1_coefficient if cfg0.architecture == "standard" else None,
+            "d_sae": cfg0.expansion_factor * model.cfg.d_model, "train_batch_size_tokens": cfg0.train_batch_size_tokens,
+            "training_tokens": last["training_tokens"], "unique_train_tokens": n_unique,
+            "corpus_tokens": corpus.n_tokens, "corpus_sources": corpus.sources, "corpus_id": corpus.corpus_id,
+            "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
+            "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        },
+        "seconds": {"load_model": t_load, "corpus": t_corpus, "harvest": t_harvest,
+                    "train": last["train_seconds"], "eval": last["eval_seconds"],
+                    "total": time.perf_counter() - t0},
+    }
+    if len(runs) > 1:
+        out["budgets"] = runs
+    atomic_write_json(args.out, out)
+    if args.plot:
+        plot_layer_metrics(out["layers"], args.plot, title=f"{model.cfg.model_name} SAEs ({cfg0.architecture})")
+    print(f"harvest {out['harvest_tokens_per_s']:.0f} tok/s, train {out['train_tokens_per_s']:.0f} tok/s "
+          f"({len(hooks)} SAEs), total {out['seconds']['total']:.0f} s -> {args.out}", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()

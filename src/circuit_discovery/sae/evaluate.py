@@ -1,0 +1,284 @@
+"""SAE quality metrics, named as in SAELens.
+
+Reconstruction metrics (on held-out tokens, BOS and padding excluded):
+
+* ``l0``: mean number of non-zero latents per token;
+* ``explained_variance``: ``1 - FVU = 1 - sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` (pooled over tokens);
+* ``mse``: mean over tokens and dimensions of ``(x - x_hat)^2``;
+* ``cossim``: mean over tokens of ``cos(x, x_hat)``;
+* ``dead_fraction``: share of latents that never fired over ``dead_fraction_n_tokens`` tokens.
+
+Downstream metrics (next-token cross-entropy over every prediction of a real token -- not of BOS or of a
+packed document separator):
+
+* ``ce_loss_score = (CE_zero_ablated - CE_spliced) / (CE_zero_ablated - CE_clean)``;
+* ``kl_div_score = (KL_zero_ablated - KL_spliced) / KL_zero_ablated`` with ``KL(clean || intervened)``.
+
+Splicing replaces the hook's activation by the SAE reconstruction at every real (non-BOS, non-pad)
+position; zero-ablation sets the same positions to 0. BOS keeps its clean activation (as SAELens's
+``exclude_special_tokens``): SAEs are not trained on BOS, whose residual norm is an outlier.
+For transcoders, ``blocks.{l}.hook_mlp_out`` is replaced by the transcoder's prediction from
+``blocks.{l}.ln2.hook_normalized`` captured in the same pass.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from circuit_discovery.sae.architectures import SparseAutoencoder
+from circuit_discovery.sae.harvest import iter_token_batches, token_mask
+
+__all__ = [
+    "l0",
+    "explained_variance",
+    "mse",
+    "cossim",
+    "dead_fraction",
+    "ce_loss_score",
+    "kl_div_score",
+    "reconstruction_metrics",
+    "evaluate_sae",
+    "plot_layer_metrics",
+]
+
+
+def l0(feats: Tensor) -> float:
+    """Mean number of non-zero latents per row of ``feats`` [n, d_sae]."""
+    return float((feats != 0).sum(-1).float().mean())
+
+
+def explained_variance(x: Tensor, recon: Tensor) -> float:
+    """``1 - sum||x - recon||^2 / sum||x - mean(x)||^2`` for ``x``, ``recon`` [n, d]."""
+    x, recon = x.double(), recon.double()
+    total = (x - x.mean(0)).pow(2).sum()
+    if float(total) == 0.0:
+        raise ValueError("explained_variance is undefined for constant inputs")
+    return float(1.0 - (x - recon).pow(2).sum() / total)
+
+
+def mse(x: Tensor, recon: Tensor) -> float:
+    """Mean over all elements of ``(x - recon)^2``."""
+    return float((x.double() - recon.double()).pow(2).mean())
+
+
+def cossim(x: Tensor, recon: Tensor) -> float:
+    """Mean over rows of the cosine similarity between ``x`` and ``recon`` [n, d]."""
+    return float(F.cosine_similarity(x.double(), recon.double(), dim=-1).mean())
+
+
+def dead_fraction(fire_counts: Tensor) -> float:
+    """Share of latents whose count of activations ``fire_counts`` [d_sae] is zero."""
+    return float((fire_counts == 0).float().mean())
+
+
+def ce_loss_score(ce_clean: float, ce_spliced: float, ce_zero_ablated: float) -> float:
+    """``(CE_zero - CE_spliced) / (CE_zero - CE_clean)``: 1 = as good as the model, 0 = as bad as ablation."""
+    denom = ce_zero_ablated - ce_clean
+    if denom == 0:
+        return float("nan")
+    return float((ce_zero_ablated - ce_spliced) / denom)
+
+
+def kl_div_score(kl_spliced: float, kl_zero_ablated: float) -> float:
+    """``(KL_zero - KL_spliced) / KL_zero`` with KL measured from the clean next-token distribution."""
+    if kl_zero_ablated == 0:
+        return float("nan")
+    return float((kl_zero_ablated - kl_spliced) / kl_zero_ablated)
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae: SparseAutoencoder, x: Tensor, target: Tensor | None = None, chunk: int = 8192) -> dict:
+    """Reconstruction metrics of ``sae`` on activations ``x`` [n, d_in] (``target`` [n, d_out] for transcoders)."""
+    target = x if target is None else target
+    sae = sae.eval()
+    feats_nz, fires = [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    recons = []
+    for s in range(0, x.shape[0], chunk):
+        f = sae.encode(x[s : s + chunk].to(sae.W_enc.device))
+        recons.append(sae.decode(f).float().cpu())
+        feats_nz.append((f != 0).sum(-1).cpu())
+        fires += (f != 0).sum(0).cpu()
+    recon = torch.cat(recons)
+    return {
+        "l0": float(torch.cat(feats_nz).float().mean()),
+        "explained_variance": explained_variance(target, recon),
+        "mse": mse(target, recon),
+        "cossim": cossim(target, recon),
+        "dead_fraction": dead_fraction(fires),
+        "dead_fraction_n_tokens": int(x.shape[0]),
+    }
+
+
+def _next_token_stats(logits: Tensor, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """log-probs [b, pos-1, vocab] and the mask [b, pos-1] of positions whose next token is ``valid``."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    return logp, valid[:, 1:]
+
+
+@torch.no_grad()
+def evaluate_sae(
+    model,
+    sae: SparseAutoencoder,
+    hook_name: str,
+    texts: Sequence[str],
+    n_tokens: int = 4096,
+    context_size: int = 128,
+    batch_size: int = 2,
+    hook_name_out: str | None = None,
+) -> dict:
+    """All metrics of ``sae`` at ``hook_name`` on held-out ``texts`` (at most ``n_tokens`` real tokens).
+
+    For transcoders pass ``hook_name="blocks.{l}.ln2.hook_normalized"`` and
+    ``hook_name_out="blocks.{l}.hook_mlp_out"`` (read from ``sae.cfg.metadata`` when omitted).
+    Returns the SAELens-named metrics plus ``ce_clean``, ``ce_spliced``, ``ce_zero_ablated``,
+    ``kl_spliced``, ``kl_zero_ablated``, ``n_tokens`` and ``dead_fraction_n_tokens``.
+    """
+    if sae.cfg.transcoder and hook_name_out is None:
+        hook_name_out = sae.cfg.metadata.get("hook_name_out")
+        if not hook_name_out:
+            raise ValueError("transcoder evaluation needs hook_name_out")
+    out_hook = hook_name_out or hook_name
+    model.check_hook_name(hook_name)
+    model.check_hook_name(out_hook)
+    sae = sae.eval()
+    dev = sae.W_enc.device
+
+    xs, ys, recons = [], [], []
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    l0s: list[Tensor] = []
+    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    kl = {"spliced": 0.0, "zero": 0.0}
+    n_pred, n_seen = 0, 0
+
+    for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
+        if n_seen >= n_tokens:
+            break
+        keep = token_mask(model, tokens, mask)
+        # cap tokens: drop rows beyond the budget
+        keep_cum = keep.flatten().cumsum(0).reshape(keep.shape)
+        keep &= keep_cum <= (n_tokens - n_seen)
+        rows = keep.any(1)
+        if not bool(rows.all()):  # rows past the token budget: do not run them at all
+            tokens, mask, keep = tokens[rows], mask[rows], keep[rows]
+        state: dict[str, Tensor] = {}
+
+        def capture_in(x, name):
+            state["x"] = x
+
+        def splice(x, name, mode):
+            if mode == "capture":
+                state["y"] = x.detach().clone()
+                return None
+            m = keep.to(x.device)
+            if mode == "zero":
+                return torch.where(m[..., None], torch.zeros_like(x), x)
+            src = state["x"] if sae.cfg.transcoder else x
+            f = sae.encode(src[m].to(dev))
+            rec = sae.decode(f).to(x.dtype).to(x.device)
+            state["f"], state["rec"] = f, rec
+            out = x.clone()
+            out[m] = rec
+            return out
+
+        def run(mode: str) -> Tensor:
+            hooks = []
+            if sae.cfg.transcoder:
+                hooks.append((hook_name, capture_in))
+            hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
+            with model.hooks(hooks):
+                return model(tokens, attention_mask=mask)
+
+        logits_clean = run("capture")
+        # predictions of real (kept) tokens only: BOS, a packed document separator and pads are not targets
+        logp_clean, valid = _next_token_stats(logits_clean, tokens, keep)
+        del logits_clean
+        tgt = tokens[:, 1:]
+        nll_clean = -logp_clean.gather(-1, tgt[..., None]).squeeze(-1)
+        ce["clean"] += float(nll_clean[valid].sum())
+        for mode, key in (("sae", "spliced"), ("zero", "zero")):
+            logp, _ = _next_token_stats(run(mode), tokens, keep)
+            nll = -logp.gather(-1, tgt[..., None]).squeeze(-1)
+            ce[key] += float(nll[valid].sum())
+            klv = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
+            kl[key] += float(klv[valid].sum())
+            del logp
+        n_pred += int(valid.sum())
+        f = state["f"]
+        fires += (f != 0).sum(0).cpu()
+        l0s.append((f != 0).sum(-1).cpu())
+        recons.append(state["rec"].float().cpu())
+        ys.append(state["y"][keep].float().cpu())
+        n_seen += int(keep.sum())
+
+    if n_seen == 0:
+        raise ValueError("no evaluation tokens: texts are empty")
+    y, recon = torch.cat(ys), torch.cat(recons)
+    ce_clean, ce_spl, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
+    kl_spl, kl_zero = kl["spliced"] / n_pred, kl["zero"] / n_pred
+    return {
+        "l0": float(torch.cat(l0s).float().mean()),
+        "explained_variance": explained_variance(y, recon),
+        "mse": mse(y, recon),
+        "cossim": cossim(y, recon),
+        "ce_loss_score": ce_loss_score(ce_clean, ce_spl, ce_zero),
+        "kl_div_score": kl_div_score(kl_spl, kl_zero),
+        "ce_clean": ce_clean,
+        "ce_spliced": ce_spl,
+        "ce_zero_ablated": ce_zero,
+        "kl_spliced": kl_spl,
+        "kl_zero_ablated": kl_zero,
+        "dead_fraction": dead_fraction(fires),
+        "dead_fraction_n_tokens": n_seen,
+        "n_tokens": n_seen,
+    }
+
+
+def plot_layer_metrics(layers: dict[str, dict], path: str, title: str | None = None,
+                       metrics: Sequence[str] = ("explained_variance", "ce_loss_score", "dead_fraction", "l0")) -> None:
+    """Plot ``metrics`` of each hook in ``layers`` ({hook name: metrics dict}) against the layer -> PNG ``path``.
+
+    One panel per metric; the issue's quality bar (EV >= 0.8, CE score >= 0.85, dead <= 0.1, L0 <= 64) is
+    drawn as a dashed line. Written atomically.
+    """
+    import os
+    import re
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not layers:
+        raise ValueError("no layers to plot")
+    bar = {"explained_variance": 0.8, "ce_loss_score": 0.85, "dead_fraction": 0.1, "l0": 64}
+
+    def layer_of(h: str) -> int:
+        m = re.match(r"blocks\.(\d+)\.", h)
+        return int(m.group(1)) if m else -1
+
+    hooks = sorted(layers, key=layer_of)
+    xs = [layer_of(h) for h in hooks]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+    for ax, name in zip(axes[0], metrics):
+        ax.plot(xs, [layers[h][name] for h in hooks], "o-")
+        if name in bar:
+            ax.axhline(bar[name], ls="--", color="gray", lw=1)
+        ax.set_title(name)
+        ax.set_xlabel("layer")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,179 @@
+"""Feature labels: top-activating contexts, promoted/suppressed tokens, and a short automatic label.
+
+Logit effects of feature ``f``: ``model.unembed(model.final_norm(W_dec[f]))``. Applying the final norm
+to the decoder direction alone folds the final norm's per-dimension weight into the direction; the
+norm's 1/RMS factor is a positive scalar per feature, so the *ranking* of promoted/suppressed tokens
+equals that of ``(W_dec[f] * norm_weight) @ W_U`` (softcapping, where present, is monotone). The
+values are therefore comparable within a feature, not across features.
+This is the direct path only: it ignores later layers and the change in the norm's scale.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from circuit_discovery.sae.architectures import SparseAutoencoder
+from circuit_discovery.sae.harvest import collect_hook_activations, iter_token_batches, token_mask
+
+__all__ = ["FeatureLabel", "top_activating_contexts", "feature_logit_effects", "auto_label", "label_features"]
+
+
+@dataclass
+class FeatureLabel:
+    feature: int
+    label: str
+    top_contexts: list[dict] = field(default_factory=list)  # {"activation", "token", "text"} (text marks «token»)
+    promoted: list[tuple[str, float]] = field(default_factory=list)
+    suppressed: list[tuple[str, float]] = field(default_factory=list)
+    density: float = 0.0  # share of tokens on which the feature fired
+
+    def to_dict(self) -> dict:
+        return {
+            "feature": self.feature,
+            "label": self.label,
+            "density": self.density,
+            "top_contexts": self.top_contexts,
+            "promoted": [[t, v] for t, v in self.promoted],
+            "suppressed": [[t, v] for t, v in self.suppressed],
+        }
+
+
+def _decode(model, ids: Sequence[int]) -> str:
+    return model.tokenizer.decode([int(i) for i in ids])
+
+
+@torch.no_grad()
+def top_activating_contexts(
+    model,
+    sae: SparseAutoencoder,
+    hook_name: str,
+    texts: Sequence[str],
+    features: Sequence[int] | None = None,
+    k: int = 10,
+    window: int = 8,
+    context_size: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> tuple[dict[int, list[dict]], Tensor, int]:
+    """Top-``k`` activations of each feature over ``texts``.
+
+    Returns ``(contexts, fire_counts [d_sae], n_tokens)``; ``contexts[f]`` is a list (strongest first) of
+    ``{"activation", "token", "text"}`` with up to ``window`` tokens before the activating token,
+    which is marked ``«token»``. BOS and padding are never counted.
+    """
+    feats_sel = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
+    for f in feats_sel:
+        if not 0 <= f < sae.cfg.d_sae:
+            raise IndexError(f"feature {f} out of range 0..{sae.cfg.d_sae - 1}")
+    sel = torch.tensor(feats_sel, dtype=torch.long)
+    heaps: dict[int, list] = {f: [] for f in feats_sel}
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    n_tok, counter = 0, 0
+    src_hook = hook_name
+    sae = sae.eval()
+    for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
+        acts = collect_hook_activations(model, tokens, mask, [src_hook])[src_hook]
+        keep = token_mask(model, tokens, mask)
+        f_all = sae.encode(acts.reshape(*acts.shape[:2], -1).to(sae.W_enc.device)).cpu()  # [b, pos, d_sae]
+        f_all = f_all * keep[..., None].cpu()
+        fires += (f_all != 0).sum((0, 1))
+        n_tok += int(keep.sum())
+        fsel = f_all[..., sel]  # [b, pos, n_sel]
+        top = min(k, fsel.shape[0] * fsel.shape[1])
+        vals, flat = fsel.reshape(-1, len(feats_sel)).topk(top, dim=0)
+        for j, f in enumerate(feats_sel):
+            for v, idx in zip(vals[:, j].tolist(), flat[:, j].tolist()):
+                if v <= 0:
+                    break
+                counter += 1
+                item = (v, -counter, int(idx) // fsel.shape[1], int(idx) % fsel.shape[1])
+                h = heaps[f]
+                if len(h) < k:
+                    heapq.heappush(h, (item[0], item[1], tokens[item[2]].cpu(), item[3]))
+                elif v > h[0][0]:
+                    heapq.heapreplace(h, (item[0], item[1], tokens[item[2]].cpu(), item[3]))
+        if max_tokens is not None and n_tok >= max_tokens:
+            break
+    bos = model.cfg.bos_token_id
+    out: dict[int, list[dict]] = {}
+    for f, h in heaps.items():
+        ctxs = []
+        for v, _, row, pos in sorted(h, key=lambda t: (-t[0], -t[1])):
+            lo = max(0, pos - window)
+            before = [t for t in row[lo:pos].tolist() if t != bos]
+            tok = _decode(model, [row[pos]])
+            ctxs.append({"activation": float(v), "token": tok, "text": f"{_decode(model, before)}«{tok}»"})
+        out[f] = ctxs
+    return out, fires, n_tok
+
+
+@torch.no_grad()
+def feature_logit_effects(
+    model, sae: SparseAutoencoder, features: Sequence[int], top_n: int = 10, chunk: int = 32
+) -> dict[int, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+    """``{feature: (promoted, suppressed)}``: the ``top_n`` tokens with the largest / smallest direct logit
+    effect of the feature's decoder direction (see module docstring for the norm convention)."""
+    out = {}
+    feats = [int(f) for f in features]
+    for s in range(0, len(feats), chunk):
+        ids = feats[s : s + chunk]
+        dirs = sae.W_dec[ids].detach().to(model.device, dtype=next(model.hf_model.parameters()).dtype)
+        logits = model.unembed(model.final_norm(dirs)).float()  # [chunk, vocab]
+        logits = logits - logits.mean(-1, keepdim=True)
+        pv, pi = logits.topk(top_n, dim=-1)
+        sv, si = (-logits).topk(top_n, dim=-1)
+        for j, f in enumerate(ids):
+            prom = [(_decode(model, [t]), float(v)) for t, v in zip(pi[j].tolist(), pv[j].tolist())]
+            supp = [(_decode(model, [t]), -float(v)) for t, v in zip(si[j].tolist(), sv[j].tolist())]
+            out[f] = (prom, supp)
+    return out
+
+
+def auto_label(top_contexts: list[dict], promoted: list[tuple[str, float]], n: int = 3) -> str:
+    """Short label ``'on "Paris"/" France" → " French"/" Paris"'`` from the most frequent activating tokens
+    (weighted by activation) and the top promoted tokens."""
+    if not top_contexts:
+        return "dead (never fired)"
+    weight: dict[str, float] = {}
+    for c in top_contexts:
+        weight[c["token"]] = weight.get(c["token"], 0.0) + c["activation"]
+    on = sorted(weight, key=lambda t: -weight[t])[:n]
+    lab = "on " + "/".join(repr(t.replace("\n", "\\n"))[1:-1].join('""') for t in on)
+    if promoted:
+        lab += " → " + "/".join(repr(t.replace("\n", "\\n"))[1:-1].join('""') for t, _ in promoted[:n])
+    return lab
+
+
+def label_features(
+    model,
+    sae: SparseAutoencoder,
+    hook_name: str,
+    texts: Sequence[str],
+    features: Sequence[int] | None = None,
+    k: int = 10,
+    top_n: int = 10,
+    window: int = 8,
+    max_tokens: int | None = None,
+) -> dict[int, FeatureLabel]:
+    """Contexts, logit effects and an automatic label for ``features`` (all when None)."""
+    feats = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
+    ctxs, fires, n_tok = top_activating_contexts(
+        model, sae, hook_name, texts, feats, k=k, window=window, max_tokens=max_tokens
+    )
+    effects = feature_logit_effects(model, sae, feats, top_n=top_n)
+    out = {}
+    for f in feats:
+        prom, supp = effects[f]
+        out[f] = FeatureLabel(
+            feature=f,
+            label=auto_label(ctxs[f], prom),
+            top_contexts=ctxs[f],
+            promoted=prom,
+            suppressed=supp,
+            density=float(fires[f]) / max(1, n_tok),
+        )
+    return out

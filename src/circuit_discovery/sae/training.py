@@ -1,0 +1,581 @@
+"""Training several SAEs / transcoders from one stream of activations.
+
+>>> cfgs = [SAETrainConfig("blocks.6.hook_resid_post"),
+...         SAETrainConfig("blocks.6.ln2.hook_normalized", hook_name_out="blocks.6.hook_mlp_out")]
+>>> results = train_saes(acts, cfgs)           # acts: {hook: Tensor[n, d]} or an iterator of such batches
+>>> results["blocks.6.hook_resid_post"].sae
+
+Recipe (SAELens / Anthropic April 2024 defaults, adapted to small budgets):
+
+* inputs (and transcoder targets) are scaled by a constant so that ``E||x|| = sqrt(d)``
+  (``normalize_activations="expected_average_only_in"``); the constant is folded into the weights at
+  the end, so the returned/saved SAE acts on raw activations;
+* ``b_dec`` initialised at the geometric median of the first batch (targets for transcoders);
+* loss = ``sum_d (recon - target)^2`` averaged over tokens + the architecture's penalty:
+  ``l1_coefficient * sum_i f_i ||W_dec[i]||`` (standard, coefficient warmed up linearly),
+  ``aux_k_coefficient * auxk`` (topk, dead latents), ``l0_coefficient * l0`` (jumprelu);
+* Adam, linear lr warm-up, constant, linear decay to zero over the last ``lr_decay_fraction``;
+  gradient norm clipped at 1;
+* dead latents (no activation over ``dead_feature_window`` tokens) are resampled for ``standard``
+  (towards badly reconstructed tokens) and trained by AuxK for ``topk``.
+
+Deterministic on CPU for a fixed seed; ``checkpoint_every`` writes safetensors + JSON checkpoints that
+:func:`train_saes` resumes from, bit-identical to an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from circuit_discovery.io import atomic_write_json, read_json
+from circuit_discovery.sae.architectures import SAE_REGISTRY, SAEConfig, SparseAutoencoder, create_sae
+
+__all__ = ["SAETrainConfig", "TrainResult", "train_saes", "train_saes_on_model", "ActivationSource"]
+
+ActivationSource = Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]]
+
+
+@dataclass
+class SAETrainConfig:
+    """How to train one SAE (``hook_name_out=None``) or transcoder (``hook_name_out`` set).
+
+    Defaults (TopK, k=64, d_sae = 4 x d_in, lr 1e-3, 100k training tokens in batches of 1024) are the
+    ones measured on Gemma 3 270M in ``docs/sae.md``: on held-out tokens of the built-in corpus they
+    meet explained_variance >= 0.8, ce_loss_score >= 0.85, dead_fraction <= 0.1, L0 <= 64 at the middle
+    layer. ``architecture="standard"`` (ReLU + L1, the seed's recipe) works but needs its
+    ``l1_coefficient`` tuned per model and several times the tokens for the same L0; ``"jumprelu"`` is
+    experimental (its threshold/L0 schedule is untuned).
+    """
+
+    hook_name: str
+    hook_name_out: str | None = None
+    architecture: str = "topk"
+    expansion_factor: int = 4
+    d_sae: int | None = None
+    k: int = 64  # topk
+    lr: float = 1e-3
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    l1_coefficient: float = 5.0  # standard
+    l1_warm_up_fraction: float = 0.05
+    l0_coefficient: float = 0.05  # jumprelu
+    aux_k_coefficient: float = 1.0 / 32  # topk
+    lr_warm_up_fraction: float = 0.02
+    lr_decay_fraction: float = 0.2
+    train_batch_size_tokens: int = 1024
+    training_tokens: int = 100_000
+    seed: int = 42
+    checkpoint_every: int | None = None  # steps
+    b_dec_init_method: str = "geometric_median"
+    normalize_activations: str = "expected_average_only_in"
+    dead_feature_window: int = 20_000  # tokens without firing after which a latent counts as dead
+    resample_dead: bool = True  # standard only
+    resample_until_fraction: float = 0.6
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    model_name: str | None = None
+    context_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SAE_REGISTRY:
+            raise ValueError(f"unknown architecture {self.architecture!r}; registered: {sorted(SAE_REGISTRY)}")
+        if self.normalize_activations not in ("none", "expected_average_only_in"):
+            raise ValueError("normalize_activations must be 'none' or 'expected_average_only_in'")
+        for name in ("lr", "train_batch_size_tokens", "training_tokens", "dead_feature_window"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.training_tokens < self.train_batch_size_tokens:
+            raise ValueError("training_tokens must be at least train_batch_size_tokens")
+
+    @property
+    def key(self) -> str:
+        """Name of this SAE in results: the hook, or ``"in->out"`` for a transcoder."""
+        return self.hook_name if self.hook_name_out is None else f"{self.hook_name}->{self.hook_name_out}"
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.hook_name_out is not None
+
+    @property
+    def n_steps(self) -> int:
+        return self.training_tokens // self.train_batch_size_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder  # folded (acts on raw activations), eval mode
+    cfg: SAETrainConfig
+    history: list[dict[str, float]]  # every log_every steps: step, loss, mse, l0, explained_variance, ...
+    scale_in: float
+    scale_out: float
+    n_tokens: int
+    final: dict[str, float] = field(default_factory=dict)  # mean of the last 10% of logged steps
+
+
+# ------------------------------------------------------------------------------------ data
+def _required_hooks(cfgs: list[SAETrainConfig]) -> list[str]:
+    hooks: list[str] = []
+    for c in cfgs:
+        for h in (c.hook_name, c.hook_name_out):
+            if h is not None and h not in hooks:
+                hooks.append(h)
+    return hooks
+
+
+def _batches(source: ActivationSource, hooks: list[str], batch: int, seed: int, start_step: int) -> Iterator[dict]:
+    """Yield {hook: Tensor[batch, d]}; rows aligned across hooks. Deterministic given ``seed``."""
+    if isinstance(source, Mapping):
+        missing = [h for h in hooks if h not in source]
+        if missing:
+            raise KeyError(f"activation source lacks hooks {missing}; has {list(source)}")
+        n = {int(source[h].shape[0]) for h in hooks}
+        if len(n) != 1:
+            raise ValueError(f"activation tensors have different numbers of rows: { {h: source[h].shape for h in hooks} }")
+        (n,) = n
+        if n < batch:
+            raise ValueError(f"only {n} activation rows but train_batch_size_tokens={batch}")
+        per_epoch = n // batch
+        step = start_step
+        perm_epoch, perm = -1, None
+        while True:
+            epoch, j = divmod(step, per_epoch)
+            if epoch != perm_epoch:
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                perm_epoch = epoch
+            idx = perm[j * batch : (j + 1) * batch]
+            yield {h: source[h][idx].float() for h in hooks}
+            step += 1
+    # streaming: re-batch to ``batch`` rows; on resume skip the rows already consumed
+    skip = start_step * batch
+    buf: dict[str, list[Tensor]] = {h: [] for h in hooks}
+    have = 0
+    for item in source:
+        missing = [h for h in hooks if h not in item]
+        if missing:
+            raise KeyError(f"activation batch lacks hooks {missing}")
+        rows = int(item[hooks[0]].shape[0])
+        if skip >= rows:
+            skip -= rows
+            continue
+        for h in hooks:
+            t = item[h].reshape(-1, item[h].shape[-1])[skip:]
+            buf[h].append(t.float())
+        have += rows - skip
+        skip = 0
+        while have >= batch:
+            cat = {h: torch.cat(buf[h]) for h in hooks}
+            yield {h: cat[h][:batch] for h in hooks}
+            buf = {h: [cat[h][batch:]] for h in hooks}
+            have -= batch
+
+
+# ------------------------------------------------------------------------------------ trainer
+def _ev(target: Tensor, recon: Tensor) -> float:
+    tv = (target - target.mean(0)).pow(2).sum()
+    return float(1.0 - (target - recon).pow(2).sum() / tv.clamp_min(1e-12))
+
+
+class _Trainer:
+    def __init__(self, cfg: SAETrainConfig, d_in: int, d_out: int, device: torch.device):
+        self.cfg = cfg
+        sae_cfg = SAEConfig(
+            d_in=d_in,
+            d_sae=cfg.d_sae,
+            expansion_factor=cfg.expansion_factor,
+            architecture=cfg.architecture,
+            d_out=d_out,
+            transcoder=cfg.is_transcoder,
+            k=cfg.k if cfg.architecture == "topk" else None,
+            metadata={
+                "model_name": cfg.model_name,
+                "hook_name": cfg.hook_name,
+                "context_size": cfg.context_size,
+                **({"hook_name_out": cfg.hook_name_out} if cfg.is_transcoder else {}),
+            },
+        )
+        self.sae = create_sae(sae_cfg, seed=cfg.seed).to(device).train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.scale_in = 1.0
+        self.scale_out = 1.0
+        self.initialised = False
+        self.tokens_since_fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=device)
+        self.history: list[dict[str, float]] = []
+        self.n_steps = cfg.n_steps
+        if cfg.architecture == "topk":
+            self.sae.set_decoder_norm_to_unit_norm()
+
+    # -- schedule
+    def lr_at(self, step: int) -> float:
+        c, n = self.cfg, self.n_steps
+        warm = max(1, int(c.lr_warm_up_fraction * n))
+        decay = int(c.lr_decay_fraction * n)
+        if step < warm:
+            return c.lr * (step + 1) / warm
+        if decay > 0 and step >= n - decay:
+            return c.lr * (n - step) / decay
+        return c.lr
+
+    def coefficients(self, step: int) -> dict[str, float]:
+        c = self.cfg
+        warm = max(1, int(c.l1_warm_up_fraction * self.n_steps))
+        return {
+            "l1": c.l1_coefficient * min(1.0, (step + 1) / warm),
+            "auxk": c.aux_k_coefficient,
+            "l0": c.l0_coefficient * min(1.0, (step + 1) / warm),
+        }
+
+    @torch.no_grad()
+    def initialise(self, x: Tensor, y: Tensor) -> None:
+        c = self.cfg
+        if c.normalize_activations == "expected_average_only_in":
+            self.scale_in = float(math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean().clamp_min(1e-12))
+            self.scale_out = (
+                float(math.sqrt(y.shape[-1]) / y.norm(dim=-1).mean().clamp_min(1e-12)) if c.is_transcoder else self.scale_in
+            )
+        self.sae.initialize_b_dec(y * self.scale_out, c.b_dec_init_method)
+        self.initialised = True
+
+    def step(self, step: int, batch: Mapping[str, Tensor]) -> dict[str, float]:
+        c, sae = self.cfg, self.sae
+        x = batch[c.hook_name]
+        y = batch[c.hook_name_out] if c.is_transcoder else x
+        if not self.initialised:
+            self.initialise(x, y)
+        x = x * self.scale_in
+        y = y * self.scale_out
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(step)
+        dead_mask = self.tokens_since_fired >= c.dead_feature_window
+        out = sae(x, target=y, dead_mask=dead_mask)
+        mse = (out.recon - y).pow(2).sum(-1).mean()
+        coeffs = self.coefficients(step)
+        loss = mse
+        for name, val in out.aux_losses.items():
+            loss = loss + coeffs[name] * val
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.architecture == "topk":
+            sae.remove_gradient_parallel_to_decoder_directions()
+        if c.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), c.max_grad_norm)
+        self.opt.step()
+        if c.architecture == "topk":
+            sae.set_decoder_norm_to_unit_norm()
+        with torch.no_grad():
+            fired = (out.feats > 0).any(0)
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+            stats = {
+                "step": float(step),
+                "loss": float(loss),
+                "mse": float(mse),
+                "l0": float((out.feats > 0).sum(-1).float().mean()),
+                "explained_variance": _ev(y, out.recon.detach()),
+                "dead_fraction": float(dead_mask.float().mean()),
+                "lr": self.opt.param_groups[0]["lr"],
+            }
+            for name, val in out.aux_losses.items():
+                stats[name] = float(val)
+            if (
+                c.architecture == "standard"
+                and c.resample_dead
+                and step < c.resample_until_fraction * self.n_steps
+                and (step + 1) % max(1, c.dead_feature_window // x.shape[0]) == 0
+                and bool(dead_mask.any())
+            ):
+                self._resample(step, dead_mask, y - out.recon.detach())
+        if step % c.log_every == 0 or step == self.n_steps - 1:
+            self.history.append(stats)
+        return stats
+
+    @torch.no_grad()
+    def _resample(self, step: int, dead: Tensor, residual: Tensor) -> None:
+        """Point dead latents at badly reconstructed tokens (residual directions); reset their Adam state."""
+        sae = self.sae
+        idx = dead.nonzero().squeeze(-1)
+        err = residual.pow(2).sum(-1)
+        if float(err.sum()) <= 0:
+            return
+        gen = torch.Generator().manual_seed(self.cfg.seed * 7919 + step)
+        rows = torch.multinomial(err.cpu().double(), len(idx), replacement=len(idx) > len(err), generator=gen)
+        dirs = residual[rows.to(residual.device)]
+        dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        alive = ~dead
+        dec_norm = float(sae.W_dec[alive].norm(dim=-1).mean()) if alive.any() else self.sae.cfg.decoder_init_norm
+        enc_norm = float(sae.W_enc[:, alive].norm(dim=0).mean()) if alive.any() else self.sae.cfg.decoder_init_norm
+        sae.W_dec[idx] = dirs * dec_norm
+        if sae.cfg.d_in == sae.cfg.d_out:
+            sae.W_enc[:, idx] = (dirs * enc_norm * 0.2).T
+        sae.b_enc[idx] = 0.0
+        for p, sel in ((sae.W_dec, (idx, slice(None))), (sae.W_enc, (slice(None), idx)), (sae.b_enc, (idx,))):
+            st = self.opt.state.get(p)
+            if st:
+                st["exp_avg"][sel] = 0.0
+                st["exp_avg_sq"][sel] = 0.0
+        self.tokens_since_fired[idx] = 0
+
+    def final_sae(self) -> SparseAutoencoder:
+        """A folded copy acting on raw activations, in eval mode."""
+        folded = create_sae(self.sae.cfg)
+        folded.load_state_dict(self.sae.state_dict())
+        folded.fold_activation_norm_scaling_factor(self.scale_in, self.scale_out)
+        return folded.to(self.sae.W_enc.device).eval()
+
+    # -- checkpoint state
+    def state_tensors(self) -> dict[str, Tensor]:
+        t = {f"param.{k}": v.detach().cpu().clone() for k, v in self.sae.state_dict().items()}
+        t["tokens_since_fired"] = self.tokens_since_fired.cpu().clone()
+        names = {id(p): n for n, p in self.sae.named_parameters()}
+        for p, st in self.opt.state.items():
+            for k, v in st.items():
+                t[f"opt.{names[id(p)]}.{k}"] = v.detach().cpu().clone().reshape(v.shape)
+        return t
+
+    def state_json(self) -> dict[str, Any]:
+        return {
+            "scale_in": self.scale_in,
+            "scale_out": self.scale_out,
+            "initialised": self.initialised,
+            "history": self.history,
+        }
+
+    def load_state(self, tensors: dict[str, Tensor], js: dict[str, Any]) -> None:
+        dev = self.sae.W_enc.device
+        self.sae.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("param.")})
+        self.tokens_since_fired = tensors["tokens_since_fired"].to(dev)
+        params = dict(self.sae.named_parameters())
+        self.opt.state.clear()
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                pname, sname = k[4:].rsplit(".", 1)
+                self.opt.state[params[pname]][sname] = v.to(dev) if sname != "step" else v
+        self.scale_in, self.scale_out = float(js["scale_in"]), float(js["scale_out"])
+        self.initialised = bool(js["initialised"])
+        self.history = list(js["history"])
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def _save_checkpoint(ckpt_dir: Path, step: int, trainers: list[_Trainer], cfgs: list[SAETrainConfig]) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_dir))
+    try:
+        for i, tr in enumerate(trainers):
+            save_file(tr.state_tensors(), str(tmp / f"sae_{i}.safetensors"))
+            atomic_write_json(tmp / f"sae_{i}.json", tr.state_json())
+        final = ckpt_dir / f"step_{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prev = ckpt_dir / "latest.json"
+    old = read_json(prev)["folder"] if prev.is_file() else None
+    atomic_write_json(prev, {"step": step, "folder": final.name, "cfgs": [c.to_dict() for c in cfgs]})
+    if old and old != final.name:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path, trainers: list[_Trainer], cfgs: list[SAETrainConfig]) -> int:
+    latest = ckpt_dir / "latest.json"
+    if not latest.is_file():
+        return 0
+    info = read_json(latest)
+    if info["cfgs"] != json.loads(json.dumps([c.to_dict() for c in cfgs])):
+        raise ValueError(f"checkpoint in {ckpt_dir} was written for different configs; use another checkpoint_dir")
+    folder = ckpt_dir / info["folder"]
+    for i, tr in enumerate(trainers):
+        tr.load_state(load_file(str(folder / f"sae_{i}.safetensors")), read_json(folder / f"sae_{i}.json"))
+    return int(info["step"])
+
+
+# ------------------------------------------------------------------------------------ entry point
+def _dims(source: ActivationSource, cfgs: list[SAETrainConfig]) -> tuple[dict[str, int], ActivationSource]:
+    hooks = _required_hooks(cfgs)
+    if isinstance(source, Mapping):
+        return {h: int(source[h].shape[-1]) for h in hooks if h in source}, source
+    it = iter(source)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise ValueError("activation source is empty") from None
+
+    def chained() -> Iterator[Mapping[str, Tensor]]:
+        yield first
+        yield from it
+
+    return {h: int(first[h].shape[-1]) for h in hooks if h in first}, chained()
+
+
+def train_saes(
+    activation_source: ActivationSource,
+    cfgs: SAETrainConfig | list[SAETrainConfig],
+    checkpoint_dir: str | os.PathLike | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+    stop_after_steps: int | None = None,
+) -> dict[str, TrainResult]:
+    """Train one SAE/transcoder per config from one pass over ``activation_source``.
+
+    ``activation_source``: ``{hook: Tensor[n, d]}`` (in memory; reshuffled every epoch and cycled until
+    ``training_tokens``) or an iterable of ``{hook: Tensor[batch, d]}`` (streamed, re-batched; must be
+    deterministic for resume). Rows of different hooks must be aligned (same token).
+    All configs share the batch size and step count of ``cfgs[0]`` (checked).
+    ``stop_after_steps`` stops early (after writing a checkpoint) -- for tests of resume.
+    Returns ``{cfg.key: TrainResult}``.
+    """
+    if isinstance(cfgs, SAETrainConfig):
+        cfgs = [cfgs]
+    cfgs = list(cfgs)
+    if not cfgs:
+        raise ValueError("no SAE configs given")
+    keys = [c.key for c in cfgs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate SAE keys {keys}")
+    b, n_steps = cfgs[0].train_batch_size_tokens, cfgs[0].n_steps
+    for c in cfgs[1:]:
+        if c.train_batch_size_tokens != b or c.n_steps != n_steps:
+            raise ValueError("all configs trained together need the same train_batch_size_tokens and training_tokens")
+    device = torch.device(device)
+    dims, source = _dims(activation_source, cfgs)
+    hooks = _required_hooks(cfgs)
+    missing = [h for h in hooks if h not in dims]
+    if missing:
+        raise KeyError(f"activation source lacks hooks {missing}")
+    trainers = [_Trainer(c, dims[c.hook_name], dims[c.hook_name_out or c.hook_name], device) for c in cfgs]
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    start = _load_checkpoint(ckpt, trainers, cfgs) if (ckpt is not None and resume) else 0
+    ckpt_every = cfgs[0].checkpoint_every
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_steps, initial=start, desc="train SAEs", unit="step", dynamic_ncols=True)
+    data = _batches(source, hooks, b, cfgs[0].seed, start)
+    t0, done = time.perf_counter(), 0
+    step = start
+    try:
+        for step in range(start, n_steps):
+            try:
+                batch = next(data)
+            except StopIteration:
+                raise ValueError(
+                    f"activation stream ended after {step} steps; {n_steps} needed for training_tokens={cfgs[0].training_tokens}"
+                ) from None
+            batch = {h: v.to(device) for h, v in batch.items()}
+            stats = [tr.step(step, batch) for tr in trainers]
+            done += 1
+            if bar is not None:
+                bar.update(1)
+                if step % 5 == 0:
+                    s = stats[0]
+                    extra = f" (+{len(stats) - 1} more)" if len(stats) > 1 else ""
+                    bar.set_postfix_str(
+                        f"loss={s['loss']:.3g} L0={s['l0']:.1f} ev={s['explained_variance']:.3f}{extra}"
+                    )
+            if ckpt is not None and ckpt_every and (step + 1) % ckpt_every == 0 and step + 1 < n_steps:
+                _save_checkpoint(ckpt, step + 1, trainers, cfgs)
+            if stop_after_steps is not None and step + 1 - start >= stop_after_steps:
+                if ckpt is not None:
+                    _save_checkpoint(ckpt, step + 1, trainers, cfgs)
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.perf_counter() - t0
+    results = {}
+    for tr in trainers:
+        hist = tr.history
+        tail = hist[-max(1, len(hist) // 10) :] if hist else []
+        final = {k: sum(h[k] for h in tail) / len(tail) for k in tail[0]} if tail else {}
+        final["train_tokens_per_s"] = done * b / elapsed if elapsed > 0 else float("nan")
+        results[tr.cfg.key] = TrainResult(
+            sae=tr.final_sae(),
+            cfg=tr.cfg,
+            history=list(hist),
+            scale_in=tr.scale_in,
+            scale_out=tr.scale_out,
+            n_tokens=(step + 1) * b,
+            final=final,
+        )
+    return results
+
+
+# ------------------------------------------------------------------------------------ with a model + cache
+def train_saes_on_model(
+    model,
+    texts: list[str],
+    cfgs: SAETrainConfig | list[SAETrainConfig],
+    corpus_id: str,
+    cache_dir: str | os.PathLike | None = None,
+    harvest_tokens: int | None = None,
+    context_size: int = 128,
+    model_batch_size: int = 8,
+    progress: bool = True,
+    device: str | torch.device = "cpu",
+) -> dict[str, TrainResult | SparseAutoencoder]:
+    """Train (or load from the cache) one SAE per config on ``model``'s activations over ``texts``.
+
+    Activations of every hook not yet cached are harvested in one pass into memory
+    (``harvest_tokens`` rows, default ``training_tokens``; cycled for several epochs when smaller) and
+    all missing SAEs are trained together. Results are saved to the cache keyed by
+    ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns the loaded
+    ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
+    ``train_tokens_per_s`` go into each result's ``final``.
+    """
+    from circuit_discovery.sae.harvest import harvest_activations
+    from circuit_discovery.sae.io import load_cached_sae, sae_cache_key, save_cached_sae
+
+    if isinstance(cfgs, SAETrainConfig):
+        cfgs = [cfgs]
+    name = model.cfg.model_name
+    out: dict[str, TrainResult | SparseAutoencoder] = {}
+    todo: list[SAETrainConfig] = []
+    for c in cfgs:
+        c = replace(c, model_name=c.model_name or name, context_size=c.context_size or context_size)
+        key = sae_cache_key(name, c.key, c, corpus_id)
+        hit = load_cached_sae(cache_dir, key, device=str(device))
+        if hit is not None:
+            out[c.key] = hit
+        else:
+            todo.append(c)
+    if not todo:
+        return out
+    n = harvest_tokens or todo[0].training_tokens
+    t0 = time.perf_counter()
+    acts = harvest_activations(
+        model, texts, _required_hooks(todo), max_tokens=n, context_size=context_size,
+        model_batch_size=model_batch_size, progress=progress,
+    )
+    n_got = int(next(iter(acts.values())).shape[0])
+    harvest_rate = n_got / max(time.perf_counter() - t0, 1e-9)
+    batch = todo[0].train_batch_size_tokens
+    if n_got < batch:
+        raise ValueError(f"corpus gave only {n_got} tokens, fewer than one batch ({batch}); give more text")
+    results = train_saes(acts, todo, progress=progress, device=device)
+    for c in todo:
+        r = results[c.key]
+        r.final["harvest_tokens_per_s"] = harvest_rate
+        r.final["harvested_tokens"] = n_got
+        save_cached_sae(
+            cache_dir, sae_cache_key(name, c.key, c, corpus_id), r.sae,
+            extra={"cfg": c.to_dict(), "corpus_id": corpus_id, "final": r.final, "history": r.history},
+        )
+        out[c.key] = r
+    return out
