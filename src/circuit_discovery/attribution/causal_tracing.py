@@ -1,0 +1,236 @@
+"""Causal tracing as in ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
+
+For each fact: the clean run gives ``p_clean``, the probability of the answer's first token at the last
+position. The corrupted run adds Gaussian noise with standard deviation ``noise_scale`` x (the std of the
+model's token embeddings as ``hook_embed`` sees them) to the subject tokens' embeddings; ``n_samples`` seeded
+noise draws give ``p_corrupted`` (their mean). Then, in each noised run, one node is restored to its clean value:
+
+* ``states``: the hidden state after layer ``l`` (``blocks.{l}.hook_resid_post``) at one position;
+* ``mlp`` / ``attn``: the MLP / attention outputs of a window of ``window`` layers centred on ``l`` at one
+  position (ROME uses 10 layers of GPT-2 XL's 48; :func:`default_window` scales that to the model's depth).
+
+``indirect effect = p_restored - p_corrupted`` (averaged over the noise samples), ``total effect =
+p_clean - p_corrupted``. Positions are grouped into ROME's token classes (first / middle / last subject token,
+first subsequent token, further tokens, last token); tokens before the subject (BOS, "The") are in no class.
+All restored runs go through the batched patching engine (:func:`~.patching.patch_runs`).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+from ..metrics import PromptBatch, make_batch
+from ._common import PairInputs, embedding_std
+from .nodes import Node
+from .patching import Patch, patch_runs, window_layers
+from .scores import Scores
+
+TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+CLASS_LABELS = {"first_subject": "First subject token", "middle_subject": "Middle subject tokens",
+                "last_subject": "Last subject token", "first_subsequent": "First subsequent token",
+                "further": "Further tokens", "last": "Last token"}
+KINDS = {"states": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
+
+
+def answer_prob(model, hidden: Tensor, batch: PromptBatch) -> Tensor:
+    """P(first answer token) at the last prompt token [batch]: one batched full-vocabulary unembedding
+    (``metrics.prob`` unembeds row by row, which reads the 262k-row unembedding once per row)."""
+    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last]  # [batch, d_model]
+    logp = torch.log_softmax(model.unembed(last).float(), dim=-1)  # [batch, d_vocab]
+    return logp.gather(1, batch.answer_first[:, None])[:, 0].exp()
+
+
+def default_window(n_layers: int) -> int:
+    """ROME's window of 10 layers (of 48) scaled to ``n_layers``: ``clip(round(10 n / 48), 1, 10)``."""
+    return int(max(1, min(10, round(10 * n_layers / 48))))
+
+
+def token_classes(n_tokens: int, subject_span: tuple[int, int]) -> dict[str, list[int]]:
+    """Positions of each token class. A one-token subject is both the first and the last subject token."""
+    s, e = subject_span
+    if not 0 <= s < e <= n_tokens - 1:
+        raise InputError(f"subject span {subject_span} must lie before the last of {n_tokens} tokens")
+    last = n_tokens - 1
+    return {"first_subject": [s], "middle_subject": list(range(s + 1, e - 1)), "last_subject": [e - 1],
+            "first_subsequent": [e] if e < last else [], "further": list(range(e + 1, last)), "last": [last]}
+
+
+@dataclass
+class CausalTrace:
+    """Result of :func:`causal_tracing`.
+
+    ``scores``: indirect effects per fact over nodes ``resid_post`` (states), ``mlp_out`` and ``attn_out`` at
+    (layer, position) (the node's layer is the window's centre for MLP/attention); ``p_clean``/``p_corrupted``
+    [n_facts]; ``spans``: subject spans; ``window``, ``n_samples``, ``noise_std`` (absolute).
+    """
+    scores: Scores
+    p_clean: Tensor
+    p_corrupted: Tensor
+    spans: list[tuple[int, int]]
+    window: int
+    n_samples: int
+    noise_std: float
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def total_effect(self) -> Tensor:
+        """p_clean - p_corrupted per fact [n_facts]."""
+        return self.p_clean - self.p_corrupted
+
+    def by_class(self, kind: str) -> np.ndarray:
+        """Average indirect effect [n_classes, n_layers] of ``kind`` (``states``/``mlp``/``attn``): the mean over
+        a fact's positions of each class, then over the facts that have the class."""
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        arr = self.scores.per_prompt_array(KINDS[kind])  # [n_facts, n_layers, n_pos]
+        out = np.full((len(TOKEN_CLASSES), arr.shape[1]), np.nan)
+        for c, cls in enumerate(TOKEN_CLASSES):
+            rows = []
+            for f, span in enumerate(self.spans):
+                pos = token_classes(len(self.scores.tokens[f]), span)[cls]
+                if pos:
+                    rows.append(np.nanmean(arr[f][:, pos], axis=1))
+            if rows:
+                out[c] = np.mean(rows, axis=0)
+        return out
+
+    def summary(self) -> dict:
+        """Average total effect, and per kind the class x layer table and its peak."""
+        out = {"n_facts": int(self.p_clean.shape[0]), "window": self.window, "n_samples": self.n_samples,
+               "noise_std": self.noise_std, "p_clean": float(self.p_clean.mean()),
+               "p_corrupted": float(self.p_corrupted.mean()), "total_effect": float(self.total_effect.mean()),
+               "classes": list(TOKEN_CLASSES)}
+        for kind in KINDS:
+            if KINDS[kind] not in self.scores.components():
+                continue
+            t = self.by_class(kind)
+            c, l = np.unravel_index(np.nanargmax(t), t.shape)
+            out[kind] = {"table": t.tolist(), "peak": {"class": TOKEN_CLASSES[c], "layer": int(l),
+                                                       "indirect_effect": float(t[c, l])}}
+        return out
+
+    def figure(self, path: str | os.PathLike | None = None, title: str | None = None):
+        """ROME-style figure (states, MLP, attention); saved atomically as PNG when ``path`` is given."""
+        return plot_causal_trace(self, path, title)
+
+
+def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "attn"), n_samples: int = 10,
+                   noise_scale: float = 3.0, window: int | None = None, seed: int = 0, batch_size: int = 64,
+                   layers: Sequence[int] | None = None) -> CausalTrace:
+    """Trace every (layer, position) of each fact pair's clean prompt (see the module docstring).
+
+    ``pairs``: FactPairs (only the clean prompt, subject span and answer are used). Cost: ``n_facts x n_samples
+    x n_pos x n_layers x len(kinds)`` restored rows, each starting at its lowest restored layer.
+    """
+    pairs = list(pairs)
+    if not pairs:
+        raise InputError("no fact pairs to trace")
+    if n_samples < 1:
+        raise InputError(f"n_samples must be >= 1, got {n_samples}")
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise InputError(f"unknown kinds {bad}; choose from {', '.join(KINDS)}")
+    n_layers = model.cfg.n_layers
+    window = default_window(n_layers) if window is None else window
+    layers = list(range(n_layers)) if layers is None else list(layers)
+    std = embedding_std(model)
+    gen = torch.Generator().manual_seed(seed)
+    # every (fact, sample) is one "prompt": the clean tokens, with its own noise on the subject
+    toks = [list(p.clean_tokens) for p in pairs for _ in range(n_samples)]
+    answers = [[p.answer_tokens[0]] for p in pairs for _ in range(n_samples)]
+    batch = make_batch(model, toks, answers)
+    n_rows, n_pos = batch.tokens.shape
+    noise = torch.zeros(n_rows, n_pos, model.cfg.d_model, dtype=torch.float64)
+    for i, p in enumerate(pairs):
+        s, e = p.subject_span
+        token_classes(len(p.clean_tokens), (s, e))  # validates the span
+        for k in range(n_samples):
+            noise[i * n_samples + k, s:e] = torch.randn(e - s, model.cfg.d_model, generator=gen, dtype=torch.float64)
+    noise = (noise_scale * std * noise).to(model.dtype).to(model.device)
+    inputs = PairInputs(batch, batch, noise, [[]] * n_rows, [[]] * n_rows)
+
+    nodes: list[Node] = []
+    variants: list[tuple[int, list[Patch]]] = []
+    where: list[tuple[int, int]] = []
+    for kind in kinds:
+        comp = KINDS[kind]
+        for l in layers:
+            if kind == "states":
+                ps_of = (lambda p, l=l: [Patch(f"blocks.{l + 1}.hook_resid_pre", p)] if l + 1 < n_layers
+                         else [Patch(f"blocks.{l}.hook_resid_post", p)])
+            else:
+                wl = window_layers(l, window, n_layers, "center")
+                ps_of = (lambda p, wl=wl, comp=comp: [Patch(f"blocks.{x}.hook_{comp}", p) for x in wl])
+            for pos in range(n_pos):
+                j = len(nodes)
+                nodes.append(Node(comp, l, pos))
+                for f, pr in enumerate(pairs):
+                    if pos >= len(pr.clean_tokens):
+                        continue
+                    for k in range(n_samples):
+                        variants.append((f * n_samples + k, ps_of(pos)))
+                        where.append((f, j))
+    from ._common import cached_run
+
+    p_clean_rows, _ = cached_run(model, inputs, "clean", [], answer_prob)
+    p_corr_rows, _ = cached_run(model, inputs, "corrupted", [], answer_prob)
+    p_clean = p_clean_rows.double().cpu().view(len(pairs), n_samples)[:, 0]
+    p_corr = p_corr_rows.double().cpu().view(len(pairs), n_samples).mean(1)
+    m = patch_runs(model, inputs, variants, direction="denoising", metric=answer_prob, batch_size=batch_size)
+    acc = torch.zeros(len(pairs), len(nodes), dtype=torch.float64)
+    cnt = torch.zeros_like(acc)
+    for (f, j), v in zip(where, m.tolist()):
+        acc[f, j] += v
+        cnt[f, j] += 1
+    values = torch.where(cnt > 0, acc / cnt.clamp(min=1) - p_corr[:, None], torch.full_like(acc, float("nan")))
+    tokens = [[model.tokenizer.decode([t]) for t in p.clean_tokens] for p in pairs]
+    scores = Scores(nodes=nodes, values=values, tokens=tokens, roles=[list(p.roles) for p in pairs],
+                    clean_metric=p_clean, corrupted_metric=p_corr, method="causal_tracing", metric="prob",
+                    meta={"window": window, "n_samples": n_samples, "noise_scale": noise_scale, "noise_std": std,
+                          "seed": seed, "states_hook": "resid_post", "window_align": "center"})
+    return CausalTrace(scores, p_clean, p_corr, [tuple(p.subject_span) for p in pairs], window, n_samples,
+                       noise_scale * std, [p.clean_prompt for p in pairs])
+
+
+def plot_causal_trace(trace: CausalTrace, path: str | os.PathLike | None = None, title: str | None = None):
+    """Three heatmaps (token class x layer): restoring hidden states, MLP outputs, attention outputs."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    panels = [(k, c, lbl) for k, c, lbl in (("states", "Purples", "single restored layer"),
+                                            ("mlp", "Greens", f"center of {trace.window} restored MLP layers"),
+                                            ("attn", "Reds", f"center of {trace.window} restored attn layers"))
+              if KINDS[k] in trace.scores.components()]
+    fig = Figure(figsize=(5.2 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    names = {"states": "hidden state", "mlp": "MLP output", "attn": "attention output"}
+    for j, (ax, (kind, cmap, xlabel)) in enumerate(zip(axes, panels)):
+        t = trace.by_class(kind)
+        im = ax.imshow(np.ma.masked_invalid(t), aspect="auto", cmap=cmap, interpolation="nearest",
+                       vmin=min(0.0, float(np.nanmin(t))))
+        ax.set_title(f"Impact of restoring {names[kind]}", fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_yticks(range(len(TOKEN_CLASSES)), [CLASS_LABELS[c] for c in TOKEN_CLASSES] if j == 0 else
+                      [""] * len(TOKEN_CLASSES), fontsize=8)
+        fig.colorbar(im, ax=ax, label="AIE (answer prob.)", shrink=0.9)
+    fig.suptitle(title or f"Causal tracing: {trace.p_clean.shape[0]} facts, {trace.n_samples} noise samples, "
+                          f"AIE averaged over facts (total effect {float(trace.total_effect.mean()):.3f})",
+                 fontsize=10)
+    if path is not None:
+        from ..io import atomic_write_bytes
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=130)
+        atomic_write_bytes(Path(path), buf.getvalue())
+    return fig
