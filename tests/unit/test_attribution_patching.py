@@ -212,3 +212,22 @@ def test_patch_runs_and_errors(m64, pairs):
         activation_patching(m64, [])
     with pytest.raises(InputError, match="does not support"):
         attribution_patching(m64, pairs, ("logit",))
+
+
+def test_causal_tracing_roles_restriction_matches_full_trace(tiny_models):
+    """Restricting to one role gives exactly the full trace's values there, and NaN elsewhere."""
+    import numpy as np
+
+    from circuit_discovery.attribution.causal_tracing import causal_tracing
+    from circuit_discovery.facts import build_pairs, load_builtin
+
+    m = tiny_models["tiny-gemma3"]
+    pairs = build_pairs(load_builtin()["capital_city"][:2], m.tokenizer, seed=0)
+    full = causal_tracing(m, pairs, kinds=("mlp",), n_samples=2, seed=3).scores.per_prompt_array("mlp_out")
+    part = causal_tracing(m, pairs, kinds=("mlp",), n_samples=2, seed=3,
+                          roles=["subject_last"]).scores.per_prompt_array("mlp_out")
+    for i, p in enumerate(pairs):
+        s = p.subject_span[1] - 1
+        assert np.allclose(part[i][:, s], full[i][:, s], atol=1e-6)
+        others = [j for j in range(len(p.clean_tokens)) if j != s]
+        assert np.isnan(part[i][:, others]).all()

@@ -123,11 +123,13 @@ class CausalTrace:
 
 def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "attn"), n_samples: int = 10,
                    noise_scale: float = 3.0, window: int | None = None, seed: int = 0, batch_size: int = 64,
-                   layers: Sequence[int] | None = None) -> CausalTrace:
+                   layers: Sequence[int] | None = None, roles: Sequence[str] | None = None) -> CausalTrace:
     """Trace every (layer, position) of each fact pair's clean prompt (see the module docstring).
 
     ``pairs``: FactPairs (only the clean prompt, subject span and answer are used). Cost: ``n_facts x n_samples
-    x n_pos x n_layers x len(kinds)`` restored rows, each starting at its lowest restored layer.
+    x n_pos x n_layers x len(kinds)`` restored rows, each starting at its lowest restored layer. ``roles`` (e.g.
+    ``["subject_last"]``) restricts the restored positions to those token roles of each pair (the others are
+    NaN), which divides the cost by about the prompt length.
     """
     pairs = list(pairs)
     if not pairs:
@@ -172,7 +174,7 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
                 j = len(nodes)
                 nodes.append(Node(comp, l, pos))
                 for f, pr in enumerate(pairs):
-                    if pos >= len(pr.clean_tokens):
+                    if pos >= len(pr.clean_tokens) or (roles is not None and pr.roles[pos] not in roles):
                         continue
                     for k in range(n_samples):
                         variants.append((f * n_samples + k, ps_of(pos)))

@@ -48,6 +48,7 @@ class RunConfig:
     graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
     causal_facts: int = 2               # facts per relation traced ROME-style (MLP, last subject token)
     causal_samples: int = 3             # noise samples per traced fact
+    causal_full_facts: int = 3          # facts traced at every token and layer (states, MLP, attention) for the figure
     extra: dict = field(default_factory=dict)
 
     def effective(self) -> "RunConfig":
@@ -55,7 +56,8 @@ class RunConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts), patching_facts=1,
-                                   n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2)
+                                   n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2,
+                                   causal_full_facts=0)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,19 +66,14 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
         sections.setdefault(rel, []).append({"path": _rel(p, out), "caption": (
             "Activation patching: share of the clean-minus-corrupted logit difference restored by patching the "
             "clean resid_pre at each (layer, token role) into the corrupted run.")})
-    ct = causal["relations"]
-    if ct:
-        classes = next(iter(ct.values()))["summary"]["classes"]
-        with np.errstate(all="ignore"), warnings.catch_warnings():  # classes absent from every prompt stay NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mlp = np.nanmean([np.array(c["mlp_table"], dtype=float) for c in ct.values()], axis=0)
-            attn = np.nanmean([np.array(c["attn_table"], dtype=float) for c in ct.values()], axis=0)
-        states = np.full_like(mlp, np.nan)
-        p = fig.causal_tracing_figure(states, mlp, attn, classes, figs / "causal_tracing.png",
-                                      title=f"Causal tracing, mean over {len(ct)} relations (states not traced)")
+    full = causal.get("full")
+    causal_fig = None
+    if full:
+        tables = [np.array(full[k]["table"] if k != "states" else full["states_table"], dtype=float)
+                  for k in ("states", "mlp", "attn")]
+        p = fig.causal_tracing_figure(*tables, full["classes"], figs / "causal_tracing.png",
+                                      title=f"Causal tracing (ROME), mean over {full['n_facts']} facts")
         causal_fig = _rel(p, out)
-    else:
-        causal_fig = None
     for c in circ_objs:
         p = fig.circuit_drawing(c.to_dict(), figs / f"circuit_{safe_name(c.relation)}.png",
                                 title=f"{c.relation}: pruned component circuit")

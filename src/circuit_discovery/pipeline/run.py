@@ -204,20 +204,31 @@ class Run:
         return self._stage("attribution", run)
 
     def stage_causal(self, pairs_by_rel: dict[str, list]) -> dict:
-        """ROME causal tracing of the MLP (windowed) at every layer, on a few facts per relation."""
+        """ROME causal tracing: per relation the windowed MLP at the last subject token by layer (the
+        early-site hypothesis), and a full trace (states, MLP, attention at every token) of a few facts for
+        the figure."""
         from ..attribution.causal_tracing import causal_tracing
 
         def trace(rel, pairs):
-            tr = causal_tracing(self.model, pairs[: self.cfg.causal_facts], kinds=("mlp", "attn"),
+            tr = causal_tracing(self.model, pairs[: self.cfg.causal_facts], kinds=("mlp",), roles=["subject_last"],
                                 n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
             arr = tr.scores.per_prompt_array("mlp_out")  # [n_facts, n_layers, n_pos]
-            ie_last_subject = [arr[i][:, pairs[i].subject_span[1] - 1].tolist() for i in range(arr.shape[0])]
-            summ = tr.summary()
-            return {"mlp_ie_subject_last": ie_last_subject, "summary": summ,
-                    "mlp_table": summ.get("mlp", {}).get("table"), "attn_table": summ.get("attn", {}).get("table")}
+            return {"mlp_ie_subject_last": [arr[i][:, pairs[i].subject_span[1] - 1].tolist()
+                                            for i in range(arr.shape[0])]}
 
-        return self._stage("causal_tracing", lambda: {"relations": self._relations_loop(
-            pairs_by_rel.items(), "causal tracing", trace)})
+        def run():
+            per_rel = self._relations_loop(pairs_by_rel.items(), "causal tracing (MLP, last subject token)", trace)
+            full = [ps[0] for ps in pairs_by_rel.values()][: self.cfg.causal_full_facts]
+            summary = None
+            if full:
+                tr = causal_tracing(self.model, full, kinds=("states", "mlp", "attn"), n_samples=self.cfg.causal_samples,
+                                    seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+                summary = tr.summary()
+                summary["states_table"] = tr.by_class("states").tolist()
+                summary["prompts"] = [p.clean_prompt for p in full]
+            return {"relations": per_rel, "full": summary}
+
+        return self._stage("causal_tracing", run)
 
     def stage_circuits(self, pairs_by_rel: dict[str, list]) -> dict:
         from .circuit_stage import circuit_for_relation
