@@ -90,7 +90,9 @@ class Node:
         if self.component in ("head", "neuron", "feature"):
             s = f"L{self.layer}.{short}{self.index}"
         elif self.component == "logit":
-            s = f"Logit {self.index}"
+            s = "Logit" if self.index is None else f"Logit {self.index}"
+        elif self.component == "embed":
+            s = "Emb"
         else:
             s = f"L{self.layer} {short}"
         if self.position is not None:
