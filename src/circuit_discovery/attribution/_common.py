@@ -88,13 +88,18 @@ def as_inputs(model, pairs_or_inputs, noise_scale: float = 3.0, seed: int = 0) -
 
 def embedding_std(model) -> float:
     """Standard deviation of the model's token embeddings as ``hook_embed`` sees them (scale included)."""
+    cached = getattr(model, "_frc_embedding_std", None)
+    if cached is not None:  # 168M embedding values on Gemma 3: compute once per model
+        return cached
     W = model.W_E
     probe = torch.tensor([[min(5, W.shape[0] - 1)]], device=model.device)
     with torch.no_grad():
         e = model.embed(probe)[0, 0].double()
         raw = W[probe[0, 0]].double()
         scale = float(e.norm() / raw.norm()) if float(raw.norm()) > 0 else 1.0
-        return float(W.double().std()) * scale if W.numel() < 5e7 else float(_chunked_std(W)) * scale
+        std = float(W.double().std()) * scale if W.numel() < 5e7 else float(_chunked_std(W)) * scale
+    model._frc_embedding_std = std
+    return std
 
 
 def _chunked_std(W: Tensor) -> float:
