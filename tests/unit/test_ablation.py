@@ -1,5 +1,4 @@
 """CircuitEvaluator: references against independent runs, f(N)=1 / f(∅)=0, and a planted circuit recovered."""
-from collections import Counter
 
 import numpy as np
 import pytest

@@ -11,13 +11,6 @@ from circuit_discovery.facts import Fact, build_pairs
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and a busy shared machine makes OpenMP spinning very slow."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 SUBJECTS = [("France", " Paris"), ("Germany", " Berlin"), ("Italy", " Rome"), ("Japan", " Tokyo")]

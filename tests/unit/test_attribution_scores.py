@@ -11,14 +11,6 @@ from circuit_discovery.errors import InputError
 from circuit_discovery.facts import Fact, build_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _scores():
     nodes = [Node("mlp_out", l, p) for l in range(2) for p in range(4)] + [Node("head", 0, None, 1)]
     vals = torch.arange(2 * len(nodes), dtype=torch.float64).reshape(2, -1)

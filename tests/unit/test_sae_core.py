@@ -33,13 +33,6 @@ from circuit_discovery.sae import (
 from circuit_discovery.sae.io import load_cached_sae, save_cached_sae
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: intra-op threads only add overhead (and stall badly on a shared CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sparse_data(n=40_000, d=16, m=32, p=0.05, seed=0, offset=0.3):

@@ -45,7 +45,6 @@ sum of all edges into the logit is ``(resid(clean) - resid(corr)) . d m / d resi
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, noise_hook
+from circuit_discovery.attribution._common import PairInputs, frozen, noise_hook
 from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.circuit import Circuit, combine_graphs
@@ -140,16 +139,7 @@ def head_outputs(model, layer: int, z: Tensor) -> Tensor:
     return c * scale[:, :, None, :]
 
 
-@contextlib.contextmanager
-def _no_param_grad(model):
-    params = [p for p in model.hf_model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
+_no_param_grad = frozen  # parameters need no gradients: edges are gradients w.r.t. activations
 
 
 @dataclass(frozen=True)

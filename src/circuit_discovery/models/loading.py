@@ -281,8 +281,6 @@ def load_model(name: str | None = None, device: str | torch.device | None = "aut
     ``tiny-gemma``, ``tiny-gemma2``, ``tiny-gemma3``, ``tiny-llama``; random weights from ``seed``), a local
     folder with a Hugging Face causal LM, or a hub id (needs internet or the local HF cache).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = name or DEFAULT_MODEL
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
-import os
 import platform
 import re
 import subprocess

@@ -146,7 +146,7 @@ def evaluate_sae(
     sae = sae.eval()
     dev = sae.W_enc.device
 
-    xs, ys, recons = [], [], []
+    ys, recons = [], []
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     l0s: list[Tensor] = []
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
