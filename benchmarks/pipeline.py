@@ -1,0 +1,39 @@
+"""Wall time per stage and peak memory of the whole pipeline on the built-in model and facts.
+
+    python benchmarks/pipeline.py [--quick] --out FILE.json [--run-dir DIR]
+
+Writes ``{"quick": ..., "total_s": ..., "stages_s": {...}, "peak_rss_gb": ..., "n_circuits": ...}``; the run's
+own folder (report, circuits) goes to ``--run-dir`` (default: a temporary folder).
+"""
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+
+from circuit_discovery.io import atomic_write_json
+from circuit_discovery.pipeline import RunConfig, run_pipeline
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--model", default=None)
+    args = ap.parse_args()
+    run_dir = args.run_dir or tempfile.mkdtemp(prefix="frc_bench_")
+    t0 = time.time()
+    res = run_pipeline(RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False))
+    total = time.time() - t0
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
+    out = {"quick": args.quick, "model": args.model or "gemma-3-270m", "total_s": round(total, 1),
+           "stages_s": res.timings, "peak_rss_gb": round(peak_kb / 2**20, 2), "n_circuits": len(res.circuits),
+           "run_dir": str(res.out_dir)}
+    atomic_write_json(args.out, out)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
