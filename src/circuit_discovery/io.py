@@ -1,8 +1,10 @@
 """Atomic, pickle-free file writing shared by every stage."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,23 @@ def _default(obj: Any) -> Any:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent, default=_default, allow_nan=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike):
+    """Build a folder in a temporary sibling and rename it to ``final`` at the end (replacing an old one); on any
+    error the temporary folder is removed and ``final`` is left as it was. Yields the temporary folder."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

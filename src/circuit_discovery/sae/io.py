@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from circuit_discovery.io import atomic_write_json, read_json
+from circuit_discovery.io import atomic_dir, atomic_write_json, read_json
 from circuit_discovery.sae.architectures import SAE_REGISTRY, SAEConfig, SparseAutoencoder, create_sae
 
 __all__ = [
@@ -223,16 +222,8 @@ def save_cached_sae(
 ) -> Path:
     """Save ``sae`` under ``key`` (written to a temporary folder, then renamed); ``extra`` -> ``train_info.json``."""
     final = cached_sae_path(cache_dir, key)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=final.parent))
-    try:
+    with atomic_dir(final) as tmp:
         save_sae(sae, tmp)
         if extra is not None:
             atomic_write_json(tmp / "train_info.json", extra)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final

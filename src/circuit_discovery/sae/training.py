@@ -28,7 +28,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from circuit_discovery.io import atomic_write_json, read_json
+from circuit_discovery.io import atomic_dir, atomic_write_json, read_json
 from circuit_discovery.sae.architectures import SAE_REGISTRY, SAEConfig, SparseAutoencoder, create_sae
 
 __all__ = ["SAETrainConfig", "TrainResult", "train_saes", "train_saes_on_model", "ActivationSource"]
@@ -371,19 +370,11 @@ class _Trainer:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def _save_checkpoint(ckpt_dir: Path, step: int, trainers: list[_Trainer], cfgs: list[SAETrainConfig]) -> None:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step}.", dir=ckpt_dir))
-    try:
+    final = ckpt_dir / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
         for i, tr in enumerate(trainers):
             save_file(tr.state_tensors(), str(tmp / f"sae_{i}.safetensors"))
             atomic_write_json(tmp / f"sae_{i}.json", tr.state_json())
-        final = ckpt_dir / f"step_{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     prev = ckpt_dir / "latest.json"
     old = read_json(prev)["folder"] if prev.is_file() else None
     atomic_write_json(prev, {"step": step, "folder": final.name, "cfgs": [c.to_dict() for c in cfgs]})
