@@ -1,5 +1,5 @@
-"""Pipeline glue for the attribution stage: per-relation patching scores aligned by token role, and the
-relation's first circuit (its top nodes)."""
+"""Pipeline glue for the attribution stage: metric-ready fact pairs, and per-relation exact patching scores
+aligned by token role (the heatmaps of the report)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +9,6 @@ import numpy as np
 import torch
 
 from ..facts import ROLES, build_pairs, informative_pair
-from ..graph import Circuit
-from ..graph.circuit import CircuitNode
-from ..graph.graph import role_key
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -77,23 +74,3 @@ def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = No
         "example_tokens": example[1] if example else None,
         "example_prompt": example[2] if example else None,
     }
-
-
-def circuit_from_scores(relation: str, r: dict, cfg: RunConfig) -> Circuit:
-    """A relation's first circuit: the ``top_nodes`` (layer, role) resid_pre nodes by |score|.
-
-    ``attribution_score`` is the share of the total |score| mass that the kept nodes hold.
-    """
-    mat = np.asarray(r["role_scores"])
-    roles = r["roles"]
-    flat = [(abs(mat[l, j]), l, j) for l in range(mat.shape[0]) for j in range(mat.shape[1])]
-    flat.sort(reverse=True)
-    total = sum(a for a, _, _ in flat) or 1.0
-    keep = flat[: cfg.top_nodes]
-    nodes = [CircuitNode(id=role_key("resid_pre", l, roles[j]), component="resid_pre", layer=l, role=roles[j],
-                         position=None, index=None, label=f"L{l} resid_pre @ {roles[j]}", score=float(mat[l, j]),
-                         activation=None, influence=None) for _, l, j in keep]
-    return Circuit(name=relation, relation=relation, nodes=nodes, edges=[],
-                   attribution_score=float(sum(a for a, _, _ in keep) / total), faithfulness=None,
-                   facts=[{"prompt": f["prompt"], "answer": f["answer"]} for f in r["facts"]],
-                   n_facts=r["n_prompts"])
