@@ -41,12 +41,7 @@ class PairInputs:
     @classmethod
     def from_pairs(cls, model, pairs, noise_scale: float = 3.0, seed: int = 0) -> "PairInputs":
         pairs = list(pairs)
-        if not pairs:
-            raise InputError("no fact pairs given: pass a non-empty list of FactPair")
-        for p in pairs:
-            if len(p.clean_tokens) != len(p.corrupted_tokens):
-                raise InputError(f"pair {p.clean_prompt!r}: clean and corrupted prompts differ in length "
-                                 f"({len(p.clean_tokens)} vs {len(p.corrupted_tokens)}); rebuild with build_pairs")
+        check_pairs(pairs)
         clean = batch_from_pairs(model, pairs)
         corrupted = batch_from_pairs(model, pairs, corrupted=True)
         noise = None
@@ -78,6 +73,16 @@ class PairInputs:
         corr = make_batch(model, corrupted_tokens, answer_ids, cf_ids)
         tokens = [[model.tokenizer.decode([t]) for t in c] for c in clean_tokens]
         return cls(clean, corr, noise, tokens, [["relation"] * len(c) for c in clean_tokens])
+
+
+def check_pairs(pairs) -> None:
+    """At least one pair, and clean and corrupted prompts of equal token length (positions must align)."""
+    if not pairs:
+        raise InputError("no fact pairs given: pass a non-empty list of FactPair")
+    for p in pairs:
+        if len(p.clean_tokens) != len(p.corrupted_tokens):
+            raise InputError(f"pair {p.clean_prompt!r}: clean and corrupted prompts differ in length "
+                             f"({len(p.clean_tokens)} vs {len(p.corrupted_tokens)}); rebuild with build_pairs")
 
 
 def as_inputs(model, pairs_or_inputs, noise_scale: float = 3.0, seed: int = 0) -> PairInputs:

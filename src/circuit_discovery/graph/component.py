@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, frozen, noise_hook
+from circuit_discovery.attribution._common import PairInputs, check_pairs, frozen, noise_hook
 from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.circuit import Circuit, combine_graphs
@@ -198,15 +198,6 @@ class ComponentLayout:
 
 
 # ----------------------------------------------------------------------------------------------- core
-def _check_pairs(pairs) -> None:
-    if not pairs:
-        raise InputError("no fact pairs given: pass at least one FactPair")
-    for p in pairs:
-        if len(p.clean_tokens) != len(p.corrupted_tokens):
-            raise InputError(f"pair {p.clean_prompt!r}: clean and corrupted prompts differ in length "
-                             f"({len(p.clean_tokens)} vs {len(p.corrupted_tokens)})")
-
-
 def _interp_hook(e_clean: Tensor, e_corr: Tensor, alpha: float, requires_grad: bool):
     x = (e_corr + alpha * (e_clean - e_corr)).detach()
     if requires_grad:
@@ -320,7 +311,7 @@ def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granul
     ``[batch, n_src, pos, d_model]``) and ``attn_in_grad`` (the summed per-query attention gradients
     ``[batch, n_layers, pos, d_model]``, for checks).
     """
-    _check_pairs(pairs)
+    check_pairs(pairs)
     if granularity not in GRANULARITIES:
         raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if method not in METHODS:
@@ -401,7 +392,7 @@ def component_graphs(model, pairs: Sequence, *, metric="logit_diff", granularity
     """One :class:`AttributionGraph` per fact pair (same order as ``pairs``); pairs are grouped by length and
     batched (``batch_size`` prompts per backward pass). ``NodeInfo.score`` is the node's attribution-patching
     score (the sum of its outgoing edges), ``activation`` the norm of its clean output."""
-    _check_pairs(pairs)
+    check_pairs(pairs)
     out: list[AttributionGraph | None] = [None] * len(pairs)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(pairs):

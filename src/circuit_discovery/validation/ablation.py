@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, noise_hook
+from circuit_discovery.attribution._common import PairInputs, check_pairs, noise_hook
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
@@ -106,9 +106,7 @@ class CircuitEvaluator:
             raise InputError(f"keyed_by must be 'role' or 'position', got {keyed_by!r}")
         if int(max_batch) < 1:
             raise InputError(f"max_batch must be >= 1, got {max_batch}")
-        for p in pairs:
-            if len(p.clean_tokens) != len(p.corrupted_tokens):
-                raise InputError(f"pair {p.clean_prompt!r}: clean and corrupted prompts differ in length")
+        check_pairs(pairs)
         self.model, self.pairs = model, list(pairs)
         self.metric_fn = get_metric(metric)
         self.ablation, self.granularity, self.keyed_by = ablation, granularity, keyed_by
