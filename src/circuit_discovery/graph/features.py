@@ -1,0 +1,485 @@
+"""Feature attribution graphs over transcoder features (the circuit-tracer approach).
+
+For one prompt, the *local replacement model* is the model with
+
+* every MLP replaced by its layer's transcoder (which reads ``blocks.{l}.ln2.hook_normalized`` and predicts
+  ``blocks.{l}.hook_mlp_out``) plus an **error node** per (layer, position) holding what the transcoder
+  misses -- a layer without a transcoder keeps its whole MLP output as the error node;
+* every normalisation scale (RMSNorm / LayerNorm, incl. the final norm and Gemma's post-norms) and every
+  attention pattern (queries and keys) **frozen** at their values on the prompt.
+
+Given the prompt, that model is affine in its sources -- token embeddings, feature activations, error
+vectors -- up to each feature's pre-activation and each logit. An edge ``source -> target`` is the
+source's direct effect on the target's input::
+
+    A[target, source] = a_source * (W_dec[source] . d input_target / d mlp_out(l, p))   (feature source)
+                      = e(l, p) . d input_target / d mlp_out(l, p)                      (error source)
+                      = emb(p) . d input_target / d hook_embed(p)                      (embedding source)
+
+where ``input_target`` is ``x_l(p) . W_enc[:, f]`` for a feature ``f`` at layer ``l``, position ``p``
+(its pre-activation minus ``b_enc``) and ``h_last . (W_U[t] - mean W_U)`` for a logit (before any soft
+cap). Because the replacement is affine, ``input(target) = sum_s A[target, s] + bias(target)``, where
+``bias`` is the target's input with every source set to zero (transcoder ``b_dec``, norm biases). Edges are
+computed in batched backward passes: one batch item per target, the prompt repeated, the frozen values
+replayed.
+
+Only the ``max_feature_nodes`` most influential active features become nodes: rows are computed first for
+the logit nodes, then for features in order of their estimated influence on the logits (through the rows
+computed so far), a batch at a time. The contribution of active features that are not visited is added
+to their (layer, position) error node, so the graph stays exact -- every node's input is still the sum of
+its incoming edges plus its bias. BOS features are folded into the error nodes the same way
+(``include_bos=False``, default: the BOS residual is an outlier that transcoders are not trained on).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from circuit_discovery.attribution._common import frozen
+from circuit_discovery.attribution.nodes import Node
+from circuit_discovery.errors import InputError
+from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
+from circuit_discovery.models.arch import get_module
+
+__all__ = ["FrozenReplay", "FeatureGraphResult", "feature_graph", "replacement_inputs"]
+
+
+# ------------------------------------------------------------------------------------- freezing
+def _norm_modules(model) -> list[nn.Module]:
+    """Every RMSNorm/LayerNorm of the model except the MLP-output post-norm (its output is replaced)."""
+    skip = set()
+    if model.spec.mlp_out != "mlp":
+        for layer in model._layers:
+            skip.add(id(get_module(layer, model.spec.mlp_out)))
+    out = []
+    for m in model.hf_model.modules():
+        name = type(m).__name__
+        if (isinstance(m, nn.LayerNorm) or name.endswith("RMSNorm")) and id(m) not in skip:
+            out.append(m)
+    return out
+
+
+def _eps(m: nn.Module) -> float:
+    return float(getattr(m, "eps", getattr(m, "variance_epsilon", 1e-6)))
+
+
+class FrozenReplay:
+    """Record norm scales and attention queries/keys in one forward pass, then replay them.
+
+    Inside ``with replay.recording():`` a forward pass (batch 1) stores, for each norm module, the scale
+    ``1 / rms(x)`` (or ``1 / std(x)`` for LayerNorm), and each layer's query and key projections. Inside
+    ``with replay.replaying(batch):`` every later pass uses those stored values (expanded to ``batch``), so
+    norms are linear maps and attention patterns are constants: the network is affine in the residual
+    stream, and its gradients are the replacement model's direct effects.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.norms = _norm_modules(model)
+        self.gamma: dict[int, Tensor] = {}
+        for m in self.norms:
+            if isinstance(m, nn.LayerNorm):
+                continue
+            eps = _eps(m)
+            with torch.no_grad():
+                ones = torch.ones(m.weight.shape[-1] if getattr(m, "weight", None) is not None else model.cfg.d_model,
+                                  dtype=torch.float32, device=model.device)
+                self.gamma[id(m)] = (m(ones).float() * math.sqrt(1.0 + eps)).detach()
+        self.scales: dict[int, Tensor] = {}
+        self.qk: dict[tuple[int, str], Tensor] = {}
+        self._mode: str | None = None
+        self._batch = 1
+
+    # -- norm hooks
+    def _norm_hook(self, module, args, output):
+        x = args[0]
+        key = id(module)
+        xf = x.float()
+        if isinstance(module, nn.LayerNorm):
+            xc = xf - xf.mean(-1, keepdim=True)
+            if self._mode == "record":
+                self.scales[key] = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + module.eps).detach()
+            s = self.scales[key]
+            s = s.expand(x.shape[0], *s.shape[1:]) if s.shape[0] != x.shape[0] else s
+            y = xc * s
+            if module.weight is not None:
+                y = y * module.weight.float()
+            if module.bias is not None:
+                y = y + module.bias.float()
+            return y.to(output.dtype)
+        if self._mode == "record":
+            self.scales[key] = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _eps(module)).detach()
+        s = self.scales[key]
+        s = s.expand(x.shape[0], *s.shape[1:]) if s.shape[0] != x.shape[0] else s
+        return (xf * s * self.gamma[key]).to(output.dtype)
+
+    def _qk_hook(self, key, sl, module, args, output):
+        if self._mode == "record":
+            self.qk[key] = output.detach()[..., sl] if sl is not None else output.detach()
+        stored = self.qk[key]
+        stored = stored.expand(output.shape[0], *stored.shape[1:]) if stored.shape[0] != output.shape[0] else stored
+        if sl is None:
+            return stored
+        out = output.clone()
+        out[..., sl] = stored
+        return out
+
+    def _qk_modules(self):
+        """(key, module, slice) for every query/key projection."""
+        out = []
+        d = self.model.cfg.d_model
+        for l, layer in enumerate(self.model._layers):
+            attn = get_module(layer, self.model.spec.attn)
+            if hasattr(attn, "q_proj") and hasattr(attn, "k_proj"):
+                out.append(((l, "q"), attn.q_proj, None))
+                out.append(((l, "k"), attn.k_proj, None))
+            elif hasattr(attn, "c_attn"):  # GPT-2: one projection [q | k | v]
+                out.append(((l, "qk"), attn.c_attn, slice(0, 2 * d)))
+            else:
+                raise InputError(f"feature graphs do not know how to freeze attention of {type(attn).__name__}")
+        return out
+
+    @contextlib.contextmanager
+    def _hooks(self, mode: str):
+        self._mode = mode
+        handles = [m.register_forward_hook(self._norm_hook, prepend=True) for m in self.norms]
+        for key, mod, sl in self._qk_modules():
+            handles.append(mod.register_forward_hook(
+                lambda module, args, output, key=key, sl=sl: self._qk_hook(key, sl, module, args, output),
+                prepend=True))
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._mode = None
+
+    def recording(self):
+        self.scales.clear()
+        self.qk.clear()
+        return self._hooks("record")
+
+    def replaying(self):
+        if not self.scales:
+            raise RuntimeError("FrozenReplay.replaying() needs a recording() pass first")
+        return self._hooks("replay")
+
+
+# ------------------------------------------------------------------------------------- the prompt's state
+@dataclass
+class _PromptState:
+    tokens: Tensor  # [1, n]
+    n: int
+    emb: Tensor  # [n, d]
+    mlp_out: dict[int, Tensor]  # layer -> [n, d] (true MLP output)
+    x_in: dict[int, Tensor]  # transcoder layer -> [n, d_in] transcoder input
+    acts: dict[int, Tensor]  # transcoder layer -> [n, d_sae] activations
+    normed_last: Tensor  # [d] final-normed residual at the last position
+    logits_last: Tensor  # [vocab] real logits at the last position
+
+
+def _prompt_state(model, tokens: Tensor, transcoders: Mapping[int, Any], replay: FrozenReplay) -> _PromptState:
+    L = model.cfg.n_layers
+    names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
+    names += [f"blocks.{l}.ln2.hook_normalized" for l in transcoders]
+    cache: dict[str, Tensor] = {}
+
+    def save(x, name):
+        cache[name] = x.detach()
+
+    with torch.no_grad():
+        with model.hooks([(n, save) for n in names]):
+            h = model.final_hidden(tokens)
+        with replay.recording(), model.hooks([]):
+            model.final_hidden(tokens)
+        logits = model.unembed(h[0, -1])
+    acts = {}
+    x_in = {}
+    for l, tc in transcoders.items():
+        x = cache[f"blocks.{l}.ln2.hook_normalized"][0]
+        x_in[l] = x
+        with torch.no_grad():
+            acts[l] = tc.encode(x.to(tc.W_enc.dtype)).float()
+    return _PromptState(tokens=tokens, n=tokens.shape[1], emb=cache["hook_embed"][0].float(),
+                        mlp_out={l: cache[f"blocks.{l}.hook_mlp_out"][0].float() for l in range(L)},
+                        x_in=x_in, acts=acts, normed_last=h[0, -1].float(), logits_last=logits.float())
+
+
+def replacement_inputs(model, tokens: Tensor, replay: FrozenReplay, emb: Tensor, mlp_out: Mapping[int, Tensor],
+                       transcoders: Mapping[int, Any], requires_grad: bool = False):
+    """One pass of the frozen replacement model over ``tokens`` [B, n] with the given sources.
+
+    ``emb`` [B, n, d] replaces ``hook_embed`` and ``mlp_out[l]`` [B, n, d] replaces ``blocks.{l}.hook_mlp_out``
+    for every layer. Returns ``(x_in, final)``: ``x_in[l]`` [B, n, d_in] the transcoder inputs (so a
+    feature's input is ``x_in[l][:, p] @ W_enc[:, f]``) and ``final`` [B, n, d] the final-normed residual.
+    Norm scales and attention queries/keys are replayed from ``replay``'s recording.
+    """
+    store: dict[int, Tensor] = {}
+
+    def put(value):
+        return lambda act, name: value.to(act.dtype)
+
+    def keep(layer):
+        def fn(act, name):
+            store[layer] = act
+        return fn
+
+    hooks = [("hook_embed", put(emb))]
+    hooks += [(f"blocks.{l}.hook_mlp_out", put(v)) for l, v in mlp_out.items()]
+    hooks += [(f"blocks.{l}.ln2.hook_normalized", keep(l)) for l in transcoders]
+    with torch.set_grad_enabled(requires_grad), frozen(model), replay.replaying(), model.hooks(hooks):
+        final = model.final_hidden(tokens)
+    return store, final
+
+
+# ------------------------------------------------------------------------------------- the graph
+@dataclass
+class FeatureGraphResult:
+    graph: AttributionGraph
+    bias: Tensor  # [n_nodes] input of each node with all sources at zero (0 for sources)
+    node_input: Tensor  # [n_nodes] the node's actual input (pre-activation minus b_enc; logit) (0 for sources)
+    n_active_features: int
+    n_visited: int
+    logit_tokens: list[int]
+
+
+def _logit_targets(model, state: _PromptState, max_n_logits: int, desired_logit_prob: float,
+                   extra: Sequence[int]) -> tuple[list[int], Tensor]:
+    probs = torch.softmax(state.logits_last.double(), -1)
+    order = torch.argsort(probs, descending=True)
+    cum = torch.cumsum(probs[order], 0)
+    n = int(min(max_n_logits, int((cum < desired_logit_prob).sum()) + 1))
+    toks = order[:n].tolist()
+    for t in extra:
+        if t is not None and int(t) not in toks:
+            toks.append(int(t))
+    return toks, probs[toks].float()
+
+
+def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[int] | Tensor, *,
+                  extra_logits: Sequence[int] = (), max_n_logits: int = 10, desired_logit_prob: float = 0.95,
+                  max_feature_nodes: int = 512, batch_size: int = 32, include_bos: bool = False,
+                  labels: Mapping[tuple[int, int], str] | None = None, roles: Sequence[str] | None = None,
+                  progress: bool = False) -> FeatureGraphResult:
+    """The attribution graph of ``prompt`` over transcoder features (see the module docstring).
+
+    Args:
+        transcoders: ``{layer: SparseAutoencoder}`` with ``cfg.transcoder`` (any subset of layers).
+        prompt: text (BOS prepended) or token ids.
+        extra_logits: token ids always given a logit node (e.g. the answer and the counterfactual answer).
+        max_n_logits / desired_logit_prob: logit nodes are the most likely next tokens until their
+            probability reaches ``desired_logit_prob``, at most ``max_n_logits`` (circuit-tracer's defaults).
+        max_feature_nodes: cap on feature nodes, visited in order of estimated influence.
+        batch_size: targets per backward pass.
+        labels: ``{(layer, feature): label}`` used as node labels (e.g. from ``sae.label_features``).
+        roles: per-position role names stored on the nodes (for relation-level combination).
+    """
+    if not transcoders:
+        raise InputError("feature graphs need at least one transcoder; train them with "
+                         "circuit_discovery.sae.train_transcoders(model)")
+    L = model.cfg.n_layers
+    for l, tc in transcoders.items():
+        if not 0 <= int(l) < L:
+            raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
+        if not getattr(tc.cfg, "transcoder", False):
+            raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
+                             "transcoders (ln2.hook_normalized -> hook_mlp_out)")
+    if max_feature_nodes < 0 or batch_size <= 0:
+        raise InputError("max_feature_nodes must be >= 0 and batch_size > 0")
+    transcoders = {int(l): tc for l, tc in sorted(transcoders.items())}
+    if isinstance(prompt, str):
+        tokens = model.to_tokens(prompt)
+        text = prompt
+    else:
+        tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+        text = model.tokenizer.decode(tokens[0].tolist())
+    tokens = tokens.to(model.device)
+    replay = FrozenReplay(model)
+    st = _prompt_state(model, tokens, transcoders, replay)
+    n, d = st.n, model.cfg.d_model
+    str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
+
+    # ---- candidate sources: active features, then errors (L x n), then embeddings (n)
+    feat_l, feat_p, feat_f, feat_a = [], [], [], []
+    first = 0 if include_bos else 1
+    for l, a in st.acts.items():
+        pp, ff = (a[first:] != 0).nonzero(as_tuple=True)
+        feat_l += [l] * len(pp)
+        feat_p += (pp + first).tolist()
+        feat_f += ff.tolist()
+        feat_a += a[pp + first, ff].tolist()
+    n_feat = len(feat_l)
+    feat_l_t, feat_p_t, feat_f_t = torch.tensor(feat_l), torch.tensor(feat_p), torch.tensor(feat_f)
+    feat_a_t = torch.tensor(feat_a, dtype=torch.float32)
+    err_off, emb_off = n_feat, n_feat + L * n
+    n_cols = emb_off + n
+    recon_nodes = {l: torch.zeros(n, d) for l in transcoders}  # sum over ALL active features (+ b_dec below)
+    for l, tc in transcoders.items():
+        recon_nodes[l] = (st.acts[l] @ tc.W_dec.detach().float()) + tc.b_dec.detach().float()
+    errors = torch.stack([st.mlp_out[l] - recon_nodes[l] if l in transcoders else st.mlp_out[l]
+                          for l in range(L)])  # [L, n, d] true reconstruction errors
+    if not include_bos:  # BOS features are folded into the BOS error node
+        for l, tc in transcoders.items():
+            errors[l, 0] = st.mlp_out[l][0] - tc.b_dec.detach().float()
+
+    # ---- logit targets
+    logit_toks, logit_probs = _logit_targets(model, st, max_n_logits, desired_logit_prob, extra_logits)
+    W_U = model.W_U.detach().float()
+    u_mean = W_U.mean(0)
+
+    def rows_for(targets: list[tuple[str, int]]) -> Tensor:
+        """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
+        B = len(targets)
+        tok_b = tokens.expand(B, n)
+        d_e = torch.zeros(B, n, d, requires_grad=True)
+        d_m = {l: torch.zeros(B, n, d, requires_grad=True) for l in range(L)}
+        emb = st.emb[None] + d_e
+        mlp = {l: st.mlp_out[l][None] + d_m[l] for l in range(L)}
+        x_in, final = replacement_inputs(model, tok_b, replay, emb, mlp, transcoders, requires_grad=True)
+        total = torch.zeros((), dtype=torch.float32)
+        for i, (kind, j) in enumerate(targets):
+            if kind == "logit":
+                total = total + final[i, -1].float() @ (W_U[j] - u_mean)
+            else:
+                l, p, f = feat_l[j], feat_p[j], feat_f[j]
+                total = total + x_in[l][i, p].float() @ transcoders[l].W_enc[:, f].detach().float()
+        leaves = [d_e] + [d_m[l] for l in range(L)]
+        grads = torch.autograd.grad(total, leaves, allow_unused=True)
+        g_e = grads[0] if grads[0] is not None else torch.zeros(B, n, d)
+        g_m = [g if g is not None else torch.zeros(B, n, d) for g in grads[1:]]
+        rows = torch.zeros(B, n_cols, dtype=torch.float32)
+        rows[:, emb_off:] = (g_e * st.emb[None]).sum(-1)
+        for l in range(L):
+            rows[:, err_off + l * n: err_off + (l + 1) * n] = (g_m[l] * errors[l][None]).sum(-1)
+        for l, tc in transcoders.items():
+            sel = (feat_l_t == l).nonzero().flatten()
+            if len(sel) == 0:
+                continue
+            proj = g_m[l] @ tc.W_dec.detach().float().T  # [B, n, d_sae]
+            rows[:, sel] = proj[:, feat_p_t[sel], feat_f_t[sel]] * feat_a_t[sel][None]
+        return rows.detach()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=min(max_feature_nodes, n_feat) + len(logit_toks), desc="feature graph", unit="node",
+                   dynamic_ncols=True)
+    logit_rows = rows_for([("logit", t) for t in logit_toks])
+    if bar:
+        bar.update(len(logit_toks))
+    visited: list[int] = []
+    feat_rows: list[Tensor] = []
+    is_visited = torch.zeros(n_feat, dtype=torch.bool)
+    w_logit = logit_probs.double()
+    while len(visited) < min(max_feature_nodes, n_feat):
+        infl = _column_influence(logit_rows, w_logit, torch.cat(feat_rows) if feat_rows else None, visited)
+        cand = infl[:n_feat].clone()
+        cand[is_visited] = -1.0
+        k = min(batch_size, max_feature_nodes - len(visited), int((~is_visited).sum()))
+        top = torch.topk(cand, k).indices.tolist()
+        feat_rows.append(rows_for([("feat", j) for j in top]))
+        visited += top
+        is_visited[top] = True
+        if bar:
+            bar.update(len(top))
+    if bar:
+        bar.close()
+
+    # ---- fold non-visited features into their error nodes (keeps the graph exact)
+    R_all = torch.cat(feat_rows + [logit_rows], 0)  # targets: visited features, then logits
+    rest = (~is_visited).nonzero().flatten()
+    if len(rest):
+        err_cols = err_off + feat_l_t[rest] * n + feat_p_t[rest]
+        R_all.index_add_(1, err_cols, R_all[:, rest])
+    vis = torch.tensor(visited, dtype=torch.long)
+    n_vis = len(visited)
+    src_cols = torch.cat([vis, torch.arange(err_off, n_cols)])  # visited features, errors, embeddings
+    # node order: visited features, errors, embeddings, logits
+    n_nodes = n_vis + L * n + n + len(logit_toks)
+    A = torch.zeros(n_nodes, n_nodes, dtype=torch.float32)
+    tgt_rows = list(range(n_vis)) + list(range(n_nodes - len(logit_toks), n_nodes))
+    A[tgt_rows, : n_vis + L * n + n] = R_all[:, src_cols]
+
+    # ---- node infos, inputs and biases
+    roles = list(roles) if roles is not None else None
+
+    def role(p):
+        return roles[p] if roles is not None and p < len(roles) else None
+
+    nodes: list[NodeInfo] = []
+    node_input = torch.zeros(n_nodes, dtype=torch.float64)
+    for i, j in enumerate(visited):
+        l, p, f = feat_l[j], feat_p[j], feat_f[j]
+        lab = (labels or {}).get((l, f), "") or f"L{l} F{f}"
+        nodes.append(NodeInfo(node=Node("feature", l, p, f), label=lab, activation=float(feat_a[j]), role=role(p),
+                              token=str_tokens[p]))
+        node_input[i] = float(st.x_in[l][p].float() @ transcoders[l].W_enc[:, f].detach().float())
+    for l in range(L):
+        for p in range(n):
+            nodes.append(NodeInfo(node=Node("error", l, p), label=f"L{l} error @ {str_tokens[p]!r}",
+                                  activation=float(errors[l, p].norm()), role=role(p), token=str_tokens[p]))
+    for p in range(n):
+        nodes.append(NodeInfo(node=Node("embed", -1, p), label=str_tokens[p], role=role(p), token=str_tokens[p],
+                              token_id=int(tokens[0, p])))
+    logit_idx = []
+    for t, pr in zip(logit_toks, logit_probs.tolist()):
+        logit_idx.append(len(nodes))
+        tok = model.tokenizer.decode([t])
+        nodes.append(NodeInfo(node=Node("logit", L, n - 1, t), label=f"Output {tok!r} (p={pr:.3f})",
+                              activation=float(st.logits_last[t]), token=tok, token_id=t,
+                              role=role(n - 1)))
+        node_input[len(nodes) - 1] = float(st.normed_last @ (W_U[t] - u_mean))
+
+    # bias: every source at zero -> embeddings 0, MLP outputs = b_dec (transcoder layers) or 0
+    with torch.no_grad():
+        zero_mlp = {l: (transcoders[l].b_dec.detach().float().expand(1, n, d) if l in transcoders
+                        else torch.zeros(1, n, d)) for l in range(L)}
+        x0, f0 = replacement_inputs(model, tokens, replay, torch.zeros(1, n, d), zero_mlp, transcoders)
+    bias = torch.zeros(n_nodes, dtype=torch.float64)
+    for i, j in enumerate(visited):
+        l, p, f = feat_l[j], feat_p[j], feat_f[j]
+        bias[i] = float(x0[l][0, p].float() @ transcoders[l].W_enc[:, f].detach().float())
+    for i, t in zip(logit_idx, logit_toks):
+        bias[i] = float(f0[0, -1].float() @ (W_U[t] - u_mean))
+
+    graph = AttributionGraph(
+        nodes=nodes, adjacency=A.double(), logit_indices=logit_idx, logit_probabilities=logit_probs.double(),
+        prompt=text, prompt_tokens=str_tokens, prompt_token_ids=tokens[0].tolist(), n_layers=L,
+        metadata={"kind": "feature", "model": model.cfg.model_name, "transcoder_layers": sorted(transcoders),
+                  "n_active_features": n_feat, "max_feature_nodes": max_feature_nodes,
+                  "include_bos": include_bos})
+    return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=n_feat,
+                              n_visited=n_vis, logit_tokens=logit_toks)
+
+
+def _column_influence(logit_rows: Tensor, w_logit: Tensor, feat_rows: Tensor | None, visited: list[int]) -> Tensor:
+    """Estimated influence of every source column on the logits through the rows computed so far.
+
+    Rows are normalised by their absolute sums (circuit-tracer); the influence of visited features solves
+    ``x = w A_lv + x A_vv`` (a DAG, so the series terminates), then every column gets ``w A_l + x A_v``.
+    """
+    def norm(R):
+        R = R.abs().double()
+        return R / R.sum(1, keepdim=True).clamp_min(1e-12)
+
+    Al = norm(logit_rows)
+    infl = w_logit @ Al
+    if feat_rows is None or not visited:
+        return infl
+    Av = norm(feat_rows)
+    vis = torch.tensor(visited)
+    x = w_logit @ Al[:, vis]
+    total_x = x.clone()
+    for _ in range(len(visited) + 1):
+        x = x @ Av[:, vis]
+        if float(x.abs().sum()) < 1e-12:
+            break
+        total_x += x
+    return infl + total_x @ Av
