@@ -180,3 +180,67 @@ def test_feature_graph_exports_to_neuronpedia():
             assert parts[0] == str(L + 1)
     assert any(n["feature_type"] == "cross layer transcoder" for n in data["nodes"])
     assert data["metadata"]["prompt"] == PROMPT
+
+
+# ------------------------------------------------------------------ relation circuits and their evaluation
+def _relation_setup():
+    from collections import Counter
+
+    from circuit_discovery.facts import build_pairs, load_builtin
+
+    m = load_model("tiny-gemma3", device="cpu")
+    pairs = [p for p in build_pairs(load_builtin()["capital_city"], m.tokenizer)
+             if p.corruption == "subject_swap" and p.first_token_differs]
+    length = Counter(len(p.clean_tokens) for p in pairs).most_common(1)[0][0]
+    return m, _transcoders(m), [p for p in pairs if len(p.clean_tokens) == length][:3]
+
+
+def test_feature_circuit_combines_prompts_by_role():
+    from circuit_discovery.graph.features import decoder_directions, feature_circuit
+    from circuit_discovery.graph import find_supernodes
+
+    m, tcs, pairs = _relation_setup()
+    r = feature_circuit(m, tcs, pairs, max_feature_nodes=40, batch_size=20)
+    c = r.circuit
+    assert c.relation == pairs[0].relation and len(c.facts) == 3
+    assert 0 < len(c.nodes) < r.combined.n_nodes
+    assert 0.0 < c.attribution_score <= 1.0
+    roles = {p for pair in pairs for p in pair.roles}
+    for nd in c.nodes:
+        comp = nd.id.split("/")[0]
+        assert comp in ("feature", "error", "embed", "logit")
+        assert nd.id.split("/")[-1] in roles
+    assert r.info["visited_features_per_prompt"] == [40, 40, 40]
+    g = r.graphs[0].graph
+    dirs = decoder_directions(g, tcs)
+    feats = [nd.id for nd in g.nodes if nd.node.component == "feature"]
+    assert set(dirs) == set(feats)
+    sn = find_supernodes(g, node_ids=feats, decoder_directions=dirs, distance_threshold=1.5)
+    assert all(len(s.node_ids) >= 2 for s in sn)
+
+
+@pytest.mark.parametrize("ablation", ["corrupted", "zero"])
+def test_feature_evaluator_references(ablation):
+    from circuit_discovery.metrics import batch_from_pairs, get_metric
+    from circuit_discovery.validation.features import FeatureCircuitEvaluator
+
+    m, tcs, pairs = _relation_setup()
+    ev = FeatureCircuitEvaluator(m, tcs, pairs, ablation=ablation)
+    assert ev.faithfulness(ev.universe) == pytest.approx(1.0, abs=1e-9)
+    assert ev.faithfulness([]) == pytest.approx(0.0, abs=1e-9)
+    mf, me = ev.references()
+    b = batch_from_pairs(m, pairs)
+    metric = get_metric("logit_diff")
+    with torch.no_grad():
+        clean = float(metric(m, m.final_hidden(b.tokens, b.mask), b).mean())
+    assert mf == pytest.approx(clean, abs=1e-5)
+    if ablation == "corrupted":  # everything ablated = the corrupted run, scored on the clean answers
+        cb = batch_from_pairs(m, pairs, corrupted=True)
+        with torch.no_grad():
+            corr = float(metric(m, m.final_hidden(cb.tokens, cb.mask), b).mean())
+        assert me == pytest.approx(corr, abs=1e-5)
+    assert any(i.startswith("feature/") for i in ev.universe)
+    with pytest.raises(InputError):
+        ev.metric_of([["head/L0/I0/last"]])
+    with pytest.raises(InputError):
+        ev.metric_of([["feature/L0/I0/P3"]])

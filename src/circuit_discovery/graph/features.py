@@ -47,7 +47,8 @@ from circuit_discovery.errors import InputError
 from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
 from circuit_discovery.models.arch import get_module
 
-__all__ = ["FrozenReplay", "FeatureGraphResult", "feature_graph", "replacement_inputs"]
+__all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "decoder_directions", "feature_circuit",
+           "feature_graph", "replacement_inputs"]
 
 
 # ------------------------------------------------------------------------------------- freezing
@@ -483,3 +484,85 @@ def _column_influence(logit_rows: Tensor, w_logit: Tensor, feat_rows: Tensor | N
             break
         total_x += x
     return infl + total_x @ Av
+
+
+# ------------------------------------------------------------------------------------- relation circuits
+@dataclass
+class FeatureCircuitResult:
+    """A relation's feature circuit: the pruned :class:`Circuit`, the role-keyed combined graph and the per-prompt
+    feature graphs (with their exactness data)."""
+
+    circuit: Any
+    combined: AttributionGraph
+    graphs: list[FeatureGraphResult]
+    info: dict[str, Any]
+
+
+def feature_circuit(model, transcoders: Mapping[int, Any], pairs: Sequence, *, name: str | None = None,
+                    max_feature_nodes: int = 256, batch_size: int = 32, max_n_logits: int = 10,
+                    desired_logit_prob: float = 0.95, node_threshold: float = 0.8, edge_threshold: float = 0.98,
+                    labels: Mapping[tuple[int, int], str] | None = None, progress: bool = False,
+                    **prune_kwargs: Any) -> FeatureCircuitResult:
+    """One feature graph per fact pair (prompt = the clean prompt; the answer and the counterfactual answer always
+    get logit nodes), combined by token role (:func:`combine_graphs`: nodes keyed by layer, role and feature) and
+    pruned by influence into a :class:`Circuit`."""
+    import time
+
+    from circuit_discovery.attribution._common import check_pairs
+    from circuit_discovery.graph.circuit import combine_graphs
+
+    check_pairs(pairs)
+    t0 = time.perf_counter()
+    results = []
+    it = pairs
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(pairs, desc=f"feature graphs {name or pairs[0].relation}", unit="prompt", dynamic_ncols=True)
+    for p in it:
+        extra = [int(p.answer_tokens[0])] + ([int(p.counterfactual_tokens[0])] if p.counterfactual_tokens else [])
+        res = feature_graph(model, transcoders, list(p.clean_tokens), extra_logits=extra, max_n_logits=max_n_logits,
+                            desired_logit_prob=desired_logit_prob, max_feature_nodes=max_feature_nodes,
+                            batch_size=batch_size, labels=labels, roles=list(p.roles))
+        res.graph.prompt = p.clean_prompt
+        res.graph.metadata.update({"answer": p.answer, "counterfactual_answer": p.counterfactual_answer,
+                                   "roles": list(p.roles)})
+        results.append(res)
+    relation = pairs[0].relation
+    facts = [{"prompt": p.clean_prompt, "answer": p.answer} for p in pairs]
+    graphs = [_answer_only(r.graph, int(p.answer_tokens[0])) for r, p in zip(results, pairs)]
+    circuit, combined = combine_graphs(graphs, [list(p.roles) for p in pairs], name=name or relation,
+                                       relation=relation, facts=facts, node_threshold=node_threshold,
+                                       edge_threshold=edge_threshold, **prune_kwargs)
+    circuit.extra.setdefault("method", "transcoder feature graph")
+    circuit.extra.setdefault("granularity", "feature")
+    info = {"nodes_before": combined.n_nodes, "edges_before": int((combined.adjacency != 0).sum()),
+            "nodes_after": len(circuit.nodes), "edges_after": len(circuit.edges),
+            "active_features_per_prompt": [r.n_active_features for r in results],
+            "visited_features_per_prompt": [r.n_visited for r in results],
+            "seconds": time.perf_counter() - t0}
+    return FeatureCircuitResult(circuit, combined, results, info)
+
+
+def _answer_only(graph: AttributionGraph, answer: int) -> AttributionGraph:
+    """The graph with its answer's logit node as the only output (the relation circuit explains the answer)."""
+    keep = torch.ones(graph.n_nodes, dtype=torch.bool)
+    ans = None
+    for i in graph.logit_indices:
+        if graph.nodes[i].node.index == answer:
+            ans = i
+        else:
+            keep[i] = False
+    if ans is None:
+        raise InputError(f"the graph has no logit node for the answer token {answer}")
+    g = AttributionGraph(nodes=graph.nodes, adjacency=graph.adjacency, logit_indices=[ans],
+                         logit_probabilities=torch.ones(1, dtype=torch.float64), prompt=graph.prompt,
+                         prompt_tokens=graph.prompt_tokens, prompt_token_ids=graph.prompt_token_ids,
+                         n_layers=graph.n_layers, metadata=dict(graph.metadata))
+    return g.subgraph(keep)
+
+
+def decoder_directions(graph: AttributionGraph, transcoders: Mapping[int, Any]) -> dict[str, list[float]]:
+    """``{node_id: W_dec[feature]}`` of the graph's feature nodes (for :func:`find_supernodes`)."""
+    return {nd.id: transcoders[nd.node.layer].W_dec[nd.node.index].detach().float().tolist()
+            for nd in graph.nodes if nd.node.component == "feature" and nd.node.layer in transcoders}

@@ -1,0 +1,239 @@
+"""Evaluating feature circuits: ``m(C)`` with every transcoder feature, error node and embedding outside ``C``
+ablated, in the model whose MLPs are replaced by their transcoders.
+
+Node ids are role-keyed as in relation circuits (:func:`circuit_discovery.graph.role_key`):
+``feature/L{l}/I{f}/{role}``, ``error/L{l}/{role}``, ``embed/L-1/{role}``; a node covers every position of a
+prompt with that role. The evaluated model runs the clean prompt with
+
+* each MLP output (``blocks.{l}.hook_mlp_out``) = ``decode(features) + error`` where the features are the
+  transcoder's encoding of the *live* MLP input (so ablations upstream propagate), those outside ``C`` replaced
+  by their ablation value, and the error node held at its clean value (in ``C``) or its ablation value (not in
+  ``C``); a layer without a transcoder has only its error node, the whole MLP output;
+* each embedding outside ``C`` replaced by its ablation value;
+* attention and norms computed normally.
+
+Ablation values: ``"corrupted"`` (default) -- the feature activations, errors and embeddings of the corrupted
+prompt's run (ROME noise for noise pairs); ``"zero"`` -- zero. So ``m(N)`` is the clean metric and ``m(∅)``
+the fully ablated one (for ``"corrupted"`` exactly the corrupted run), and faithfulness ``f(N) = 1``,
+``f(∅) = 0`` by construction. The universe ``N`` holds every embedding and error node per role, and every
+feature active (in the clean or the ablation run) at some position of that role.
+
+The interface matches :class:`~circuit_discovery.validation.ablation.CircuitEvaluator` (``metric_of``,
+``faithfulness``, ``curve``, ``random_baseline``, ``completeness``, ``minimality``), so
+:mod:`circuit_discovery.validation.curves` applies unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_discovery.attribution._common import PairInputs, check_pairs, noise_hook
+from circuit_discovery.errors import InputError
+from circuit_discovery.facts.types import ROLES
+from circuit_discovery.metrics import batch_from_pairs, get_metric
+from circuit_discovery.validation import curves
+from circuit_discovery.validation.ablation import _repeat_batch, parse_component_id
+
+__all__ = ["FeatureCircuitEvaluator", "FEATURE_ABLATIONS"]
+
+FEATURE_ABLATIONS = ("corrupted", "zero")
+
+
+class _FGroup:
+    def __init__(self, pairs, idx):
+        self.pairs = [pairs[i] for i in idx]
+        self.idx = idx
+
+
+class FeatureCircuitEvaluator:
+    """``m(C)`` for feature circuits on fact pairs (see module docstring).
+
+    Args:
+        model: a HookedModel. transcoders: ``{layer: transcoder}``. pairs: FactPairs.
+        metric: a metric name or callable (as for :class:`CircuitEvaluator`).
+        ablation: ``"corrupted"`` or ``"zero"``.
+        max_batch: rows per forward pass (variants x prompts).
+    """
+
+    def __init__(self, model, transcoders: Mapping[int, Any], pairs: Sequence, metric: Any = "logit_diff",
+                 ablation: str = "corrupted", max_batch: int = 64) -> None:
+        if not pairs:
+            raise InputError("FeatureCircuitEvaluator needs at least one fact pair")
+        if ablation not in FEATURE_ABLATIONS:
+            raise InputError(f"feature circuits support ablation {FEATURE_ABLATIONS}, got {ablation!r}")
+        if not transcoders:
+            raise InputError("FeatureCircuitEvaluator needs transcoders; train them with sae.train_transcoders")
+        check_pairs(pairs)
+        self.model, self.pairs = model, list(pairs)
+        self.tcs = {int(l): tc for l, tc in sorted(transcoders.items())}
+        self.metric_fn = get_metric(metric)
+        self.ablation = ablation
+        self.max_batch = int(max_batch)
+        self.n_evaluations = 0
+        L = model.cfg.n_layers
+        names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)] + \
+                [f"blocks.{l}.ln2.hook_normalized" for l in self.tcs]
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(self.pairs):
+            by_len.setdefault(len(p.clean_tokens), []).append(i)
+        self._groups: list[_FGroup] = []
+        active: dict[tuple[int, str], set[int]] = {}
+        for n, idx in sorted(by_len.items()):
+            g = _FGroup(self.pairs, idx)
+            g.batch = batch_from_pairs(model, g.pairs)
+            with torch.no_grad():
+                _, clean = model.run_with_cache(g.batch.tokens, names=names, attention_mask=g.batch.mask,
+                                                return_logits=False)
+                g.clean_acts = {l: tc.encode(clean[f"blocks.{l}.ln2.hook_normalized"]) for l, tc in self.tcs.items()}
+                g.clean_err = {l: clean[f"blocks.{l}.hook_mlp_out"] - (self.tcs[l].decode(g.clean_acts[l])
+                                                                       if l in self.tcs else 0.0)
+                               for l in range(L)}
+                if ablation == "corrupted":
+                    cb = batch_from_pairs(model, g.pairs, corrupted=True)
+                    noise = PairInputs.from_pairs(model, g.pairs).noise
+                    with model.hooks(noise_hook(noise)):
+                        _, corr = model.run_with_cache(cb.tokens, names=names, attention_mask=cb.mask,
+                                                       return_logits=False)
+                    g.abl_emb = corr["hook_embed"]
+                    g.abl_acts = {l: tc.encode(corr[f"blocks.{l}.ln2.hook_normalized"]) for l, tc in self.tcs.items()}
+                    g.abl_err = {l: corr[f"blocks.{l}.hook_mlp_out"] - (self.tcs[l].decode(g.abl_acts[l])
+                                                                        if l in self.tcs else 0.0)
+                                 for l in range(L)}
+                else:
+                    g.abl_emb = torch.zeros_like(clean["hook_embed"])
+                    g.abl_acts = {l: torch.zeros_like(a) for l, a in g.clean_acts.items()}
+                    g.abl_err = {l: torch.zeros_like(e) for l, e in g.clean_err.items()}
+            g.role_masks = {r: torch.tensor([[rr == r for rr in p.roles] for p in g.pairs], dtype=torch.bool)
+                            for r in ROLES}
+            for l in self.tcs:
+                on = (g.clean_acts[l] != 0) | (g.abl_acts[l] != 0)  # [b, n, d_sae]
+                for r, m in g.role_masks.items():
+                    if m.any():
+                        active.setdefault((l, r), set()).update(on[m].any(0).nonzero().flatten().tolist())
+            self._groups.append(g)
+        present = [r for r in ROLES if any(r in p.roles for p in self.pairs)]
+        ids = [f"embed/L-1/{r}" for r in present]
+        for l in range(L):
+            ids += [f"error/L{l}/{r}" for r in present]
+            ids += [f"feature/L{l}/I{f}/{r}" for r in present for f in sorted(active.get((l, r), ()))]
+        self._universe = ids
+
+    @property
+    def universe(self) -> list[str]:
+        return list(self._universe)
+
+    def _parse(self, node_id: str):
+        comp, layer, index, role, position = parse_component_id(node_id)
+        if comp == "logit":
+            return None
+        if comp not in ("embed", "error", "feature"):
+            raise InputError(f"node {node_id!r}: feature circuits ablate embed, error and feature nodes, not {comp!r}")
+        if role is None:
+            raise InputError(f"node {node_id!r}: feature circuit nodes are role-keyed (e.g. feature/L3/I7/last)")
+        L = self.model.cfg.n_layers
+        if comp != "embed" and not 0 <= layer < L:
+            raise InputError(f"node {node_id!r}: layer {layer} out of range 0..{L - 1}")
+        if comp == "feature":
+            if layer not in self.tcs:
+                raise InputError(f"node {node_id!r}: no transcoder at layer {layer}")
+            if index is None or not 0 <= index < self.tcs[layer].cfg.d_sae:
+                raise InputError(f"node {node_id!r}: feature index missing or out of range")
+        return comp, layer, index, role
+
+    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
+        sets = [[x for x in (self._parse(i) for i in s) if x is not None] for s in node_sets]
+        if not sets:
+            return []
+        total = torch.zeros(len(sets), dtype=torch.float64)
+        L = self.model.cfg.n_layers
+        for g in self._groups:
+            b, n = g.batch.tokens.shape
+            per = max(1, self.max_batch // b)
+            for c in range(0, len(sets), per):
+                chunk = sets[c: c + per]
+                V = len(chunk)
+                k_emb = torch.zeros(V, b, n, dtype=torch.bool)
+                k_err = torch.zeros(L, V, b, n, dtype=torch.bool)
+                k_feat = {l: torch.zeros(V, b, n, tc.cfg.d_sae, dtype=torch.bool) for l, tc in self.tcs.items()}
+                for v, parsed in enumerate(chunk):
+                    for comp, layer, index, role in parsed:
+                        m = g.role_masks[role]
+                        if comp == "embed":
+                            k_emb[v] |= m
+                        elif comp == "error":
+                            k_err[layer, v] |= m
+                        else:
+                            k_feat[layer][v, :, :, index] |= m
+                total[c: c + V] += self._run(g, V, k_emb, k_err, k_feat).sum(1)
+        self.n_evaluations += len(sets)
+        return (total / len(self.pairs)).tolist()
+
+    def _run(self, g, V, k_emb, k_err, k_feat) -> Tensor:
+        b, n = g.batch.tokens.shape
+        L = self.model.cfg.n_layers
+        live: dict[int, Tensor] = {}
+
+        def rep(x):
+            return x.repeat(V, *([1] * (x.ndim - 1)))
+
+        def emb_fn(x, _):
+            return torch.where(k_emb.reshape(V * b, n, 1), x, rep(g.abl_emb).to(x.dtype))
+
+        def keep_in(l):
+            def fn(x, _):
+                live[l] = x
+            return fn
+
+        def mlp_fn(l):
+            ke = k_err[l].reshape(V * b, n, 1)
+
+            def fn(x, _):
+                err = torch.where(ke, rep(g.clean_err[l]), rep(g.abl_err[l]))
+                if l not in self.tcs:
+                    return err.to(x.dtype)
+                tc = self.tcs[l]
+                acts = tc.encode(live.pop(l))
+                kf = k_feat[l].reshape(V * b, n, -1)
+                acts = torch.where(kf, acts, rep(g.abl_acts[l]))
+                return (tc.decode(acts) + err).to(x.dtype)
+            return fn
+
+        hooks = [("hook_embed", emb_fn)]
+        hooks += [(f"blocks.{l}.ln2.hook_normalized", keep_in(l)) for l in self.tcs]
+        hooks += [(f"blocks.{l}.hook_mlp_out", mlp_fn(l)) for l in range(L)]
+        batch = _repeat_batch(g.batch, V)
+        with torch.no_grad(), self.model.hooks(hooks):
+            hidden = self.model.final_hidden(batch.tokens, batch.mask)
+            m = self.metric_fn(self.model, hidden, batch)
+        return m.double().cpu().reshape(V, b)
+
+    def __call__(self, node_set: Iterable[str]) -> float:
+        return self.metric_of([node_set])[0]
+
+    def references(self) -> tuple[float, float]:
+        mf, me = self.metric_of([self._universe, []])
+        return mf, me
+
+    def faithfulness(self, circuit: Iterable[str]) -> float:
+        mc, mf, me = self.metric_of([list(circuit), self._universe, []])
+        return float(curves.faithfulness(mc, mf, me))
+
+    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
+        return curves.faithfulness_curve(self._components_only(ranked_nodes), self.metric_of, batched=True, **kwargs)
+
+    def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
+        return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
+                                              n_samples=n_samples, batched=True, **kwargs)
+
+    def completeness(self, circuit: Sequence[str], **kwargs):
+        return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
+                                   **kwargs)
+
+    def minimality(self, circuit: Sequence[str], **kwargs):
+        return curves.minimality(self._components_only(circuit), self.metric_of, batched=True, **kwargs)
+
+    def _components_only(self, nodes: Sequence[str]) -> list[str]:
+        return [i for i in nodes if self._parse(i) is not None]
