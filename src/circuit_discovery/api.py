@@ -40,6 +40,26 @@ class CircuitDiscovery:
                                      seed=self.cfg.seed)
         return self._model
 
+    def transcoders(self):
+        """The per-layer transcoders (:class:`~circuit_discovery.sae.dictionaries.DictionarySet`): trained on the
+        built-in corpus with this configuration's ``sae_*`` options the first time, then loaded from the cache."""
+        if getattr(self, "_dicts", None) is None:
+            from .pipeline.feature_stage import dictionaries
+
+            self._dicts = dictionaries(self.model, self.cfg)[0]
+        return self._dicts
+
+    def attribution_graph(self, prompt: str, *, max_feature_nodes: int | None = None, extra_logits=(), **kwargs):
+        """The transcoder attribution graph of one prompt
+        (:func:`~circuit_discovery.graph.features.feature_graph`; trains or loads the transcoders first).
+        Returns a :class:`~circuit_discovery.graph.features.FeatureGraphResult` whose ``.graph`` exports with
+        :func:`~circuit_discovery.graph.to_neuronpedia`."""
+        from .graph.features import feature_graph
+
+        return feature_graph(self.model, self.transcoders().transcoders, prompt,
+                             max_feature_nodes=max_feature_nodes or self.cfg.feature_nodes,
+                             extra_logits=extra_logits, batch_size=self.cfg.batch_size, **kwargs)
+
     def _dataset(self, dataset):
         from .facts import Dataset, load_builtin, load_dataset
 
@@ -49,7 +69,7 @@ class CircuitDiscovery:
             return dataset
         return load_dataset(dataset)
 
-    def discover(self, facts: Sequence, relation: str | None = None):
+    def discover(self, facts: Sequence, relation: str | None = None, train_sae: bool = False):
         """One relation's circuit from its facts (a list of :class:`~circuit_discovery.facts.Fact`)."""
         from .facts import Dataset
 
@@ -57,24 +77,27 @@ class CircuitDiscovery:
         if not facts:
             raise CircuitDiscoveryError("no facts given; pass at least one fact of the relation")
         rel = relation or facts[0].relation
-        circuits = self.discover_all_circuits(Dataset({rel: facts}))
+        circuits = self.discover_all_circuits(Dataset({rel: facts}), train_sae=train_sae)
         if not circuits:
             raise CircuitDiscoveryError(f"the model knows none of the {len(facts)} facts of {rel!r}")
         return circuits[0]
 
     def discover_all_circuits(self, dataset: Any = None, train_sae: bool = False,
                               relations: Sequence[str] | None = None, validate: bool = True):
-        """Component circuits (``.name``, ``.nodes``, ``.edges``, ``.attribution_score``, ``.faithfulness``) for
-        every relation with known facts: EAP edge scores over heads, MLPs and embeddings, combined over the
-        relation's facts by token role and pruned by influence; ``validate`` fills ``.faithfulness``.
+        """One circuit per relation with known facts (``.name``, ``.nodes``, ``.edges``, ``.attribution_score``,
+        ``.faithfulness``).
+
+        ``train_sae=False``: component circuits -- EAP edge scores over heads, MLPs and embeddings, combined over
+        the relation's facts by token role and pruned by influence. ``train_sae=True``: feature circuits --
+        per-layer transcoders are trained on the built-in corpus (or reused from the cache; the first time takes
+        about 10 minutes for Gemma 3 270M on 2 CPU cores), each fact's transcoder attribution graph is built with
+        attention and norms frozen, and the graphs are combined by role and pruned; node ids are
+        ``feature/L{layer}/I{feature}/{role}``, ``error/L{layer}/{role}`` and ``embed/L-1/{role}``. ``validate``
+        fills ``.faithfulness`` (and ``.extra["validation"]``).
 
         ``dataset``: None (built-in facts), the seed's dict format, our rich format, a ROME list, a path, or a
         :class:`~circuit_discovery.facts.Dataset`.
         """
-        if train_sae:
-            raise NotImplementedError(
-                "train_sae=True (feature circuits over sparse-autoencoder features) is not available yet; "
-                "use train_sae=False for component circuits")
         from .facts import filter_known, select_relations
         from .graph import Circuit
         from .pipeline.attribution_stage import relation_pairs
@@ -87,11 +110,26 @@ class CircuitDiscovery:
                                      progress=self.cfg.progress)
         self.known_report = report
         circuits = []
+        tcs = self.transcoders().transcoders if train_sae else None
         for rel in ds.relation_names:
             facts = known[rel][: self.cfg.max_facts] if rel in known else []
             pairs = relation_pairs(self.model, facts, self.cfg) if facts else []
             if not pairs:
                 log.warning("relation %s: no known fact with a usable counterfactual; skipped", rel)
+                continue
+            if train_sae:
+                from .pipeline.feature_stage import feature_circuit_for_relation
+
+                found = feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, self.cfg.seed,
+                                                     validate=validate)
+                circuit = Circuit.from_dict(found["circuit"])
+                if validate:
+                    v = found["validation"]
+                    circuit.faithfulness = v["faithfulness"]
+                    circuit.extra["validation"] = {k: v.get(k) for k in (
+                        "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "feature_ablation_drop",
+                        "steering_flips")}
+                circuits.append(circuit)
                 continue
             found = circuit_for_relation(self.model, rel, pairs, self.cfg)
             circuit = Circuit.from_dict(found["circuit"])

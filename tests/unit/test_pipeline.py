@@ -23,14 +23,27 @@ def test_outputs(first_run):
     data = json.loads((out / "circuits.json").read_text())
     assert len(data["circuits"]) >= 1
     metrics = json.loads((out / "metrics.json").read_text())
+    kinds = set()
     for c in data["circuits"]:
         assert {"name", "nodes", "attribution_score", "relation", "edges", "faithfulness", "n_facts"} <= set(c)
         assert len(c["nodes"]) > 0 and len(c["edges"]) > 0
-        assert c["faithfulness"] == metrics["relations"][c["name"]]["faithfulness"]
-        for f in (f"patching_{c['name']}.png", f"circuit_{c['name']}.png"):
-            assert (out / "figures" / f).stat().st_size > 1000
+        if c.get("kind") == "feature":  # transcoder-feature circuit of the relation
+            kinds.add("feature")
+            assert c["name"] == f"{c['relation']}/features"
+            fm = metrics["feature_circuits"][c["relation"]]
+            assert c["faithfulness"] == fm["faithfulness"]
+            assert any(n["id"].startswith(("feature/", "error/")) for n in c["nodes"])
+            assert len(fm["feature_ablation_drop"]) == c["n_facts"]
+            assert (out / "figures" / f"circuit_features_{c['relation']}.png").stat().st_size > 1000
+        else:
+            kinds.add("component")
+            assert c["faithfulness"] == metrics["relations"][c["name"]]["faithfulness"]
+            for f in (f"patching_{c['name']}.png", f"circuit_{c['name']}.png"):
+                assert (out / "figures" / f).stat().st_size > 1000
         for g in c["graphs"]:
             assert (out / g).is_file()
+    assert kinds == {"component", "feature"}
+    assert set(metrics["dictionaries"]["settings"]) >= {"k", "training_tokens", "corpus_tokens"}
     import csv
 
     with open(out / "hypotheses.csv") as fh:
@@ -40,7 +53,8 @@ def test_outputs(first_run):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 0 and "torch" in cfg["versions"] and cfg["model"] == "tiny-gemma3"
     report = (out / "report.md").read_text()
-    assert all(c["name"] in report for c in data["circuits"])
+    assert all(c["relation"] in report for c in data["circuits"])
+    assert "## Feature circuits (transcoders)" in report and "figures/circuit_features_" in report
     assert [c.name for c in first_run.circuits] == [c["name"] for c in data["circuits"]]
 
 
@@ -81,5 +95,25 @@ def test_seed_api_on_tiny_model():
     circuits = d.discover_all_circuits(dataset, train_sae=False)
     assert [c.name for c in circuits] == ["entity_location"]
     assert len(circuits[0].nodes) > 0 and 0 < circuits[0].attribution_score <= 1
-    with pytest.raises(NotImplementedError, match="train_sae"):
-        d.discover_all_circuits(dataset, train_sae=True)
+
+def test_seed_api_train_sae_builds_feature_circuits(tmp_path):
+    from circuit_discovery import CircuitDiscovery
+
+    dataset = {"entity_location": [
+        {"clean": "The Eiffel Tower is located in Paris", "corrupted": "The Eiffel Tower is located in London"},
+        {"clean": "The Colosseum is located in Rome", "corrupted": "The Colosseum is located in Paris"}]}
+    d = CircuitDiscovery(model_name="tiny-gemma3", device="cpu", known_k=10**6, progress=False,
+                         cache_dir=str(tmp_path), sae_training_tokens=2048, sae_eval_tokens=0, feature_nodes=16,
+                         n_random=10)
+    circuits = d.discover_all_circuits(dataset, train_sae=True)
+    assert [c.name for c in circuits] == ["entity_location"]
+    c = circuits[0]
+    assert len(c.nodes) > 0 and 0 < c.attribution_score <= 1 and c.faithfulness is not None
+    assert all(n.id.split("/")[0] in ("feature", "error", "embed", "logit") for n in c.nodes)
+    assert len(d.transcoders().transcoders) == d.model.cfg.n_layers
+    assert d.transcoders().trained == list(range(d.model.cfg.n_layers))  # trained by this call
+    again = CircuitDiscovery(model_name="tiny-gemma3", device="cpu", progress=False, cache_dir=str(tmp_path),
+                             sae_training_tokens=2048, sae_eval_tokens=0)
+    assert again.transcoders().trained == []  # from the on-disk cache
+    g = d.attribution_graph("The Eiffel Tower is located in", max_feature_nodes=8)
+    assert sum(nd.node.component == "feature" for nd in g.graph.nodes) == 8

@@ -49,6 +49,14 @@ class RunConfig:
     causal_facts: int = 2               # facts per relation traced ROME-style (MLP, last subject token)
     causal_samples: int = 3             # noise samples per traced fact
     causal_full_facts: int = 3          # facts traced at every token and layer (states, MLP, attention) for the figure
+    features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
+    sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
+    sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
+    sae_k: int = 64                     # active latents per token (TopK)
+    sae_eval_tokens: int = 256          # held-out tokens per layer for the SAELens metrics (0: skip)
+    feature_facts: int = 4              # discovery facts per relation for feature graphs
+    feature_nodes: int = 256            # feature nodes per prompt graph (visited by estimated influence)
+    steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
     extra: dict = field(default_factory=dict)
 
     def effective(self) -> "RunConfig":
@@ -57,7 +65,9 @@ class RunConfig:
             return self
         return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts), patching_facts=1,
                                    n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2,
-                                   causal_full_facts=0)
+                                   causal_full_facts=0, sae_training_tokens=min(self.sae_training_tokens, 10_240),
+                                   sae_eval_tokens=0, feature_facts=min(self.feature_facts, 2),
+                                   feature_nodes=min(self.feature_nodes, 64))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

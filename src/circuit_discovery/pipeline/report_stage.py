@@ -24,7 +24,7 @@ def _fmt(x, digits=2):
 
 
 def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
-                  hypotheses: dict) -> dict:
+                  hypotheses: dict, dictionaries: dict | None = None, features: dict | None = None) -> dict:
     from .run import safe_name
 
     out, cfg = run.out_dir, run.cfg
@@ -39,7 +39,17 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             circuit.extra["validation"] = {k: val[rel][k] for k in (
                 "faithfulness", "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "ablation")}
         circ_objs.append(circuit)
-    write_circuits_json(circ_objs, out / "circuits.json", model=model_name)
+    fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
+    feat_objs: list[Circuit] = []
+    for rel, c in (features or {}).get("relations", {}).items():
+        circuit = Circuit.from_dict(c["circuit"])
+        circuit.name = f"{rel}/features"
+        circuit.faithfulness = fval[rel]["faithfulness"]
+        circuit.extra["kind"] = "feature"
+        circuit.extra["validation"] = {k: fval[rel].get(k) for k in (
+            "faithfulness", "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "ablation")}
+        feat_objs.append(circuit)
+    write_circuits_json(circ_objs + feat_objs, out / "circuits.json", model=model_name)
 
     # ---------------------------------------------------------------- metrics.json
     metrics = {"model": model_name, "metric": cfg.metric, "ablation": cfg.ablation, "granularity": cfg.granularity,
@@ -54,6 +64,22 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             "random_mean_faithfulness": v["random_mean"], "held_out_faithfulness": v["held_out_faithfulness"],
             "n_discovery": circuits["relations"][rel]["n_discovery"], "n_held_out": v["n_held_out"],
             "m_full": v["m_full"], "m_empty": v["m_empty"], **{f"graph_{k}": x for k, x in info.items()}}
+    if features is not None:
+        metrics["feature_circuits"] = {}
+        for rel, v in fval.items():
+            info = features["relations"][rel]["info"]
+            metrics["feature_circuits"][rel] = {
+                **{k: v.get(k) for k in ("faithfulness", "node_share", "circuit_size", "n_universe", "cpr", "cmd",
+                                         "curve", "held_out_faithfulness", "n_held_out", "m_full", "m_empty",
+                                         "feature_ablation_drop", "steering_flips")},
+                "random_baseline_p": v["random_p"], "random_baseline_z": v["random_z"],
+                "random_mean_faithfulness": v["random_mean"],
+                "steering_flip_rate": _mean(v.get("steering_flips")),
+                "random_steering_flip_rate": _mean(v.get("steering_random_flips")),
+                "n_discovery": features["relations"][rel]["n_discovery"],
+                **{f"graph_{k}": x for k, x in info.items() if k != "seconds"}}  # timings go to config.json
+    if dictionaries is not None:
+        metrics["dictionaries"] = {k: v for k, v in dictionaries.items() if k not in ("_seconds", "seconds")}
     atomic_write_json(out / "metrics.json", metrics)
 
     # ---------------------------------------------------------------- figures
@@ -91,6 +117,10 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
         names = [c.relation for c in circ_objs]
         mat = np.array([[a.compare(b)["jaccard"] for b in circ_objs] for a in circ_objs])
         overlap_fig = _rel(fig.overlap_matrix(names, mat, figs / "circuit_overlap.png"), out)
+
+    feature_section = None
+    if features is not None:
+        feature_section = _feature_section(out, figs, feat_objs, fval, features, dictionaries)
 
     # ---------------------------------------------------------------- viewer
     import json
@@ -149,6 +179,8 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             *([{"path": curves_fig, "caption": "Faithfulness curves (MIB): f against the fraction of ranked nodes "
                                                 "kept."}] if curves_fig else []),
             *([{"path": overlap_fig, "caption": "Jaccard overlap of the circuits' nodes."}] if overlap_fig else [])]})
+    if feature_section:
+        extra_sections.append(feature_section)
     summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
                "model": model_name,
                "config": {"seed": cfg.seed, "quick": cfg.quick, "metric": cfg.metric, "max_facts": cfg.max_facts,
@@ -163,6 +195,54 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
     write_report(out, summary)
     return {k: summary[k] for k in ("relations", "notes")}
+
+
+def _mean(x):
+    return None if not x else float(np.mean(x))
+
+
+def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dict, dictionaries: dict | None) -> dict:
+    """The report section on transcoder feature circuits: a table per relation and the figures."""
+    from ..report.markdown import markdown_table
+    from .run import safe_name
+
+    figures = []
+    layers = (dictionaries or {}).get("layers") or {}
+    if layers:
+        from ..sae.evaluate import plot_layer_metrics
+
+        p = figs / "sae_metrics.png"
+        plot_layer_metrics(layers, str(p), title="Transcoders per layer (held-out tokens)")
+        figures.append({"path": _rel(p, out), "caption": (
+            "SAELens metrics of each layer's transcoder on held-out tokens of the built-in corpus; dashed lines: "
+            "the quality bar (EV >= 0.8, CE score >= 0.85, dead <= 0.1, L0 <= 64).")})
+    for c in feat_objs:
+        p = fig.circuit_drawing(c.to_dict(), figs / f"circuit_features_{safe_name(c.relation)}.png",
+                                title=f"{c.relation}: pruned transcoder-feature circuit")
+        figures.append({"path": _rel(p, out), "caption": (
+            f"{c.relation}: feature circuit (transcoder features, error nodes and embeddings by layer and token "
+            "role).")})
+    if fval:
+        p = fig.faithfulness_curves({r: (v["curve"]["fractions"], v["curve"]["faithfulness"]) for r, v in fval.items()},
+                                    figs / "faithfulness_curves_features.png")
+        figures.append({"path": _rel(p, out), "caption": "Faithfulness curves of the feature circuits."})
+    rows = []
+    for rel, v in fval.items():
+        rows.append([rel, features["relations"][rel]["n_discovery"], f"{v['circuit_size']} / {v['n_universe']}",
+                     _fmt(v["faithfulness"]), _fmt(v.get("held_out_faithfulness")), _fmt(v["cpr"]),
+                     _fmt(v["random_p"], 3), _fmt(_mean(v.get("feature_ablation_drop"))),
+                     _fmt(_mean(v.get("steering_flips"))), _fmt(_mean(v.get("steering_random_flips")))])
+    table = markdown_table(["relation", "facts", "nodes / universe", "faithfulness", "held-out f", "CPR",
+                            "random p", "necessity drop", "steering flip rate", "random flip rate"], rows)
+    s = (dictionaries or {}).get("settings", {})
+    text = ("Circuits over per-layer transcoder features (" + f"TopK k = {s.get('k')}, "
+            f"{s.get('training_tokens')} training tokens per layer) built from attribution graphs with frozen "
+            "attention and norms; faithfulness is measured in the transcoder-replaced model with features, error "
+            "nodes and embeddings outside the circuit ablated. Necessity drop: mean per-prompt metric drop when the "
+            "circuit's top features are ablated; steering flip rate: share of prompts whose answer flips to the "
+            "counterfactual when the circuit's subject features take the counterfactual subject's values (random "
+            "flip rate: the same with random subject features).\n\n" + table)
+    return {"name": "Feature circuits (transcoders)", "figures": figures, "text": text}
 
 
 def _headline(val: dict) -> str:

@@ -248,7 +248,32 @@ class Run:
 
         return self._stage("validation", run)
 
-    def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict) -> dict:
+    def transcoders(self):
+        """The run's per-layer transcoders (trained once, then from the cache)."""
+        if not hasattr(self, "_dicts"):
+            from .feature_stage import dictionaries
+
+            self._dicts = dictionaries(self.model, self.cfg)
+        return self._dicts
+
+    def stage_dictionaries(self) -> dict:
+        return self._stage("dictionaries", lambda: self.transcoders()[1])
+
+    def stage_feature_circuits(self, pairs_by_rel: dict[str, list]) -> dict:
+        from .feature_stage import feature_circuit_for_relation
+
+        graphs_dir = self.out_dir / "graphs"
+
+        def run():
+            tcs = self.transcoders()[0].transcoders
+            return {"relations": self._relations_loop(
+                pairs_by_rel.items(), "feature circuits",
+                lambda rel, pairs: feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, self.cfg.seed,
+                                                                graphs_dir))}
+
+        return self._stage("feature_circuits", run)
+
+    def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict, features: dict | None = None) -> dict:
         from ..validation.hypotheses import run_hypotheses, write_hypotheses_csv
 
         def run():
@@ -276,18 +301,35 @@ class Run:
                 ctx["circuits"] = circ
                 ctx["node_universe"] = sorted({u for v in val.values() for u in v["universe"]})
                 ids.append("shared_mechanism")
+            not_run = {}
+            fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
+            drops = {r: np.asarray(v["feature_ablation_drop"]) for r, v in fval.items()
+                     if len(v.get("feature_ablation_drop", [])) >= 2}
+            flips = {r: np.asarray(v["steering_flips"]) for r, v in fval.items()
+                     if "steering_flips" in v and "steering_random_flips" in v}
+            if drops:
+                ctx["feature_ablation_drop"] = drops
+            if flips:
+                ctx["steering_flips"] = flips
+                ctx["steering_baseline_rate"] = {r: np.asarray(fval[r]["steering_random_flips"]) for r in flips}
+            if drops or flips:
+                ids.append("features_matter")
+            elif features is None:
+                not_run["features_matter"] = "feature circuits were not built (features = false)"
+            else:
+                not_run["features_matter"] = "no relation had >= 2 discovery prompts with circuit features"
             df = run_hypotheses(ctx, ids=ids, seed=self.cfg.seed, on_error="record")
             write_hypotheses_csv(df, self.out_dir / "hypotheses.csv")
-            not_run = {"features_matter": "needs sparse-autoencoder features (train_sae); not part of this run"}
             return {"rows": json.loads(df.to_json(orient="records")), "not_run": not_run}
 
         return self._stage("hypotheses", run)
 
     def stage_report(self, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
-                     hypotheses: dict) -> dict:
+                     hypotheses: dict, dictionaries: dict | None = None, features: dict | None = None) -> dict:
         from .report_stage import write_outputs
 
-        return write_outputs(self, known, attribution, causal, circuits, validation, hypotheses)
+        return write_outputs(self, known, attribution, causal, circuits, validation, hypotheses, dictionaries,
+                             features)
 
     def write_config(self) -> None:
         m = self._model
@@ -328,10 +370,14 @@ class Run:
         causal = self.stage_causal(pairs)
         circuits = self.stage_circuits(pairs)
         validation = self.stage_validation(pairs, circuits)
-        hypotheses = self.stage_hypotheses(circuits, validation, causal)
+        dicts = features = None
+        if self.cfg.features:
+            dicts = self.stage_dictionaries()
+            features = self.stage_feature_circuits(pairs)
+        hypotheses = self.stage_hypotheses(circuits, validation, causal, features)
         self.timings["report"] = 0.0
         t1 = time.time()
-        summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses)
+        summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses, dicts, features)
         self.timings["report"] = round(time.time() - t1, 2)
         self.timings["total"] = round(time.time() - t0, 2)
         self.write_config()

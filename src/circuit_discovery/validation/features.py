@@ -144,10 +144,16 @@ class FeatureCircuitEvaluator:
         return comp, layer, index, role
 
     def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
+        """``m(C)`` for each node set, averaged over the prompts."""
+        per = self.metric_per_prompt(node_sets)
+        return per.mean(1).tolist() if per.numel() else []
+
+    def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:
+        """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
         sets = [[x for x in (self._parse(i) for i in s) if x is not None] for s in node_sets]
+        total = torch.zeros(len(sets), len(self.pairs), dtype=torch.float64)
         if not sets:
-            return []
-        total = torch.zeros(len(sets), dtype=torch.float64)
+            return total
         L = self.model.cfg.n_layers
         for g in self._groups:
             b, n = g.batch.tokens.shape
@@ -167,9 +173,9 @@ class FeatureCircuitEvaluator:
                             k_err[layer, v] |= m
                         else:
                             k_feat[layer][v, :, :, index] |= m
-                total[c: c + V] += self._run(g, V, k_emb, k_err, k_feat).sum(1)
+                total[c: c + V, g.idx] = self._run(g, V, k_emb, k_err, k_feat)
         self.n_evaluations += len(sets)
-        return (total / len(self.pairs)).tolist()
+        return total
 
     def _run(self, g, V, k_emb, k_err, k_feat) -> Tensor:
         b, n = g.batch.tokens.shape
