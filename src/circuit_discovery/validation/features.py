@@ -40,6 +40,7 @@ from circuit_discovery.validation.ablation import _repeat_batch, parse_component
 __all__ = ["FeatureCircuitEvaluator", "FEATURE_ABLATIONS"]
 
 FEATURE_ABLATIONS = ("corrupted", "zero")
+_ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
 
 
 class _FGroup:
@@ -108,6 +109,7 @@ class FeatureCircuitEvaluator:
                     g.abl_err = {l: torch.zeros_like(e) for l, e in g.clean_err.items()}
             g.role_masks = {r: torch.tensor([[rr == r for rr in p.roles] for p in g.pairs], dtype=torch.bool)
                             for r in ROLES}
+            g.role_stack = torch.stack([g.role_masks[r] for r in ROLES]).float()  # [R, b, n]
             for l in self.tcs:
                 on = (g.clean_acts[l] != 0) | (g.abl_acts[l] != 0)  # [b, n, d_sae]
                 for r, m in g.role_masks.items():
@@ -120,6 +122,7 @@ class FeatureCircuitEvaluator:
             ids += [f"error/L{l}/{r}" for r in present]
             ids += [f"feature/L{l}/I{f}/{r}" for r in present for f in sorted(active.get((l, r), ()))]
         self._universe = ids
+        self._parsed: dict[str, tuple | None] = {}
 
     @property
     def universe(self) -> list[str]:
@@ -150,32 +153,57 @@ class FeatureCircuitEvaluator:
 
     def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:
         """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
-        sets = [[x for x in (self._parse(i) for i in s) if x is not None] for s in node_sets]
-        total = torch.zeros(len(sets), len(self.pairs), dtype=torch.float64)
-        if not sets:
+        enc = [self._encode(s) for s in node_sets]
+        total = torch.zeros(len(enc), len(self.pairs), dtype=torch.float64)
+        if not enc:
             return total
         L = self.model.cfg.n_layers
         for g in self._groups:
             b, n = g.batch.tokens.shape
+            roles = g.role_stack  # [R, b, n] float
             per = max(1, self.max_batch // b)
-            for c in range(0, len(sets), per):
-                chunk = sets[c: c + per]
+            for c in range(0, len(enc), per):
+                chunk = enc[c: c + per]
                 V = len(chunk)
-                k_emb = torch.zeros(V, b, n, dtype=torch.bool)
-                k_err = torch.zeros(L, V, b, n, dtype=torch.bool)
-                k_feat = {l: torch.zeros(V, b, n, tc.cfg.d_sae, dtype=torch.bool) for l, tc in self.tcs.items()}
-                for v, parsed in enumerate(chunk):
-                    for comp, layer, index, role in parsed:
-                        m = g.role_masks[role]
-                        if comp == "embed":
-                            k_emb[v] |= m
-                        elif comp == "error":
-                            k_err[layer, v] |= m
-                        else:
-                            k_feat[layer][v, :, :, index] |= m
+                emb = torch.stack([e[0] for e in chunk]).float()  # [V, R]
+                err = torch.stack([e[1] for e in chunk]).float()  # [V, L, R]
+                k_emb = torch.einsum("vr,rbn->vbn", emb, roles) > 0
+                k_err = torch.einsum("vlr,rbn->lvbn", err, roles) > 0
+                k_feat = {l: torch.einsum("vfr,rbn->vbnf", torch.stack([e[2][l] for e in chunk]).float(), roles) > 0
+                          for l in self.tcs}
                 total[c: c + V, g.idx] = self._run(g, V, k_emb, k_err, k_feat)
-        self.n_evaluations += len(sets)
+        self.n_evaluations += len(enc)
         return total
+
+    def _encode(self, node_set: Iterable[str]):
+        """``(emb [R], err [L, R], {layer: feat [d_sae, R]})`` boolean masks of a node set over roles."""
+        L, R = self.model.cfg.n_layers, len(ROLES)
+        emb = torch.zeros(R, dtype=torch.bool)
+        err = torch.zeros(L, R, dtype=torch.bool)
+        fl, ff, fr = [], [], []
+        for i in node_set:
+            p = self._parsed.get(i)
+            if p is None:
+                p = self._parsed[i] = self._parse(i)
+            if p is None:
+                continue
+            comp, layer, index, role = p
+            r = _ROLE_INDEX[role]
+            if comp == "embed":
+                emb[r] = True
+            elif comp == "error":
+                err[layer, r] = True
+            else:
+                fl.append(layer)
+                ff.append(index)
+                fr.append(r)
+        feat = {l: torch.zeros(tc.cfg.d_sae, R, dtype=torch.bool) for l, tc in self.tcs.items()}
+        if fl:
+            fl_t, ff_t, fr_t = torch.tensor(fl), torch.tensor(ff), torch.tensor(fr)
+            for l in fl_t.unique().tolist():
+                sel = fl_t == l
+                feat[l][ff_t[sel], fr_t[sel]] = True
+        return emb, err, feat
 
     def _run(self, g, V, k_emb, k_err, k_feat) -> Tensor:
         b, n = g.batch.tokens.shape
