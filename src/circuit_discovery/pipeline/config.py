@@ -54,7 +54,7 @@ class RunConfig:
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)
     sae_eval_tokens: int = 256          # held-out tokens per layer for the SAELens metrics (0: skip)
-    feature_facts: int = 4              # discovery facts per relation for feature graphs
+    feature_facts: int = 3              # discovery facts per relation for feature graphs
     feature_nodes: int = 256            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
     extra: dict = field(default_factory=dict)
