@@ -22,7 +22,12 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="frc_bench_")
     t0 = time.time()
     res = run_pipeline(RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False))
