@@ -53,20 +53,142 @@ def run(
     overrides = dict(quick=quick or None, out=str(out) if out else None, model=model, device=device, seed=seed,
                      relations=_split(relations), dataset=str(dataset) if dataset else None, max_facts=max_facts,
                      known_k=known_k, resume=resume or None, progress=False if no_progress else None)
+    result = _guarded(lambda: run_pipeline(
+        RunConfig.from_toml(config, **overrides) if config is not None
+        else RunConfig(**{k: v for k, v in overrides.items() if v is not None})))
+    _summary_table(result)
+    typer.echo(str(result.out_dir))
+
+
+def _guarded(fn):
+    """Run ``fn``; errors a user can fix become one line on stderr and exit code 2."""
     try:
-        if config is not None:
-            cfg = RunConfig.from_toml(config, **overrides)
-        else:
-            cfg = RunConfig(**{k: v for k, v in overrides.items() if v is not None})
-        result = run_pipeline(cfg)
+        return fn()
     except CircuitDiscoveryError as e:
         _fail(str(e))
     except (ValueError, OSError) as e:  # typed input errors from lower layers (DatasetError is a ValueError)
         if type(e).__module__.startswith("circuit_discovery") or isinstance(e, (FileNotFoundError, PermissionError)):
             _fail(str(e))
         raise
-    _summary_table(result)
-    typer.echo(str(result.out_dir))
+
+
+# ---------------------------------------------------------------------------------------- stage subcommands
+_OUT = typer.Option(..., "--out", help="The run folder (created by the first stage, reused by the later ones).")
+
+
+def _stage_config(out: Path, config: Optional[Path], **overrides):
+    """The folder's saved run configuration (``stages/run_config.json``, written by every stage), else
+    ``--config``, else the defaults; options given on the command line override it. Always resumes."""
+    import dataclasses
+
+    from .io import read_json
+    from .pipeline import RunConfig
+
+    saved = out / "stages" / "run_config.json"
+    over = {k: v for k, v in overrides.items() if v is not None}
+    over.update(out=str(out), resume=True)
+    if config is not None:
+        return RunConfig.from_toml(config, **over)
+    if saved.is_file():
+        data = read_json(saved)
+        known = {f.name for f in dataclasses.fields(RunConfig)}
+        data = {k: v for k, v in data.items() if k in known}
+        data.update(over)
+        return RunConfig(**data)
+    return RunConfig(**over)
+
+
+def _run_stages(out: Path, only: tuple[str, ...], config: Optional[Path], **overrides):
+    from .pipeline import run_pipeline
+
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out} is not a folder")
+    return _guarded(lambda: run_pipeline(_stage_config(out, config, **overrides), only=only))
+
+
+def _common(model, quick, relations, seed, no_progress):
+    return dict(model=model, quick=quick or None, relations=_split(relations), seed=seed,
+                progress=False if no_progress else None)
+
+
+_MODEL = typer.Option(None, "--model", help="Model [default: the folder's saved config, else gemma-3-270m]")
+_QUICK = typer.Option(False, "--quick", help="Small run: 4 relations, 3 facts each.")
+_RELS = typer.Option(None, "--relations", help="Relations (comma-separated or repeated).")
+_SEED = typer.Option(None, "--seed", help="Random seed [default: the folder's saved config, else 0]")
+_NOPROG = typer.Option(False, "--no-progress", help="Hide progress bars.")
+_CONFIG = typer.Option(None, "--config", help="TOML file with run options ([run] table).")
+
+
+@app.command()
+def attribute(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL, quick: bool = _QUICK,
+              relations: Optional[list[str]] = _RELS, seed: Optional[int] = _SEED, no_progress: bool = _NOPROG) -> None:
+    """Stages known, attribution (activation patching) and causal tracing into --out."""
+    _run_stages(out, ("known", "attribution", "causal_tracing"), config, **_common(model, quick, relations, seed,
+                                                                                   no_progress))
+    typer.echo(str(out))
+
+
+@app.command("train-sae")
+def train_sae(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL,
+              layers: Optional[list[str]] = typer.Option(None, "--layers", help="Layers [default: all]"),
+              training_tokens: Optional[int] = typer.Option(None, "--training-tokens",
+                                                            help="Tokens per transcoder [default: 100000]"),
+              k: Optional[int] = typer.Option(None, "--k", help="TopK active latents [default: 64]"),
+              eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens",
+                                                        help="Held-out tokens per layer for metrics [default: 256]"),
+              no_progress: bool = _NOPROG) -> None:
+    """Train (or reuse from the cache) one transcoder per layer; metrics go to --out/stages/dictionaries.json."""
+    try:
+        lay = [int(x) for x in _split(layers)] if layers else None
+    except ValueError:
+        _fail(f"--layers must be integers, got {layers}")
+    _run_stages(out, ("dictionaries",), config, model=model, sae_layers=lay, sae_training_tokens=training_tokens,
+                sae_k=k, sae_eval_tokens=eval_tokens, progress=False if no_progress else None)
+    typer.echo(str(out))
+
+
+@app.command()
+def circuits(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL, quick: bool = _QUICK,
+             relations: Optional[list[str]] = _RELS, seed: Optional[int] = _SEED, no_progress: bool = _NOPROG,
+             features: Optional[bool] = typer.Option(None, "--features/--no-features",
+                                                     help="Also build transcoder feature circuits [default: yes]")) -> None:
+    """Component circuits (and feature circuits with their validation) per relation into --out."""
+    _run_stages(out, ("known", "circuits", "dictionaries", "feature_circuits"), config, features=features,
+                **_common(model, quick, relations, seed, no_progress))
+    typer.echo(str(out))
+
+
+@app.command()
+def validate(out: Path = _OUT, config: Optional[Path] = _CONFIG, no_progress: bool = _NOPROG) -> None:
+    """Validate the circuits in --out (faithfulness, baselines, held-out facts) and test the hypotheses."""
+    _run_stages(out, ("validation", "hypotheses"), config, progress=False if no_progress else None)
+    typer.echo(str(out))
+
+
+@app.command()
+def report(out: Path = _OUT, config: Optional[Path] = _CONFIG) -> None:
+    """Write report.md, circuits.json, metrics.json, figures and the viewer from the stages in --out."""
+    res = _run_stages(out, ("report",), config)
+    _summary_table(res)
+    typer.echo(str(out / "report.md"))
+
+
+@app.command()
+def view(out: Path = _OUT,
+         open_browser: bool = typer.Option(False, "--open", help="Open the viewer in the default browser.")) -> None:
+    """(Re)write the offline viewer index.html from --out/circuits.json and print its path."""
+    from .io import read_json
+    from .report.viewer import write_viewer
+
+    cj = out / "circuits.json"
+    if not cj.is_file():
+        _fail(f"{cj} does not exist; run `frc report --out {out}` (or `frc run`) first")
+    path = _guarded(lambda: write_viewer(out, read_json(cj)))
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(Path(path).resolve().as_uri())
+    typer.echo(str(path))
 
 
 def _summary_table(result) -> None:
@@ -78,7 +200,8 @@ def _summary_table(result) -> None:
         t.add_column(col)
     for c in result.circuits:
         f = "—" if c.faithfulness is None else f"{c.faithfulness:.2f}"
-        t.add_row(c.name, str(c.n_facts), str(len(c.nodes)), f"{c.attribution_score:.2f}", f)
+        a = "—" if c.attribution_score is None else f"{c.attribution_score:.2f}"
+        t.add_row(c.name, str(c.n_facts), str(len(c.nodes)), a, f)
     Console(stderr=True).print(t)
 
 

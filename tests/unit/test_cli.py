@@ -73,3 +73,33 @@ def test_bad_config_file(tmp_path):
 def test_help_shows_defaults():
     res = runner.invoke(app, ["run", "--help"])
     assert res.exit_code == 0 and "--quick" in res.output and "default" in res.output.lower()
+
+
+def test_stage_subcommands_match_one_run(tmp_path):
+    """attribute -> train-sae -> circuits -> validate -> report -> view on one folder gives the same circuits.json,
+    metrics.json and hypotheses.csv as `frc run`; later stages reuse the folder's saved config; report before the
+    circuits exist is a one-line error."""
+    cfg = write(tmp_path, "run.toml", '[run]\nmodel = "tiny-gemma3"\nquick = true\nrelations = ["capital_city"]\n'
+                                      'known_k = 1000000\nprogress = false\n')
+    staged = tmp_path / "staged"
+    res = runner.invoke(app, ["attribute", "--out", str(staged), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert (staged / "stages" / "attribution.json").is_file() and not (staged / "stages" / "circuits.json").exists()
+    one_line_error(runner.invoke(app, ["report", "--out", str(staged)]), "frc circuits")
+    res = runner.invoke(app, ["train-sae", "--out", str(staged), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (staged / "stages" / "dictionaries.json").is_file()
+    for cmd in (["circuits", "--out", str(staged), "--no-progress"], ["validate", "--out", str(staged)],
+                ["report", "--out", str(staged)]):
+        res = runner.invoke(app, cmd)
+        assert res.exit_code == 0, (cmd, res.output)
+    assert res.stdout.strip().endswith("report.md")
+    whole = tmp_path / "whole"
+    res = runner.invoke(app, ["run", "--out", str(whole), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    for f in ("circuits.json", "metrics.json", "hypotheses.csv"):
+        assert (staged / f).read_text() == (whole / f).read_text(), f
+    (staged / "index.html").unlink()
+    res = runner.invoke(app, ["view", "--out", str(staged)])
+    assert res.exit_code == 0 and (staged / "index.html").is_file()
+    one_line_error(runner.invoke(app, ["view", "--out", str(tmp_path / "nothing")]), "circuits.json")

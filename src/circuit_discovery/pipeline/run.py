@@ -14,7 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -340,53 +340,110 @@ class Run:
             "timings": self.timings, "platform": platform.platform(),
         })
 
-    def run(self) -> RunResult:
+    def run(self, only: Sequence[str] | None = None) -> RunResult:
+        """Run every stage (``only=None``) or only the named ones (see :data:`STAGES`), reusing finished stages
+        when ``resume`` is set; stages that are not run are read from ``stages/`` when present."""
         try:
-            return self._run()
+            return self._run(only)
         except BaseException:
             self._remove_if_empty()
             raise
 
     def _remove_if_empty(self) -> None:
-        """A run that failed before writing any result leaves no folder behind."""
-        if any(p.is_file() for p in self.out_dir.rglob("*")):
+        """A run that failed before writing any result leaves no folder behind (the saved config is no result)."""
+        cfg_file = self.stage_dir / "run_config.json"
+        if any(p.is_file() and p != cfg_file for p in self.out_dir.rglob("*")):
             return
+        cfg_file.unlink(missing_ok=True)
         for p in sorted(self.out_dir.rglob("*"), reverse=True):
             p.rmdir()
         self.out_dir.rmdir()
 
-    def _run(self) -> RunResult:
+    def _saved(self, name: str) -> dict | None:
+        path = self.stage_dir / f"{name}.json"
+        try:
+            return read_json(path) if path.is_file() else None
+        except (OSError, ValueError):
+            return None
+
+    def _need(self, name: str, command: str) -> dict:
+        data = self._saved(name)
+        if data is None:
+            raise CircuitDiscoveryError(f"stage {name!r} has not run in {self.out_dir}; run `frc {command} --out "
+                                        f"{self.out_dir}` first (or `frc run`)")
+        return data
+
+    def _run(self, only: Sequence[str] | None = None) -> RunResult:
+        if only is not None:
+            bad = sorted(set(only) - set(STAGES))
+            if bad:
+                raise CircuitDiscoveryError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
+        want = (lambda name: True) if only is None else (lambda name: name in only)
         t0 = time.time()
-        known = self.stage_known()
-        facts = self.known_facts(known)
-        if not facts:
-            raise CircuitDiscoveryError("no relation has a known fact; nothing to attribute. Try --known-k 5 or "
-                                        "another dataset")
-        attribution = self.stage_attribution(facts)
-        pairs = self.relation_pairs(facts)
-        if not pairs:
-            raise CircuitDiscoveryError("no relation has a usable fact pair (a counterfactual subject with a "
-                                        "prompt of the same token length); add facts or counterfactuals")
-        causal = self.stage_causal(pairs)
-        circuits = self.stage_circuits(pairs)
-        validation = self.stage_validation(pairs, circuits)
+        atomic_write_json(self.stage_dir / "run_config.json", self.cfg.to_dict())
+        needs_pairs = any(want(n) for n in ("attribution", "causal_tracing", "circuits", "validation",
+                                            "feature_circuits"))
+        known = self.stage_known() if want("known") or needs_pairs else self._saved("known")
+        pairs = None
+        if needs_pairs:
+            facts = self.known_facts(known)
+            if not facts:
+                raise CircuitDiscoveryError("no relation has a known fact; nothing to attribute. Try --known-k 5 or "
+                                            "another dataset")
+            attribution = self.stage_attribution(facts) if want("attribution") else self._saved("attribution")
+            pairs = self.relation_pairs(facts)
+            if not pairs:
+                raise CircuitDiscoveryError("no relation has a usable fact pair (a counterfactual subject with a "
+                                            "prompt of the same token length); add facts or counterfactuals")
+        else:
+            attribution = self._saved("attribution")
+        causal = self.stage_causal(pairs) if want("causal_tracing") else self._saved("causal_tracing")
+        circuits = self.stage_circuits(pairs) if want("circuits") else self._saved("circuits")
+        if want("validation"):
+            circuits = circuits or self._need("circuits", "circuits")
+            validation = self.stage_validation(pairs, circuits)
+        else:
+            validation = self._saved("validation")
         dicts = features = None
         if self.cfg.features:
-            dicts = self.stage_dictionaries()
-            features = self.stage_feature_circuits(pairs)
-        hypotheses = self.stage_hypotheses(circuits, validation, causal, features)
-        self.timings["report"] = 0.0
-        t1 = time.time()
-        summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses, dicts, features)
-        self.timings["report"] = round(time.time() - t1, 2)
+            dicts = self.stage_dictionaries() if want("dictionaries") else self._saved("dictionaries")
+            features = self.stage_feature_circuits(pairs) if want("feature_circuits") else self._saved("feature_circuits")
+        if want("hypotheses"):
+            hypotheses = self.stage_hypotheses(circuits or self._need("circuits", "circuits"),
+                                               validation or self._need("validation", "validate"),
+                                               causal or {"relations": {}}, features)
+        else:
+            hypotheses = self._saved("hypotheses")
+        summary: dict = {}
+        if want("report"):
+            known = known or self._need("known", "attribute")
+            attribution = attribution or self._need("attribution", "attribute")
+            causal = causal or self._need("causal_tracing", "attribute")
+            circuits = circuits or self._need("circuits", "circuits")
+            validation = validation or self._need("validation", "validate")
+            hypotheses = hypotheses or self._need("hypotheses", "validate")
+            self.timings["report"] = 0.0
+            t1 = time.time()
+            summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses, dicts, features)
+            self.timings["report"] = round(time.time() - t1, 2)
         self.timings["total"] = round(time.time() - t0, 2)
         self.write_config()
         from ..graph import Circuit
 
-        circ = [Circuit.from_dict(c) for c in json.loads((self.out_dir / "circuits.json").read_text())["circuits"]]
+        circ = []
+        if (self.out_dir / "circuits.json").is_file():
+            circ = [Circuit.from_dict(c) for c in json.loads((self.out_dir / "circuits.json").read_text())["circuits"]]
+        elif circuits is not None:
+            circ = [Circuit.from_dict(c["circuit"]) for c in circuits["relations"].values()]
         return RunResult(self.out_dir, circ, summary, self.timings)
 
 
-def run_pipeline(cfg: RunConfig | None = None, **kwargs: Any) -> RunResult:
+#: The stages in order (``frc`` subcommands run subsets of them on one folder).
+STAGES = ("known", "attribution", "causal_tracing", "circuits", "validation", "dictionaries", "feature_circuits",
+          "hypotheses", "report")
+
+
+def run_pipeline(cfg: RunConfig | None = None, only: Sequence[str] | None = None, **kwargs: Any) -> RunResult:
+    """Run the pipeline (or only the stages in ``only``) with ``cfg`` (or a RunConfig of ``kwargs``)."""
     cfg = cfg or RunConfig(**kwargs)
-    return Run(cfg).run()
+    return Run(cfg).run(only)
