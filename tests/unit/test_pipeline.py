@@ -117,3 +117,37 @@ def test_seed_api_train_sae_builds_feature_circuits(tmp_path):
     assert again.transcoders().trained == []  # from the on-disk cache
     g = d.attribution_graph("The Eiffel Tower is located in", max_feature_nodes=8)
     assert sum(nd.node.component == "feature" for nd in g.graph.nodes) == 8
+
+
+@pytest.mark.parametrize("sig, after", [("SIGKILL", "circuits"), ("SIGINT", "attribution")])
+def test_killed_run_resumes_to_the_same_results(tmp_path, sig, after):
+    """A run killed (SIGKILL or SIGINT) right after a stage finished, rerun with --resume, writes the same
+    circuits.json, metrics.json and hypotheses.csv as an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[run]\nmodel = "tiny-gemma3"\nquick = true\nrelations = ["capital_city", "city_country"]\n'
+                    'quick_facts = 3\nknown_k = 1000000\nprogress = false\n')
+    ref = tmp_path / "ref"
+    run_pipeline(RunConfig.from_toml(toml, out=str(ref)))
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "circuit_discovery.cli", "run", "--config", str(toml), "--out", str(out)]
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (tests pin 1 thread):
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)  # same floats
+    marker = out / "stages" / f"{after}.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert not (out / "report.md").exists()
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr
+    for f in ("circuits.json", "metrics.json", "hypotheses.csv"):
+        assert (out / f).read_text() == (ref / f).read_text(), f
