@@ -267,7 +267,7 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
                   extra_logits: Sequence[int] = (), max_n_logits: int = 10, desired_logit_prob: float = 0.95,
                   max_feature_nodes: int = 512, batch_size: int = 32, include_bos: bool = False,
                   labels: Mapping[tuple[int, int], str] | None = None, roles: Sequence[str] | None = None,
-                  progress: bool = False) -> FeatureGraphResult:
+                  auto_labels: bool = True, progress: bool = False) -> FeatureGraphResult:
     """The attribution graph of ``prompt`` over transcoder features (see the module docstring).
 
     Args:
@@ -279,6 +279,8 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
         max_feature_nodes: cap on feature nodes, visited in order of estimated influence.
         batch_size: targets per backward pass.
         labels: ``{(layer, feature): label}`` used as node labels (e.g. from ``sae.label_features``).
+        auto_labels: label the other features ``L{l} F{f} @'token' → 'a'/'b'`` with the token where the feature
+            is active and the two tokens its decoder direction promotes most through the unembedding.
         roles: per-position role names stored on the nodes (for relation-level combination).
     """
     if not transcoders:
@@ -416,9 +418,14 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
 
     nodes: list[NodeInfo] = []
     node_input = torch.zeros(n_nodes, dtype=torch.float64)
+    promoted = _promoted_tokens(model, transcoders, [(feat_l[j], feat_f[j]) for j in visited
+                                                     if (feat_l[j], feat_f[j]) not in (labels or {})]) \
+        if auto_labels else {}
     for i, j in enumerate(visited):
         l, p, f = feat_l[j], feat_p[j], feat_f[j]
-        lab = (labels or {}).get((l, f), "") or f"L{l} F{f}"
+        lab = (labels or {}).get((l, f), "")
+        if not lab:
+            lab = f"L{l} F{f} @{str_tokens[p]!r}" + (f" → {promoted[(l, f)]}" if (l, f) in promoted else "")
         nodes.append(NodeInfo(node=Node("feature", l, p, f), label=lab, activation=float(feat_a[j]), role=role(p),
                               token=str_tokens[p]))
         node_input[i] = float(st.x_in[l][p].float() @ transcoders[l].W_enc[:, f].detach().float())
@@ -458,6 +465,24 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
                   "include_bos": include_bos})
     return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=n_feat,
                               n_visited=n_vis, logit_tokens=logit_toks)
+
+
+@torch.no_grad()
+def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tuple[int, int]], top_n: int = 2,
+                     chunk: int = 64) -> dict[tuple[int, int], str]:
+    """``{(layer, feature): "'a'/'b'"}``: the tokens each decoder direction promotes most (final norm, unembedding,
+    demeaned over the vocabulary)."""
+    out: dict[tuple[int, int], str] = {}
+    feats = list(dict.fromkeys(feats))
+    for s in range(0, len(feats), chunk):
+        part = feats[s: s + chunk]
+        dirs = torch.stack([transcoders[l].W_dec[f].detach() for l, f in part]).to(model.device, model.dtype)
+        logits = model.unembed(model.final_norm(dirs)).float()
+        logits = logits - logits.mean(-1, keepdim=True)
+        top = logits.topk(top_n, dim=-1).indices.tolist()
+        for key, ids in zip(part, top):
+            out[key] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
+    return out
 
 
 def _column_influence(logit_rows: Tensor, w_logit: Tensor, feat_rows: Tensor | None, visited: list[int]) -> Tensor:
