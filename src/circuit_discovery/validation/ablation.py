@@ -39,7 +39,7 @@ from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
 from circuit_discovery.validation import curves
 
-__all__ = ["ABLATIONS", "parse_component_id", "CircuitEvaluator"]
+__all__ = ["ABLATIONS", "parse_component_id", "CircuitEvaluator", "EvaluatorMethods"]
 
 ABLATIONS = ("corrupted", "mean", "zero")
 _COMPONENTS = ("embed", "head", "attn_out", "mlp_out")
@@ -79,7 +79,49 @@ class _Group:
         self.idx = idx
 
 
-class CircuitEvaluator:
+class EvaluatorMethods:
+    """Faithfulness, curves, baselines, completeness and minimality from ``metric_of`` (node sets -> metrics),
+    ``_universe`` and ``_components_only``; shared by the component and the feature circuit evaluators."""
+
+    _universe: list[str]
+
+    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _components_only(self, nodes: Sequence[str]) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, node_set: Iterable[str]) -> float:
+        return self.metric_of([node_set])[0]
+
+    # ------------------------------------------------------------------ conveniences (validation.curves)
+    def references(self) -> tuple[float, float]:
+        """``(m(N), m(∅))``."""
+        mf, me = self.metric_of([self._universe, []])
+        return mf, me
+
+    def faithfulness(self, circuit: Iterable[str]) -> float:
+        mc, mf, me = self.metric_of([list(circuit), self._universe, []])
+        return float(curves.faithfulness(mc, mf, me))
+
+    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
+        """:func:`curves.faithfulness_curve` over ``ranked_nodes`` (restricted to ablatable nodes)."""
+        ranked = self._components_only(ranked_nodes)
+        return curves.faithfulness_curve(ranked, self.metric_of, batched=True, **kwargs)
+
+    def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
+        return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
+                                              n_samples=n_samples, batched=True, **kwargs)
+
+    def completeness(self, circuit: Sequence[str], **kwargs):
+        return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
+                                   **kwargs)
+
+    def minimality(self, circuit: Sequence[str], **kwargs):
+        return curves.minimality(self._components_only(circuit), self.metric_of, batched=True, **kwargs)
+
+
+class CircuitEvaluator(EvaluatorMethods):
     """``m(C)`` for component circuits on fact pairs (see module docstring).
 
     Args:
@@ -271,35 +313,6 @@ class CircuitEvaluator:
             hidden = self.model.final_hidden(batch.tokens, batch.mask)
             m = self.metric_fn(self.model, hidden, batch)
         return m.double().cpu().reshape(V, b)
-
-    def __call__(self, node_set: Iterable[str]) -> float:
-        return self.metric_of([node_set])[0]
-
-    # ------------------------------------------------------------------ conveniences (validation.curves)
-    def references(self) -> tuple[float, float]:
-        """``(m(N), m(∅))``."""
-        mf, me = self.metric_of([self._universe, []])
-        return mf, me
-
-    def faithfulness(self, circuit: Iterable[str]) -> float:
-        mc, mf, me = self.metric_of([list(circuit), self._universe, []])
-        return float(curves.faithfulness(mc, mf, me))
-
-    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
-        """:func:`curves.faithfulness_curve` over ``ranked_nodes`` (restricted to ablatable nodes)."""
-        ranked = self._components_only(ranked_nodes)
-        return curves.faithfulness_curve(ranked, self.metric_of, batched=True, **kwargs)
-
-    def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
-        return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
-                                              n_samples=n_samples, batched=True, **kwargs)
-
-    def completeness(self, circuit: Sequence[str], **kwargs):
-        return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
-                                   **kwargs)
-
-    def minimality(self, circuit: Sequence[str], **kwargs):
-        return curves.minimality(self._components_only(circuit), self.metric_of, batched=True, **kwargs)
 
     def _components_only(self, nodes: Sequence[str]) -> list[str]:
         out = []

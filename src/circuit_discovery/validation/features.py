@@ -34,8 +34,7 @@ from circuit_discovery.attribution._common import PairInputs, check_pairs, noise
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
-from circuit_discovery.validation import curves
-from circuit_discovery.validation.ablation import _repeat_batch, parse_component_id
+from circuit_discovery.validation.ablation import EvaluatorMethods, _repeat_batch, parse_component_id
 
 __all__ = ["FeatureCircuitEvaluator", "FEATURE_ABLATIONS"]
 
@@ -49,7 +48,7 @@ class _FGroup:
         self.idx = idx
 
 
-class FeatureCircuitEvaluator:
+class FeatureCircuitEvaluator(EvaluatorMethods):
     """``m(C)`` for feature circuits on fact pairs (see module docstring).
 
     Args:
@@ -157,7 +156,6 @@ class FeatureCircuitEvaluator:
         total = torch.zeros(len(enc), len(self.pairs), dtype=torch.float64)
         if not enc:
             return total
-        L = self.model.cfg.n_layers
         for g in self._groups:
             b, n = g.batch.tokens.shape
             roles = g.role_stack  # [R, b, n] float
@@ -243,31 +241,6 @@ class FeatureCircuitEvaluator:
             hidden = self.model.final_hidden(batch.tokens, batch.mask)
             m = self.metric_fn(self.model, hidden, batch)
         return m.double().cpu().reshape(V, b)
-
-    def __call__(self, node_set: Iterable[str]) -> float:
-        return self.metric_of([node_set])[0]
-
-    def references(self) -> tuple[float, float]:
-        mf, me = self.metric_of([self._universe, []])
-        return mf, me
-
-    def faithfulness(self, circuit: Iterable[str]) -> float:
-        mc, mf, me = self.metric_of([list(circuit), self._universe, []])
-        return float(curves.faithfulness(mc, mf, me))
-
-    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
-        return curves.faithfulness_curve(self._components_only(ranked_nodes), self.metric_of, batched=True, **kwargs)
-
-    def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
-        return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
-                                              n_samples=n_samples, batched=True, **kwargs)
-
-    def completeness(self, circuit: Sequence[str], **kwargs):
-        return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
-                                   **kwargs)
-
-    def minimality(self, circuit: Sequence[str], **kwargs):
-        return curves.minimality(self._components_only(circuit), self.metric_of, batched=True, **kwargs)
 
     def _components_only(self, nodes: Sequence[str]) -> list[str]:
         return [i for i in nodes if self._parse(i) is not None]
