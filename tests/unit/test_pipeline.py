@@ -38,6 +38,7 @@ def test_outputs(first_run):
         else:
             kinds.add("component")
             assert c["faithfulness"] == metrics["relations"][c["name"]]["faithfulness"]
+            assert "cross_relation" in metrics["relations"][c["name"]]  # None with a single relation
             for f in (f"patching_{c['name']}.png", f"circuit_{c['name']}.png"):
                 assert (out / "figures" / f).stat().st_size > 1000
         for g in c["graphs"]:

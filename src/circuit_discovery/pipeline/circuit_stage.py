@@ -91,3 +91,21 @@ def validate_relation(model, pairs: Sequence, found: dict, cfg: RunConfig, seed:
     out["faithfulness_at_5pct_per_prompt"] = per_prompt
     out.update({k: v.tolist() for k, v in attention_knockout_halves(model, pairs, cfg.metric).items()})
     return out
+
+
+def cross_relation_faithfulness(model, found: dict, other: str, other_pairs: Sequence, cfg: RunConfig) -> dict:
+    """Baseline: faithfulness of one relation's circuit (role-keyed, so it applies to any prompt with the same
+    roles) on another relation's discovery facts, next to that relation's own faithfulness scale."""
+    from ..validation.ablation import CircuitEvaluator
+
+    disc, _ = split_pairs(other_pairs, cfg.held_out_fraction)
+    ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
+    universe = set(ev.universe)
+    ids = [n["id"] for n in found["circuit"]["nodes"] if not n["id"].startswith("logit")]
+    ids = [i for i in ids if i in universe]  # roles the other relation's prompts lack are dropped
+    try:
+        f = float(ev.faithfulness(ids))
+    except Exception as e:  # clean and ablated metrics coincide: faithfulness undefined
+        log.info("cross-relation faithfulness undefined on %s: %s", other, e)
+        f = None
+    return {"relation": other, "faithfulness": f, "n_nodes": len(ids), "n_facts": len(disc)}

@@ -63,7 +63,8 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             "random_baseline_p": v["random_p"], "random_baseline_z": v["random_z"],
             "random_mean_faithfulness": v["random_mean"], "held_out_faithfulness": v["held_out_faithfulness"],
             "n_discovery": circuits["relations"][rel]["n_discovery"], "n_held_out": v["n_held_out"],
-            "m_full": v["m_full"], "m_empty": v["m_empty"], **{f"graph_{k}": x for k, x in info.items()}}
+            "m_full": v["m_full"], "m_empty": v["m_empty"], "cross_relation": v.get("cross_relation"),
+            **{f"graph_{k}": x for k, x in info.items()}}
     if features is not None:
         metrics["feature_circuits"] = {}
         for rel, v in fval.items():
@@ -160,6 +161,7 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             "faithfulness": v.get("faithfulness"), "held-out faithfulness": v.get("held_out_faithfulness"),
             "CPR": v.get("cpr"), "CMD": v.get("cmd"),
             "random-circuit baseline: mean f, p": f"{_fmt(v.get('random_mean'))}, {_fmt(v.get('random_p'), 3)}",
+            "on another relation's facts: f": _cross(v.get("cross_relation")),
             "attribution score": c.attribution_score},
             "figures": sections.get(c.relation, []),
             "text": "Per-prompt graphs (Neuronpedia JSON): " + ", ".join(c.extra.get("graphs", []))})
@@ -195,6 +197,10 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
     write_report(out, summary)
     return {k: summary[k] for k in ("relations", "notes")}
+
+
+def _cross(c):
+    return "—" if not c else f"{_fmt(c.get('faithfulness'))} ({c['relation']})"
 
 
 def _mean(x):

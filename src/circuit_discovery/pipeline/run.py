@@ -241,10 +241,19 @@ class Run:
         from .circuit_stage import validate_relation
 
         def run():
+            from .circuit_stage import cross_relation_faithfulness
+
             items = [(rel, (pairs_by_rel[rel], c)) for rel, c in circuits["relations"].items()]
-            return {"relations": self._relations_loop(
+            out = self._relations_loop(
                 items, "validation",
-                lambda rel, v: validate_relation(self.model, v[0], v[1], self.cfg, self.cfg.seed))}
+                lambda rel, v: validate_relation(self.model, v[0], v[1], self.cfg, self.cfg.seed))
+            rels = [r for r in circuits["relations"] if r in out]
+            for i, rel in enumerate(rels):  # baseline: each circuit on the next relation's facts (cyclic)
+                if len(rels) >= 2:
+                    other = rels[(i + 1) % len(rels)]
+                    out[rel]["cross_relation"] = cross_relation_faithfulness(
+                        self.model, circuits["relations"][rel], other, pairs_by_rel[other], self.cfg)
+            return {"relations": out}
 
         return self._stage("validation", run)
 
