@@ -51,6 +51,7 @@ def test_outputs(first_run):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["hypothesis_id", "relation", "statistic", "effect", "ci_low", "ci_high", "p_value",
                              "p_adjusted", "n", "verdict"]
+    assert any(r["hypothesis_id"] == "features_matter" and r["statistic"].startswith("necessity") for r in rows)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 0 and "torch" in cfg["versions"] and cfg["model"] == "tiny-gemma3"
     report = (out / "report.md").read_text()
