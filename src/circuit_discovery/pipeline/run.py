@@ -316,11 +316,17 @@ class Run:
                      if len(v.get("feature_ablation_drop", [])) >= 2}
             flips = {r: np.asarray(v["steering_flips"]) for r, v in fval.items()
                      if "steering_flips" in v and "steering_random_flips" in v}
+            if len(drops) >= 2:  # pooled over relations too: a few prompts per relation give a weak test
+                drops["all"] = np.concatenate(list(drops.values()))
             if drops:
                 ctx["feature_ablation_drop"] = drops
             if flips:
+                base = {r: np.asarray(fval[r]["steering_random_flips"]) for r in flips}
+                if len(flips) >= 2:
+                    flips["all"] = np.concatenate(list(flips.values()))
+                    base["all"] = np.concatenate(list(base.values()))
                 ctx["steering_flips"] = flips
-                ctx["steering_baseline_rate"] = {r: np.asarray(fval[r]["steering_random_flips"]) for r in flips}
+                ctx["steering_baseline_rate"] = base
             if drops or flips:
                 ids.append("features_matter")
             elif features is None:
