@@ -57,6 +57,8 @@ class RunConfig:
     feature_facts: int = 3              # discovery facts per relation for feature graphs
     feature_nodes: int = 256            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
+    feature_max_edges: int = 1000       # strongest edges of a feature circuit kept in circuits.json (the count
+                                        # after pruning goes to the circuit's n_edges_pruned_graph)
     extra: dict = field(default_factory=dict)
 
     def effective(self) -> "RunConfig":

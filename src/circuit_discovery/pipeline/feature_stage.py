@@ -54,6 +54,9 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg
                           batch_size=cfg.batch_size, node_threshold=cfg.node_threshold,
                           edge_threshold=cfg.edge_threshold, labels=labels)
     circuit = res.circuit
+    if len(circuit.edges) > cfg.feature_max_edges:  # dense feature circuits: keep the strongest edges in JSON
+        circuit.extra["n_edges_pruned_graph"] = len(circuit.edges)
+        circuit.edges = sorted(circuit.edges, key=lambda e: -abs(e.weight))[: cfg.feature_max_edges]
     graph_files = []
     for i, r in enumerate(res.graphs[: cfg.graphs_per_relation] if graphs_dir is not None else []):
         g = r.graph
