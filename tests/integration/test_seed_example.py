@@ -42,8 +42,12 @@ def test_main_quick_runs_offline(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == str(out)
     data = json.loads((out / "circuits.json").read_text())
-    assert {c["name"] for c in data["circuits"]} == {"capital_city", "country_language"}
+    rels = {"capital_city", "country_language"}
+    assert {c["name"] for c in data["circuits"]} == rels | {f"{r}/features" for r in rels}  # component + feature
     for c in data["circuits"]:
         assert c["faithfulness"] is not None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["feature_circuits"]) == rels and len(metrics["dictionaries"]["layers"]) == 0  # quick: no eval
+    assert (out / "figures" / "circuit_features_capital_city.png").is_file()
     for f in ("report.md", "metrics.json", "hypotheses.csv", "index.html", "config.json"):
         assert (out / f).is_file(), f
