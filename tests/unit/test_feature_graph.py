@@ -244,3 +244,27 @@ def test_feature_evaluator_references(ablation):
         ev.metric_of([["head/L0/I0/last"]])
     with pytest.raises(InputError):
         ev.metric_of([["feature/L0/I0/P3"]])
+
+
+def test_feature_details_give_contexts_and_labels(tmp_path):
+    from circuit_discovery.pipeline import RunConfig
+    from circuit_discovery.pipeline.feature_stage import feature_details
+    from circuit_discovery.report.viewer import write_viewer
+
+    m = load_model("tiny-gemma3", device="cpu")
+    tcs = _transcoders(m)
+    nodes = [{"id": f"feature/L{l}/I{f}/last", "component": "feature", "layer": l, "index": f}
+             for l, f in ((0, 1), (1, 3), (1, 5))] + [{"id": "error/L0/last", "component": "error", "layer": 0}]
+    cfg = RunConfig(model="tiny-gemma3", cache_dir=str(tmp_path), feature_context_tokens=256)
+    d = feature_details(m, tcs, {"r": {"circuit": {"nodes": nodes}}}, cfg)
+    assert set(d) == {"feature/L0/I1", "feature/L1/I3", "feature/L1/I5"}
+    for v in d.values():
+        assert v["label"] and len(v["promoted"]) == 5 and 0 <= v["density"] <= 1
+        assert all("«" in c for c in v["contexts"])
+    assert any(v["contexts"] for v in d.values())
+    cj = {"model": "tiny", "circuits": [{"name": "r", "relation": "r", "nodes": [
+        {"id": "feature/L1/I3/last", "component": "feature", "layer": 1, "role": "last", "index": 3, "label": "x",
+         "score": 1.0}, {"id": "logit/L4/last", "component": "logit", "layer": 4, "role": "last", "label": "y"}],
+        "edges": [{"source": "feature/L1/I3/last", "target": "logit/L4/last", "weight": 1.0}]}]}
+    html = write_viewer(tmp_path, cj, feature_details=d).read_text()
+    assert "promoted" in html and "feature/L1/I3" in html  # the details travel into the viewer

@@ -44,6 +44,10 @@ def test_outputs(first_run):
         for g in c["graphs"]:
             assert (out / g).is_file()
     assert kinds == {"component", "feature"}
+    details = json.loads((out / "stages" / "feature_circuits.json").read_text())["feature_details"]
+    feats = {f"feature/L{n['layer']}/I{n['index']}" for c in data["circuits"] for n in c["nodes"]
+             if n["component"] == "feature"}
+    assert set(details) == feats  # top-activating contexts and promoted tokens for every circuit feature
     assert set(metrics["dictionaries"]["settings"]) >= {"k", "training_tokens", "corpus_tokens"}
     import csv
 

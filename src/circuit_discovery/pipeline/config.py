@@ -57,6 +57,7 @@ class RunConfig:
     feature_facts: int = 3              # discovery facts per relation for feature graphs
     feature_nodes: int = 256            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
+    feature_context_tokens: int = 2048  # held-out corpus tokens searched for each circuit feature's top contexts
     feature_max_edges: int = 1000       # strongest edges of a feature circuit kept in circuits.json (the count
                                         # after pruning goes to the circuit's n_edges_pruned_graph)
     extra: dict = field(default_factory=dict)
@@ -69,7 +70,8 @@ class RunConfig:
                                    n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2,
                                    causal_full_facts=0, sae_training_tokens=min(self.sae_training_tokens, 10_240),
                                    sae_eval_tokens=0, feature_facts=min(self.feature_facts, 2),
-                                   feature_nodes=min(self.feature_nodes, 64))
+                                   feature_nodes=min(self.feature_nodes, 64),
+                                   feature_context_tokens=min(self.feature_context_tokens, 512))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -139,3 +139,36 @@ def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed:
         rand = ev.metric_per_prompt(sets).numpy()
         out["steering_random_flips"] = [int(v < 0) for v in rand.reshape(-1)]
     return out
+
+
+def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
+    """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "density"}}`` for every feature in the relations'
+    feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the built-in
+    corpus (one forward pass per batch for all layers) and the tokens each decoder direction promotes. Used by the
+    viewer (node details) and kept in the stage file."""
+    from ..sae.corpus import build_corpus, split_heldout
+    from ..sae.labels import auto_label, feature_logit_effects, top_activating_contexts_multi
+
+    by_layer: dict[int, set[int]] = {}
+    for r in relations.values():
+        for n in r["circuit"]["nodes"]:
+            if n["component"] == "feature" and n.get("index") is not None and n["layer"] in tcs:
+                by_layer.setdefault(int(n["layer"]), set()).add(int(n["index"]))
+    if not by_layer or cfg.feature_context_tokens <= 0:
+        return {}
+    corpus = build_corpus(model, cache_dir=cfg.cache_dir, progress=False, count_tokens=False)
+    _, held = split_heldout(corpus.texts, 0.1, seed=0)
+    hooks = {f"blocks.{l}.ln2.hook_normalized": tcs[l] for l in sorted(by_layer)}
+    feats = {f"blocks.{l}.ln2.hook_normalized": sorted(fs) for l, fs in by_layer.items()}
+    ctxs, fires, n_tok = top_activating_contexts_multi(model, hooks, held, feats, k=5,
+                                                       max_tokens=cfg.feature_context_tokens)
+    out = {}
+    for l, fs in sorted(by_layer.items()):
+        hook = f"blocks.{l}.ln2.hook_normalized"
+        effects = feature_logit_effects(model, tcs[l], sorted(fs), top_n=5)
+        for f in sorted(fs):
+            prom = effects[f][0]
+            out[f"feature/L{l}/I{f}"] = {
+                "label": auto_label(ctxs[hook][f], prom), "contexts": [c["text"] for c in ctxs[hook][f]],
+                "promoted": [t for t, _ in prom], "density": float(fires[hook][f]) / max(1, n_tok)}
+    return out

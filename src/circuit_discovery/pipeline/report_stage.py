@@ -127,7 +127,7 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     import json
 
     cj = json.loads((out / "circuits.json").read_text())
-    write_viewer(out, cj)
+    write_viewer(out, cj, feature_details=(features or {}).get("feature_details") or None)
 
     # ---------------------------------------------------------------- report.md
     hyp_rows = hypotheses["rows"]

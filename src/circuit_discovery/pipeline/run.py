@@ -274,11 +274,14 @@ class Run:
         graphs_dir = self.out_dir / "graphs"
 
         def run():
+            from .feature_stage import feature_details
+
             tcs = self.transcoders()[0].transcoders
-            return {"relations": self._relations_loop(
+            rels = self._relations_loop(
                 pairs_by_rel.items(), "feature circuits",
                 lambda rel, pairs: feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, self.cfg.seed,
-                                                                graphs_dir))}
+                                                                graphs_dir))
+            return {"relations": rels, "feature_details": feature_details(self.model, tcs, rels, self.cfg)}
 
         return self._stage("feature_circuits", run)
 

@@ -10,7 +10,7 @@ This is the direct path only: it ignores later layers and the change in the norm
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +19,8 @@ from torch import Tensor
 from circuit_discovery.sae.architectures import SparseAutoencoder
 from circuit_discovery.sae.harvest import collect_hook_activations, iter_token_batches, token_mask
 
-__all__ = ["FeatureLabel", "top_activating_contexts", "feature_logit_effects", "auto_label", "label_features"]
+__all__ = ["FeatureLabel", "top_activating_contexts", "top_activating_contexts_multi", "feature_logit_effects", "auto_label",
+           "label_features"]
 
 
 @dataclass
@@ -65,49 +66,78 @@ def top_activating_contexts(
     ``{"activation", "token", "text"}`` with up to ``window`` tokens before the activating token,
     which is marked ``«token»``. BOS and padding are never counted.
     """
-    feats_sel = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
-    for f in feats_sel:
-        if not 0 <= f < sae.cfg.d_sae:
-            raise IndexError(f"feature {f} out of range 0..{sae.cfg.d_sae - 1}")
-    sel = torch.tensor(feats_sel, dtype=torch.long)
-    heaps: dict[int, list] = {f: [] for f in feats_sel}
-    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    ctxs, fires, n_tok = top_activating_contexts_multi(
+        model, {hook_name: sae}, texts, None if features is None else {hook_name: features}, k=k, window=window,
+        context_size=context_size, batch_size=batch_size, max_tokens=max_tokens)
+    return ctxs[hook_name], fires[hook_name], n_tok
+
+
+@torch.no_grad()
+def top_activating_contexts_multi(
+    model,
+    saes: Mapping[str, SparseAutoencoder],
+    texts: Sequence[str],
+    features: Mapping[str, Sequence[int]] | None = None,
+    k: int = 10,
+    window: int = 8,
+    context_size: int = 128,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+) -> tuple[dict[str, dict[int, list[dict]]], dict[str, Tensor], int]:
+    """:func:`top_activating_contexts` for several dictionaries at once (``{hook: sae}``; ``features``:
+    ``{hook: [feature, ...]}``, default all), reading every hook from one forward pass per batch."""
+    sel: dict[str, Tensor] = {}
+    heaps: dict[str, dict[int, list]] = {}
+    for hook, sae in saes.items():
+        feats = list(range(sae.cfg.d_sae)) if features is None or hook not in features else \
+            [int(f) for f in features[hook]]
+        for f in feats:
+            if not 0 <= f < sae.cfg.d_sae:
+                raise IndexError(f"feature {f} out of range 0..{sae.cfg.d_sae - 1}")
+        sel[hook] = torch.tensor(feats, dtype=torch.long)
+        heaps[hook] = {f: [] for f in feats}
+    fires = {hook: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for hook, sae in saes.items()}
     n_tok, counter = 0, 0
-    src_hook = hook_name
-    sae = sae.eval()
     for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
-        acts = collect_hook_activations(model, tokens, mask, [src_hook])[src_hook]
+        cache = collect_hook_activations(model, tokens, mask, list(saes))
         keep = token_mask(model, tokens, mask)
-        f_all = sae.encode(acts.reshape(*acts.shape[:2], -1).to(sae.W_enc.device)).cpu()  # [b, pos, d_sae]
-        f_all = f_all * keep[..., None].cpu()
-        fires += (f_all != 0).sum((0, 1))
+        for hook, sae in saes.items():
+            acts = cache[hook]
+            f_all = sae.eval().encode(acts.reshape(*acts.shape[:2], -1).to(sae.W_enc.device)).cpu()  # [b, pos, d]
+            f_all = f_all * keep[..., None].cpu()
+            fires[hook] += (f_all != 0).sum((0, 1))
+            feats = sel[hook].tolist()
+            if not feats:
+                continue
+            fsel = f_all[..., sel[hook]]  # [b, pos, n_sel]
+            top = min(k, fsel.shape[0] * fsel.shape[1])
+            vals, flat = fsel.reshape(-1, len(feats)).topk(top, dim=0)
+            for j, f in enumerate(feats):
+                for v, idx in zip(vals[:, j].tolist(), flat[:, j].tolist()):
+                    if v <= 0:
+                        break
+                    counter += 1
+                    row, pos = int(idx) // fsel.shape[1], int(idx) % fsel.shape[1]
+                    h = heaps[hook][f]
+                    if len(h) < k:
+                        heapq.heappush(h, (v, -counter, tokens[row].cpu(), pos))
+                    elif v > h[0][0]:
+                        heapq.heapreplace(h, (v, -counter, tokens[row].cpu(), pos))
         n_tok += int(keep.sum())
-        fsel = f_all[..., sel]  # [b, pos, n_sel]
-        top = min(k, fsel.shape[0] * fsel.shape[1])
-        vals, flat = fsel.reshape(-1, len(feats_sel)).topk(top, dim=0)
-        for j, f in enumerate(feats_sel):
-            for v, idx in zip(vals[:, j].tolist(), flat[:, j].tolist()):
-                if v <= 0:
-                    break
-                counter += 1
-                item = (v, -counter, int(idx) // fsel.shape[1], int(idx) % fsel.shape[1])
-                h = heaps[f]
-                if len(h) < k:
-                    heapq.heappush(h, (item[0], item[1], tokens[item[2]].cpu(), item[3]))
-                elif v > h[0][0]:
-                    heapq.heapreplace(h, (item[0], item[1], tokens[item[2]].cpu(), item[3]))
         if max_tokens is not None and n_tok >= max_tokens:
             break
     bos = model.cfg.bos_token_id
-    out: dict[int, list[dict]] = {}
-    for f, h in heaps.items():
-        ctxs = []
-        for v, _, row, pos in sorted(h, key=lambda t: (-t[0], -t[1])):
-            lo = max(0, pos - window)
-            before = [t for t in row[lo:pos].tolist() if t != bos]
-            tok = _decode(model, [row[pos]])
-            ctxs.append({"activation": float(v), "token": tok, "text": f"{_decode(model, before)}«{tok}»"})
-        out[f] = ctxs
+    out: dict[str, dict[int, list[dict]]] = {}
+    for hook, hs in heaps.items():
+        out[hook] = {}
+        for f, h in hs.items():
+            ctxs = []
+            for v, _, row, pos in sorted(h, key=lambda t: (-t[0], -t[1])):
+                lo = max(0, pos - window)
+                before = [t for t in row[lo:pos].tolist() if t != bos]
+                tok = _decode(model, [row[pos]])
+                ctxs.append({"activation": float(v), "token": tok, "text": f"{_decode(model, before)}«{tok}»"})
+            out[hook][f] = ctxs
     return out, fires, n_tok
 
 
