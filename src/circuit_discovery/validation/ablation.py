@@ -91,6 +91,14 @@ class EvaluatorMethods:
     def _components_only(self, nodes: Sequence[str]) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _metric_with_hooks(self, batch, V: int, hooks) -> Tensor:
+        """``[V, b]`` metric of ``batch`` repeated ``V`` times (one variant per block of rows) under ``hooks``."""
+        rep = _repeat_batch(batch, V)
+        with torch.no_grad(), self.model.hooks(hooks):
+            hidden = self.model.final_hidden(rep.tokens, rep.mask)
+            m = self.metric_fn(self.model, hidden, rep)
+        return m.double().cpu().reshape(V, batch.tokens.shape[0])
+
     def __call__(self, node_set: Iterable[str]) -> float:
         return self.metric_of([node_set])[0]
 
@@ -307,12 +315,7 @@ class CircuitEvaluator(EvaluatorMethods):
                 return torch.where(kk, x, patch)
             return fn
 
-        hooks = [(name, make(name)) for name in self.hook_names]
-        batch = _repeat_batch(g.batch, V)
-        with torch.no_grad(), self.model.hooks(hooks):
-            hidden = self.model.final_hidden(batch.tokens, batch.mask)
-            m = self.metric_fn(self.model, hidden, batch)
-        return m.double().cpu().reshape(V, b)
+        return self._metric_with_hooks(g.batch, V, [(name, make(name)) for name in self.hook_names])
 
     def _components_only(self, nodes: Sequence[str]) -> list[str]:
         out = []

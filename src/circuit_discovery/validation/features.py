@@ -34,7 +34,7 @@ from circuit_discovery.attribution._common import PairInputs, check_pairs, noise
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
-from circuit_discovery.validation.ablation import EvaluatorMethods, _repeat_batch, parse_component_id
+from circuit_discovery.validation.ablation import EvaluatorMethods, parse_component_id
 
 __all__ = ["FeatureCircuitEvaluator", "FEATURE_ABLATIONS"]
 
@@ -236,11 +236,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         hooks = [("hook_embed", emb_fn)]
         hooks += [(f"blocks.{l}.ln2.hook_normalized", keep_in(l)) for l in self.tcs]
         hooks += [(f"blocks.{l}.hook_mlp_out", mlp_fn(l)) for l in range(L)]
-        batch = _repeat_batch(g.batch, V)
-        with torch.no_grad(), self.model.hooks(hooks):
-            hidden = self.model.final_hidden(batch.tokens, batch.mask)
-            m = self.metric_fn(self.model, hidden, batch)
-        return m.double().cpu().reshape(V, b)
+        return self._metric_with_hooks(g.batch, V, hooks)
 
     def _components_only(self, nodes: Sequence[str]) -> list[str]:
         return [i for i in nodes if self._parse(i) is not None]
