@@ -322,10 +322,9 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
     feat_a_t = torch.tensor(feat_a, dtype=torch.float32)
     err_off, emb_off = n_feat, n_feat + L * n
     n_cols = emb_off + n
-    recon_nodes = {l: torch.zeros(n, d) for l in transcoders}  # sum over ALL active features (+ b_dec below)
-    for l, tc in transcoders.items():
-        recon_nodes[l] = (st.acts[l] @ tc.W_dec.detach().float()) + tc.b_dec.detach().float()
-    errors = torch.stack([st.mlp_out[l] - recon_nodes[l] if l in transcoders else st.mlp_out[l]
+    recon = {l: st.acts[l] @ tc.W_dec.detach().float() + tc.b_dec.detach().float()  # all active features + b_dec
+             for l, tc in transcoders.items()}
+    errors = torch.stack([st.mlp_out[l] - recon[l] if l in transcoders else st.mlp_out[l]
                           for l in range(L)])  # [L, n, d] true reconstruction errors
     if not include_bos:  # BOS features are folded into the BOS error node
         for l, tc in transcoders.items():

@@ -32,21 +32,43 @@ def circuit_for_relation(model, relation: str, pairs: Sequence, cfg: RunConfig, 
     res = component_circuit(model, disc, name=relation, metric=cfg.metric, granularity=cfg.granularity,
                             method=cfg.component_method, n_steps=cfg.ig_steps, node_threshold=cfg.node_threshold,
                             edge_threshold=cfg.edge_threshold, batch_size=cfg.batch_size)
-    from .run import safe_name
-
-    graph_files = []
-    for i, g in enumerate(res.graphs[: cfg.graphs_per_relation] if graphs_dir is not None else []):
-        slug = f"{safe_name(relation)}-{i}"
-        data = to_neuronpedia(g, slug=slug, scan=cfg.model or "gemma-3-270m", node_threshold=cfg.node_threshold,
-                              edge_threshold=cfg.edge_threshold)
-        path = graphs_dir / f"{slug}.json"
-        write_neuronpedia_json(data, path)
-        graph_files.append(f"graphs/{path.name}")
+    graph_files = [export_graph(g, relation, f"-{i}", cfg, graphs_dir)
+                   for i, g in enumerate(res.graphs[: cfg.graphs_per_relation] if graphs_dir is not None else [])]
     circuit = res.circuit
     circuit.extra["graphs"] = graph_files
     circuit.extra["prompt_tokens"] = [model.tokenizer.decode([t]) for t in disc[0].clean_tokens]
     return {"circuit": circuit.to_dict(), "info": res.info, "ranked": res.ranked_nodes(),
             "n_discovery": len(disc), "n_held_out": len(held)}
+
+
+def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, **kwargs) -> str:
+    """Write one per-prompt graph as Neuronpedia JSON to ``graphs_dir/<relation><suffix>.json`` (pruned with the
+    run's thresholds; ``kwargs`` go to :func:`to_neuronpedia`); returns its path relative to the run folder."""
+    from .run import safe_name
+
+    slug = f"{safe_name(relation)}{suffix}"
+    data = to_neuronpedia(graph, slug=slug, scan=cfg.model or "gemma-3-270m", node_threshold=cfg.node_threshold,
+                          edge_threshold=cfg.edge_threshold, **kwargs)
+    path = graphs_dir / f"{slug}.json"
+    write_neuronpedia_json(data, path)
+    return f"graphs/{path.name}"
+
+
+def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], n_random: int, seed: int, ablation: str) -> dict:
+    """Faithfulness, MIB curve (CPR/CMD), references and random-circuit baseline of ``ids`` with evaluator ``ev``
+    (component or feature circuits alike)."""
+    n_universe = len(ev.universe)
+    f = ev.faithfulness(ids)
+    curve = ev.curve(ranked)
+    base = ev.random_baseline(ids, n_samples=n_random, seed=seed)
+    m_full, m_empty = ev.references()
+    return {"faithfulness": float(f), "circuit_size": len(ids), "n_universe": n_universe,
+            "node_share": len(ids) / max(n_universe, 1), "m_full": float(m_full), "m_empty": float(m_empty),
+            "cpr": float(curve.cpr), "cmd": float(curve.cmd),
+            "curve": {"fractions": [float(x) for x in curve.fractions],
+                      "faithfulness": [float(x) for x in curve.faithfulness]},
+            "random_p": float(base.p_value), "random_z": float(base.z),
+            "random_mean": float(np.mean(base.null_faithfulness)), "ablation": ablation}
 
 
 def validate_relation(model, pairs: Sequence, found: dict, cfg: RunConfig, seed: int) -> dict:
@@ -60,26 +82,15 @@ def validate_relation(model, pairs: Sequence, found: dict, cfg: RunConfig, seed:
     ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
     comp_ids = ev._components_only(ids)
     ranked = ev._components_only(found["ranked"])
-    n_universe = len(ev.universe)
-    f = ev.faithfulness(comp_ids)
-    curve = ev.curve(ranked)
-    base = ev.random_baseline(comp_ids, n_samples=cfg.n_random, seed=seed)
-    m_full, m_empty = ev.references()
-    out = {"faithfulness": float(f), "circuit_size": len(comp_ids), "n_universe": n_universe,
-           "universe": list(ev.universe), "node_share": len(comp_ids) / max(n_universe, 1),
-           "m_full": float(m_full), "m_empty": float(m_empty), "cpr": float(curve.cpr), "cmd": float(curve.cmd),
-           "curve": {"fractions": [float(x) for x in curve.fractions],
-                     "faithfulness": [float(x) for x in curve.faithfulness]},
-           "random_p": float(base.p_value), "random_z": float(base.z),
-           "random_mean": float(np.mean(base.null_faithfulness)),
-           "ablation": cfg.ablation}
+    out = circuit_validation(ev, comp_ids, ranked, cfg.n_random, seed, cfg.ablation)
+    out["universe"] = list(ev.universe)
     if held:
         hev = CircuitEvaluator(model, held, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
         out["held_out_faithfulness"] = float(hev.faithfulness(comp_ids))
         out["n_held_out"] = len(held)
     else:
         out["held_out_faithfulness"], out["n_held_out"] = None, 0
-    k5 = max(1, int(0.05 * n_universe))
+    k5 = max(1, int(0.05 * out["n_universe"]))
     top5 = ranked[:k5]
     per_prompt = []
     for p in pairs:

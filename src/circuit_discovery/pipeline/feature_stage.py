@@ -41,18 +41,16 @@ def _feature_ids(ids: Sequence[str]) -> list[str]:
 
 def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg: RunConfig, seed: int,
                                  graphs_dir=None, validate: bool = True) -> dict:
-    from ..graph import find_supernodes, to_neuronpedia, write_neuronpedia_json
+    from ..graph import find_supernodes
     from ..graph.features import decoder_directions, feature_circuit
     from ..validation.features import FeatureCircuitEvaluator
-    from .circuit_stage import split_pairs
-    from .run import safe_name
+    from .circuit_stage import circuit_validation, export_graph, split_pairs
 
     disc, held = split_pairs(pairs, cfg.held_out_fraction)
     disc = disc[: cfg.feature_facts]
-    labels = None
     res = feature_circuit(model, tcs, disc, name=relation, max_feature_nodes=cfg.feature_nodes,
                           batch_size=cfg.batch_size, node_threshold=cfg.node_threshold,
-                          edge_threshold=cfg.edge_threshold, labels=labels)
+                          edge_threshold=cfg.edge_threshold)
     circuit = res.circuit
     if len(circuit.edges) > cfg.feature_max_edges:  # dense feature circuits: keep the strongest edges in JSON
         circuit.extra["n_edges_pruned_graph"] = len(circuit.edges)
@@ -62,13 +60,8 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg
         g = r.graph
         feats = [nd.id for nd in g.nodes if nd.node.component == "feature"]
         sn = find_supernodes(g, node_ids=feats, decoder_directions=decoder_directions(g, tcs)) if len(feats) > 1 else []
-        slug = f"{safe_name(relation)}-features-{i}"
-        data = to_neuronpedia(g, slug=slug, scan=cfg.model or "gemma-3-270m", node_threshold=cfg.node_threshold,
-                              edge_threshold=cfg.edge_threshold, supernodes=sn,
-                              description=f"transcoder feature graph of {g.prompt!r}")
-        path = graphs_dir / f"{slug}.json"
-        write_neuronpedia_json(data, path)
-        graph_files.append(f"graphs/{path.name}")
+        graph_files.append(export_graph(g, relation, f"-features-{i}", cfg, graphs_dir, supernodes=sn,
+                                        description=f"transcoder feature graph of {g.prompt!r}"))
     circuit.extra["graphs"] = graph_files
     circuit.extra["prompt_tokens"] = [model.tokenizer.decode([t]) for t in disc[0].clean_tokens]
 
@@ -79,29 +72,20 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg
     ranked = [nd.id for nd in sorted((nd for nd in res.combined.nodes if nd.kind != "logit"),
                                      key=lambda nd: -abs(nd.score or 0.0))]
     ev = FeatureCircuitEvaluator(model, tcs, disc, metric=cfg.metric, ablation=_ablation(cfg))
-    ranked = [i for i in ranked if i in set(ev.universe)]
-    ids = [i for i in ids if i in set(ev.universe)]
-    n_universe = len(ev.universe)
-    f = ev.faithfulness(ids)
-    curve = ev.curve(ranked)
-    base = ev.random_baseline(ids, n_samples=cfg.n_random, seed=seed)
-    m_full, m_empty = ev.references()
-    val = {"faithfulness": float(f), "circuit_size": len(ids), "n_universe": n_universe,
-           "node_share": len(ids) / max(n_universe, 1), "m_full": float(m_full), "m_empty": float(m_empty),
-           "cpr": float(curve.cpr), "cmd": float(curve.cmd),
-           "curve": {"fractions": [float(x) for x in curve.fractions],
-                     "faithfulness": [float(x) for x in curve.faithfulness]},
-           "random_p": float(base.p_value), "random_z": float(base.z),
-           "random_mean": float(np.mean(base.null_faithfulness)), "ablation": _ablation(cfg)}
+    universe = set(ev.universe)
+    ranked = [i for i in ranked if i in universe]
+    ids = [i for i in ids if i in universe]
+    val = circuit_validation(ev, ids, ranked, cfg.n_random, seed, _ablation(cfg))
     if held:
         hev = FeatureCircuitEvaluator(model, tcs, held, metric=cfg.metric, ablation=_ablation(cfg))
-        val["held_out_faithfulness"] = float(hev.faithfulness([i for i in ids if i in set(hev.universe)]))
+        held_universe = set(hev.universe)
+        val["held_out_faithfulness"] = float(hev.faithfulness([i for i in ids if i in held_universe]))
         val["n_held_out"] = len(held)
     else:
         val["held_out_faithfulness"], val["n_held_out"] = None, 0
     val.update(features_matter_data(ev, ranked, cfg.steer_features, cfg.n_random, seed))
     circuit.faithfulness = val["faithfulness"]
-    return {"circuit": circuit.to_dict(), "info": {k: v for k, v in res.info.items()},
+    return {"circuit": circuit.to_dict(), "info": dict(res.info),
             "validation": val, "n_discovery": len(disc), "n_held_out": len(held)}
 
 
