@@ -1,6 +1,6 @@
 """Wall time per stage and peak memory of the whole pipeline on the built-in model and facts.
 
-    python benchmarks/pipeline.py [--quick] --out FILE.json [--run-dir DIR]
+    python benchmarks/pipeline.py [--quick] --out FILE.json [--run-dir DIR] [--relations A,B] [--threads N]
 
 Writes ``{"quick": ..., "total_s": ..., "stages_s": {...}, "peak_rss_gb": ..., "n_circuits": ...}``; the run's
 own folder (report, circuits) goes to ``--run-dir`` (default: a temporary folder).
@@ -23,6 +23,8 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--relations", default=None, help="comma-separated relations (default: all built-in)")
+    ap.add_argument("--profile", default=None, help="also write a cProfile of the run to this file")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -30,10 +32,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="frc_bench_")
     t0 = time.time()
-    res = run_pipeline(RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False))
+    rels = args.relations.split(",") if args.relations else None
+    cfg = RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False, relations=rels)
+    if args.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+        res = prof.runcall(run_pipeline, cfg)
+        prof.dump_stats(args.profile)
+    else:
+        res = run_pipeline(cfg)
     total = time.time() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    out = {"quick": args.quick, "model": args.model or "gemma-3-270m", "total_s": round(total, 1),
+    out = {"quick": args.quick, "relations": rels, "threads": args.threads, "model": args.model or "gemma-3-270m", "total_s": round(total, 1),
            "stages_s": res.timings, "peak_rss_gb": round(peak_kb / 2**20, 2), "n_circuits": len(res.circuits),
            "run_dir": str(res.out_dir)}
     atomic_write_json(args.out, out)

@@ -62,6 +62,20 @@ def test_batched_equals_one_at_a_time(model):
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
+def test_faithfulness_per_prompt_equals_one_evaluator_per_prompt(model):
+    """One batched per-prompt evaluation gives each prompt's own faithfulness (a one-prompt evaluator's)."""
+    pairs = _pairs(model)
+    ev = CircuitEvaluator(model, pairs)
+    rng = np.random.default_rng(1)
+    circuit = [ev.universe[i] for i in rng.choice(len(ev.universe), 30, replace=False)]
+    per = ev.faithfulness_per_prompt(circuit)
+    assert len(per) == len(pairs)
+    for p, f in zip(pairs, per):
+        one = CircuitEvaluator(model, [p])
+        assert f == pytest.approx(one.faithfulness([i for i in circuit if i in set(one.universe)]), abs=1e-6)
+    assert ev.metric_per_prompt([circuit]).mean(1).item() == pytest.approx(ev.metric_of([circuit])[0])
+
+
 def test_single_node_patch_matches_manual_patch(model):
     """Ablating only one MLP at the subject_last role = patching that hook at those positions by hand."""
     pairs = _pairs(model, n=1)

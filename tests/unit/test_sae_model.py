@@ -244,3 +244,24 @@ def test_train_on_model_uses_cache(model, tmp_path):
         assert isinstance(again[k], SparseAutoencoder)
         torch.testing.assert_close(again[k].W_dec, r.sae.W_dec)
     assert again["blocks.2.ln2.hook_normalized->blocks.2.hook_mlp_out"].cfg.transcoder
+
+
+def test_transcoder_metrics_are_cached_with_the_transcoders(model, tmp_path, monkeypatch):
+    """A second train_transcoders call reuses the transcoders and their held-out metrics from the cache: no
+    evaluation runs again (a warm pipeline run spends no time there), and the metrics are the same."""
+    import circuit_discovery.sae.dictionaries as dictionaries
+
+    kw = dict(layers=[0, 1], training_tokens=1024, n_sequences=4, evaluate=True, eval_tokens=32, progress=False,
+              cache_dir=tmp_path / "saes", corpus_cache_dir=tmp_path)
+    first = dictionaries.train_transcoders(model, **kw)
+    assert first.trained == [0, 1] and set(first.metrics) == {0, 1}
+    assert 0 < first.metrics[0]["n_tokens"] <= 32
+
+    def boom(*a, **k):
+        raise AssertionError("evaluate_sae ran again on a warm cache")
+
+    monkeypatch.setattr("circuit_discovery.sae.evaluate.evaluate_sae", boom)
+    second = dictionaries.train_transcoders(model, **kw)
+    assert second.trained == [] and second.metrics == first.metrics
+    with pytest.raises(AssertionError, match="warm cache"):  # other eval settings are measured again
+        dictionaries.train_transcoders(model, **{**kw, "eval_tokens": 16})

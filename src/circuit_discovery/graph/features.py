@@ -335,26 +335,32 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
     W_U = model.W_U.detach().float()
     u_mean = W_U.mean(0)
 
+    # One forward pass of the frozen replacement model (batch 1) with zero-valued leaves at the sources; its
+    # graph is kept, and each batch of targets is one vmapped backward (``is_grads_batched``) through it. The
+    # network is affine in the sources under the replay, so every target's row comes from the same forward
+    # (3-4x faster than a forward of B copies of the prompt per batch).
+    d_e = torch.zeros(1, n, d, requires_grad=True)
+    d_m = {l: torch.zeros(1, n, d, requires_grad=True) for l in range(L)}
+    x_in1, final1 = replacement_inputs(model, tokens, replay, st.emb[None] + d_e,
+                                       {l: st.mlp_out[l][None] + d_m[l] for l in range(L)}, transcoders,
+                                       requires_grad=True)
+    leaves = [d_e] + [d_m[l] for l in range(L)]
+    dec_rows = {l: tc.W_dec.detach().float()[feat_f_t[feat_l_t == l]] for l, tc in transcoders.items()}  # [S, d]
+
     def rows_for(targets: list[tuple[str, int]]) -> Tensor:
         """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
         B = len(targets)
-        tok_b = tokens.expand(B, n)
-        d_e = torch.zeros(B, n, d, requires_grad=True)
-        d_m = {l: torch.zeros(B, n, d, requires_grad=True) for l in range(L)}
-        emb = st.emb[None] + d_e
-        mlp = {l: st.mlp_out[l][None] + d_m[l] for l in range(L)}
-        x_in, final = replacement_inputs(model, tok_b, replay, emb, mlp, transcoders, requires_grad=True)
-        total = torch.zeros((), dtype=torch.float32)
-        for i, (kind, j) in enumerate(targets):
+        outs = []
+        for kind, j in targets:
             if kind == "logit":
-                total = total + final[i, -1].float() @ (W_U[j] - u_mean)
+                outs.append(final1[0, -1].float() @ (W_U[j] - u_mean))
             else:
                 l, p, f = feat_l[j], feat_p[j], feat_f[j]
-                total = total + x_in[l][i, p].float() @ transcoders[l].W_enc[:, f].detach().float()
-        leaves = [d_e] + [d_m[l] for l in range(L)]
-        grads = torch.autograd.grad(total, leaves, allow_unused=True)
-        g_e = grads[0] if grads[0] is not None else torch.zeros(B, n, d)
-        g_m = [g if g is not None else torch.zeros(B, n, d) for g in grads[1:]]
+                outs.append(x_in1[l][0, p].float() @ transcoders[l].W_enc[:, f].detach().float())
+        grads = torch.autograd.grad(torch.stack(outs), leaves, grad_outputs=torch.eye(B), retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        g_e = grads[0][:, 0] if grads[0] is not None else torch.zeros(B, n, d)
+        g_m = [g[:, 0] if g is not None else torch.zeros(B, n, d) for g in grads[1:]]
         rows = torch.zeros(B, n_cols, dtype=torch.float32)
         rows[:, emb_off:] = (g_e * st.emb[None]).sum(-1)
         for l in range(L):
@@ -363,8 +369,9 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
             sel = (feat_l_t == l).nonzero().flatten()
             if len(sel) == 0:
                 continue
-            proj = g_m[l] @ tc.W_dec.detach().float().T  # [B, n, d_sae]
-            rows[:, sel] = proj[:, feat_p_t[sel], feat_f_t[sel]] * feat_a_t[sel][None]
+            # gradient . decoder row of the active features only ([B, n, S]), read at each one's position
+            proj = g_m[l] @ dec_rows[l].T
+            rows[:, sel] = proj[:, feat_p_t[sel], torch.arange(len(sel))] * feat_a_t[sel][None]
         return rows.detach()
 
     bar = None
@@ -473,6 +480,14 @@ def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tupl
     demeaned over the vocabulary)."""
     out: dict[tuple[int, int], str] = {}
     feats = list(dict.fromkeys(feats))
+    todo = []
+    for l, f in feats:  # cached on the transcoder: features recur across the prompts of a relation
+        hit = transcoders[l].__dict__.setdefault("_frc_promoted", {}).get((f, top_n))
+        if hit is None:
+            todo.append((l, f))
+        else:
+            out[(l, f)] = hit
+    feats = todo
     for s in range(0, len(feats), chunk):
         part = feats[s: s + chunk]
         dirs = torch.stack([transcoders[l].W_dec[f].detach() for l, f in part]).to(model.device, model.dtype)
@@ -481,6 +496,7 @@ def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tupl
         top = logits.topk(top_n, dim=-1).indices.tolist()
         for key, ids in zip(part, top):
             out[key] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
+            transcoders[key[0]].__dict__["_frc_promoted"][(key[1], top_n)] = out[key]
     return out
 
 

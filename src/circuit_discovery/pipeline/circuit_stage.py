@@ -91,15 +91,9 @@ def validate_relation(model, pairs: Sequence, found: dict, cfg: RunConfig, seed:
     else:
         out["held_out_faithfulness"], out["n_held_out"] = None, 0
     k5 = max(1, int(0.05 * out["n_universe"]))
-    top5 = ranked[:k5]
-    per_prompt = []
-    for p in pairs:
-        e1 = CircuitEvaluator(model, [p], metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
-        try:
-            per_prompt.append(float(e1.faithfulness(top5)))
-        except Exception as e:  # a prompt whose clean and ablated metrics coincide has no defined faithfulness
-            log.info("per-prompt faithfulness undefined for %r: %s", p.clean_prompt, e)
-    out["faithfulness_at_5pct_per_prompt"] = per_prompt
+    # per prompt, discovery and held-out alike (a prompt whose clean and ablated metrics coincide has none)
+    per_prompt = ev.faithfulness_per_prompt(ranked[:k5]) + (hev.faithfulness_per_prompt(ranked[:k5]) if held else [])
+    out["faithfulness_at_5pct_per_prompt"] = [f for f in per_prompt if f is not None]
     out.update({k: v.tolist() for k, v in attention_knockout_halves(model, pairs, cfg.metric).items()})
     return out
 

@@ -27,7 +27,7 @@ class RunConfig:
     dataset: str | None = None          # None: the built-in facts; else a JSON file (seed, rich or ROME format)
     out: str | None = None              # None: outputs/circuit_discovery_YYYYMMDD_HHMMSS
     known_k: int = 1                    # a fact is known when its first answer token ranks <= k
-    max_facts: int = 8                  # facts per relation used for attribution (known ones first)
+    max_facts: int = 6                  # facts per relation used for attribution (known ones first)
     metric: str = "logit_diff"
     top_nodes: int = 12                 # nodes kept in a relation's first circuit
     batch_size: int = 32
@@ -36,7 +36,7 @@ class RunConfig:
     progress: bool = True
     quick_relations: int = 4            # with --quick: the first N relations...
     quick_facts: int = 3                # ...and N facts each
-    patching_facts: int = 2             # prompts per relation for the exact resid_pre patching heatmap
+    patching_facts: int = 1             # prompts per relation for the exact resid_pre patching heatmap
     granularity: str = "head"           # component circuits: attention heads ("head") or whole layers ("layer")
     component_method: str = "eap"       # edge scores: "eap" (one backward) or "eap-ig"
     ig_steps: int = 5                   # EAP-IG steps
@@ -44,19 +44,20 @@ class RunConfig:
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
     held_out_fraction: float = 0.34     # facts held out from discovery and used only for validation
     ablation: str = "corrupted"         # outside the circuit: "corrupted", "mean" or "zero"
-    n_random: int = 100                 # random circuits in the baseline
+    n_random: int = 50                  # random circuits in the baseline (smallest p = 1/51)
     graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
     causal_facts: int = 2               # facts per relation traced ROME-style (MLP, last subject token)
-    causal_samples: int = 3             # noise samples per traced fact
-    causal_full_facts: int = 3          # facts traced at every token and layer (states, MLP, attention) for the figure
+    causal_samples: int = 2             # noise samples per traced fact
+    causal_full_facts: int = 2          # facts traced at every token and layer (states, MLP, attention) for the figure
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)
     sae_eval_tokens: int = 256          # held-out tokens per layer for the SAELens metrics (0: skip)
-    feature_facts: int = 3              # discovery facts per relation for feature graphs
-    feature_nodes: int = 256            # feature nodes per prompt graph (visited by estimated influence)
+    feature_facts: int = 2              # discovery facts per relation for feature graphs
+    feature_nodes: int = 128            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
+    steer_random: int = 20              # draws of random subject features steered as the sufficiency baseline
     feature_context_tokens: int = 2048  # held-out corpus tokens searched for each circuit feature's top contexts
     feature_max_edges: int = 1000       # strongest edges of a feature circuit kept in circuits.json (the count
                                         # after pruning goes to the circuit's n_edges_pruned_graph)

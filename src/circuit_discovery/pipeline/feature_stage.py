@@ -83,7 +83,7 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg
         val["n_held_out"] = len(held)
     else:
         val["held_out_faithfulness"], val["n_held_out"] = None, 0
-    val.update(features_matter_data(ev, ranked, cfg.steer_features, cfg.n_random, seed))
+    val.update(features_matter_data(ev, ranked, cfg.steer_features, cfg.steer_random, seed))
     circuit.faithfulness = val["faithfulness"]
     return {"circuit": circuit.to_dict(), "info": dict(res.info),
             "validation": val, "n_discovery": len(disc), "n_held_out": len(held)}

@@ -208,9 +208,13 @@ class Run:
         the figure."""
         from ..attribution.causal_tracing import causal_tracing
 
+        # restored runs end in a full-vocabulary unembedding (answer probability): bigger batches read the
+        # 262k x d_model unembedding fewer times (7.7 ms/row at 32 rows, 4.7 ms/row at 128 on 2 cores)
+        ct_batch = max(self.cfg.batch_size, 128)
+
         def trace(rel, pairs):
             tr = causal_tracing(self.model, pairs[: self.cfg.causal_facts], kinds=("mlp",), roles=["subject_last"],
-                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=ct_batch)
             arr = tr.scores.per_prompt_array("mlp_out")  # [n_facts, n_layers, n_pos]
             return {"mlp_ie_subject_last": [arr[i][:, pairs[i].subject_span[1] - 1].tolist()
                                             for i in range(arr.shape[0])]}
@@ -221,7 +225,7 @@ class Run:
             summary = None
             if full:
                 tr = causal_tracing(self.model, full, kinds=("states", "mlp", "attn"), n_samples=self.cfg.causal_samples,
-                                    seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+                                    seed=self.cfg.seed, batch_size=ct_batch)
                 summary = tr.summary()
                 summary["states_table"] = tr.by_class("states").tolist()
                 summary["prompts"] = [p.clean_prompt for p in full]

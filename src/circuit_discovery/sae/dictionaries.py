@@ -18,10 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from circuit_discovery.errors import InputError
+from circuit_discovery.io import atomic_write_json, read_json
 from circuit_discovery.sae.architectures import SparseAutoencoder
+from circuit_discovery.sae.io import cached_sae_path, sae_cache_key
 from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes_on_model
 
 __all__ = ["DictionarySet", "transcoder_configs", "train_transcoders"]
+
+_EVAL_VERSION = 1  # bump when evaluate_sae changes what it measures (invalidates cached metrics)
 
 
 def transcoder_configs(n_layers: int, layers: Sequence[int] | None = None, training_tokens: int = 100_000,
@@ -66,7 +70,8 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
     ``layers``: default every layer. ``training_tokens``/``k``/``architecture``/``seed``: see
     :class:`SAETrainConfig` (the defaults meet the quality bar at the middle layer of Gemma 3 270M; see
     ``docs/sae.md``). ``evaluate``: compute the SAELens metrics of each transcoder on ``eval_tokens`` held-out
-    tokens (MLP replaced by the transcoder in the CE score).
+    tokens (MLP replaced by the transcoder in the CE score); the metrics of a transcoder taken from the cache
+    are cached too (``<cache>/evals/``), so a warm run does not evaluate again.
     """
     from circuit_discovery.sae.corpus import build_corpus, split_heldout
     from circuit_discovery.sae.evaluate import evaluate_sae
@@ -94,8 +99,21 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
     if evaluate:
         for c in cfgs:
             layer = int(c.hook_name.split(".")[1])
-            m = evaluate_sae(model, tcs[layer], c.hook_name, heldout, n_tokens=eval_tokens,
-                             hook_name_out=c.hook_name_out)
-            out.metrics[layer] = {k2: float(v) for k2, v in m.items() if isinstance(v, (int, float))}
+            # metrics are a function of the transcoder (its cache key) and the held-out tokens: cached beside it
+            eval_path = cached_sae_path(cache_dir, "evals") / (
+                sae_cache_key(model.cfg.model_name, c.key, {"cfg": c.to_dict(), "eval_tokens": int(eval_tokens),
+                                                            "version": _EVAL_VERSION}, corpus.corpus_id) + ".json")
+            m = None
+            if layer not in trained and eval_path.is_file():
+                try:
+                    m = read_json(eval_path)
+                except (OSError, ValueError):
+                    m = None
+            if m is None:
+                m = evaluate_sae(model, tcs[layer], c.hook_name, heldout, n_tokens=eval_tokens,
+                                 hook_name_out=c.hook_name_out)
+                m = {k2: float(v) for k2, v in m.items() if isinstance(v, (int, float))}
+                atomic_write_json(eval_path, m)
+            out.metrics[layer] = m
     out.seconds = time.perf_counter() - t0
     return out

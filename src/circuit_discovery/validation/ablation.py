@@ -85,8 +85,14 @@ class EvaluatorMethods:
 
     _universe: list[str]
 
-    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:  # pragma: no cover - abstract
+    def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:  # pragma: no cover - abstract
+        """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
         raise NotImplementedError
+
+    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
+        """``m(C)`` for each node set, averaged over the prompts."""
+        per = self.metric_per_prompt(node_sets)
+        return per.mean(1).tolist() if per.numel() else []
 
     def _components_only(self, nodes: Sequence[str]) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -111,6 +117,18 @@ class EvaluatorMethods:
     def faithfulness(self, circuit: Iterable[str]) -> float:
         mc, mf, me = self.metric_of([list(circuit), self._universe, []])
         return float(curves.faithfulness(mc, mf, me))
+
+    def faithfulness_per_prompt(self, circuit: Iterable[str]) -> list[float | None]:
+        """Faithfulness of ``circuit`` on each prompt alone (``None`` where that prompt's ``m(N) == m(∅)``):
+        one batched evaluation instead of one evaluator per prompt."""
+        per = self.metric_per_prompt([list(circuit), self._universe, []])
+        out: list[float | None] = []
+        for mc, mf, me in per.T.tolist():
+            try:
+                out.append(float(curves.faithfulness(mc, mf, me)))
+            except curves.DegenerateMetricError:
+                out.append(None)
+        return out
 
     def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
         """:func:`curves.faithfulness_curve` over ``ranked_nodes`` (restricted to ablatable nodes)."""
@@ -271,14 +289,13 @@ class CircuitEvaluator(EvaluatorMethods):
         return out
 
     # ------------------------------------------------------------------ evaluation
-    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
-        """``m(C)`` for each node set (averaged over all prompts): ``[len(node_sets)]`` floats."""
+    def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:
+        """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
         sets = [list(s) for s in node_sets]
+        total = torch.zeros(len(sets), len(self.pairs), dtype=torch.float64)
         if not sets:
-            return []
+            return total
         masks = [[m for m in (self._node_masks(i) for i in s) if m is not None] for s in sets]
-        total = torch.zeros(len(sets), dtype=torch.float64)
-        n_all = len(self.pairs)
         for gi, g in enumerate(self._groups):
             b, n = g.batch.tokens.shape
             per = max(1, self.max_batch // b)
@@ -293,10 +310,9 @@ class CircuitEvaluator(EvaluatorMethods):
                     for nm in node_masks:
                         hook, m = nm[gi]
                         keep[hook][v] |= m
-                vals = self._run(g, keep, V)
-                total[c: c + V] += vals.sum(1)
+                total[c: c + V, g.idx] = self._run(g, keep, V)
         self.n_evaluations += len(sets)
-        return (total / n_all).tolist()
+        return total
 
     def _run(self, g, keep: dict[str, Tensor], V: int) -> Tensor:
         b, n = g.batch.tokens.shape

@@ -145,11 +145,6 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                 raise InputError(f"node {node_id!r}: feature index missing or out of range")
         return comp, layer, index, role
 
-    def metric_of(self, node_sets: Sequence[Iterable[str]]) -> list[float]:
-        """``m(C)`` for each node set, averaged over the prompts."""
-        per = self.metric_per_prompt(node_sets)
-        return per.mean(1).tolist() if per.numel() else []
-
     def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:
         """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
         enc = [self._encode(s) for s in node_sets]
