@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from .errors import CircuitDiscoveryError
+from .pipeline.config import RunConfig as _Defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Find and test the circuits with which transformer LMs recall facts.")
@@ -38,8 +39,8 @@ def run(
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     relations: Optional[list[str]] = typer.Option(None, "--relations", help="Relations to run (comma-separated or repeated)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Facts JSON: seed, rich, known_1000 or CounterFact format."),
-    max_facts: Optional[int] = typer.Option(None, "--max-facts", help="Facts per relation used for attribution [default: 8]"),
-    known_k: Optional[int] = typer.Option(None, "--known-k", help="A fact is known when its answer ranks <= k [default: 1]"),
+    max_facts: Optional[int] = typer.Option(None, "--max-facts", help=f"Facts per relation used for attribution [default: {_Defaults.max_facts}]"),
+    known_k: Optional[int] = typer.Option(None, "--known-k", help=f"A fact is known when its answer ranks <= k [default: {_Defaults.known_k}]"),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished stages in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
@@ -132,10 +133,10 @@ def attribute(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optiona
 def train_sae(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL,
               layers: Optional[list[str]] = typer.Option(None, "--layers", help="Layers [default: all]"),
               training_tokens: Optional[int] = typer.Option(None, "--training-tokens",
-                                                            help="Tokens per transcoder [default: 100000]"),
-              k: Optional[int] = typer.Option(None, "--k", help="TopK active latents [default: 64]"),
+                                                            help=f"Tokens per transcoder [default: {_Defaults.sae_training_tokens}]"),
+              k: Optional[int] = typer.Option(None, "--k", help=f"TopK active latents [default: {_Defaults.sae_k}]"),
               eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens",
-                                                        help="Held-out tokens per layer for metrics [default: 256]"),
+                                                        help=f"Held-out tokens per layer for metrics [default: {_Defaults.sae_eval_tokens}]"),
               no_progress: bool = _NOPROG) -> None:
     """Train (or reuse from the cache) one transcoder per layer; metrics go to --out/stages/dictionaries.json."""
     try:

@@ -145,6 +145,30 @@ def test_per_query_attention_gradients_sum_to_full_gradient(gemma3, granularity)
     torch.testing.assert_close(ex["attn_in_grad"], torch.stack(g, 1), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("granularity", ["head", "layer"])
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_vmapped_attention_vjps_equal_one_pass_per_query(gemma3, granularity, alpha):
+    """The one-forward, vmapped-backward per-query attention gradients equal the reference (a forward cut after
+    each query position and one backward per query)."""
+    from circuit_discovery.graph.component import ComponentLayout, _attention_vjps, _attention_vjps_all
+
+    pairs = _pairs(gemma3)
+    batch = batch_from_pairs(gemma3, pairs)
+    corr = batch_from_pairs(gemma3, pairs, corrupted=True).tokens
+    b, n = batch.tokens.shape
+    L, cfg = gemma3.cfg.n_layers, gemma3.cfg
+    layout = ComponentLayout(L, cfg.n_heads, n, granularity)
+    torch.manual_seed(0)
+    shape = (b, n, cfg.n_heads, cfg.d_head) if granularity == "head" else (b, n, cfg.d_model)
+    g_attn = [torch.randn(shape) for _ in range(L)]
+    with torch.no_grad():
+        ec, er = gemma3.embed(batch.tokens), gemma3.embed(corr)
+    fast = _attention_vjps_all(gemma3, batch.tokens, ec, er, alpha, g_attn, layout)
+    for q in range(n):
+        ref = _attention_vjps(gemma3, batch.tokens, ec, er, alpha, g_attn, q, layout)
+        torch.testing.assert_close(fast[q], ref, rtol=1e-4, atol=1e-6)
+
+
 def test_node_score_is_attribution_patching(llama):
     """Sum of a node's outgoing edges = (a(clean) - a(corr)) . dm/da from autograd (llama: heads are linear in z)."""
     pairs = _pairs(llama)

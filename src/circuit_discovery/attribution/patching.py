@@ -70,6 +70,9 @@ def node_patches(node: Node, n_layers: int, window: int = 1, align: str = "start
             for l in window_layers(node.layer, window, n_layers, align)]
 
 
+_MIN_ROWS = 32  # patched runs per forward below which start-layer groups are merged
+
+
 def _layer_of(hook: str) -> int:
     return int(hook.split(".")[1])
 
@@ -107,9 +110,28 @@ def patch_runs(model, inputs: PairInputs, variants: Sequence[tuple[int, Sequence
         groups[min(_layer_of(p.hook) for p in ps)].append(i)
     out = torch.empty(len(variants), dtype=torch.float64)
     dev = model.device
+    # final hidden states wait until batch_size rows are pending, then the metric runs once on all of them: a
+    # metric with a full-vocabulary unembedding (causal tracing's probability) reads the 262k-row unembedding
+    # once per batch instead of once per (start layer, chunk), which dominates when groups are small
+    pending: list[tuple[Tensor, Tensor, Tensor]] = []
+
+    def flush():
+        if pending:
+            h, rows, idx = (torch.cat(x) for x in zip(*pending))
+            out[idx] = mfn(model, h, select(inputs.clean, rows)).double().cpu()
+            pending.clear()
+
+    # small start-layer groups are merged into the group below them (a run that starts lower recomputes the
+    # unpatched layers from the base cache, which changes nothing): many tiny forwards cost more than a few
+    # full-size ones
+    merged: list[tuple[int, list[int]]] = []
+    for start in sorted(groups):
+        if merged and len(merged[-1][1]) < min(_MIN_ROWS, batch_size):
+            merged[-1][1].extend(groups[start])
+        else:
+            merged.append((start, list(groups[start])))
     with torch.no_grad():
-        for start in sorted(groups):
-            idxs = groups[start]
+        for start, idxs in merged:
             for c in range(0, len(idxs), batch_size):
                 chunk = idxs[c:c + batch_size]
                 rows = torch.tensor([variants[i][0] for i in chunk], device=dev)
@@ -117,7 +139,10 @@ def patch_runs(model, inputs: PairInputs, variants: Sequence[tuple[int, Sequence
                 resid = base_cache[f"blocks.{start}.hook_resid_pre"][rows]
                 with model.start_at_layer(start, resid), model.hooks(hooks):
                     h = model.final_hidden(base_batch.tokens[rows], base_batch.mask[rows])
-                out[torch.tensor(chunk)] = mfn(model, h, select(inputs.clean, rows)).double().cpu()
+                pending.append((h, rows, torch.tensor(chunk)))
+                if sum(len(p[1]) for p in pending) >= batch_size:
+                    flush()
+        flush()
     return out
 
 

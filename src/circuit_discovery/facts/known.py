@@ -102,11 +102,16 @@ def _teacher_forced_worst_rank(model, prompts: Sequence[str], answers: Sequence[
         ext[r, : len(row)] = torch.tensor(row)
         ext_mask[r, : len(row)] = 1
     hidden = model.final_hidden(ext, ext_mask)
-    out = []
-    for r, (l, a) in enumerate(zip(lengths, answers)):
-        pos = torch.arange(l - 1, l - 1 + len(a), device=hidden.device)
-        lg = model.unembed(hidden[r, pos]).float()
-        out.append(int(answer_ranks(lg, list(a)).max()))
+    rows = [(r, p) for r, (l, a) in enumerate(zip(lengths, answers)) for p in range(l - 1, l - 1 + len(a))]
+    r_idx = torch.tensor([r for r, _ in rows], device=hidden.device)
+    p_idx = torch.tensor([p for _, p in rows], device=hidden.device)
+    # one full-vocabulary unembedding for every answer position of the batch (it is bound by reading the
+    # unembedding matrix, so one call per fact would cost as much as one per batch)
+    ranks = answer_ranks(model.unembed(hidden[r_idx, p_idx]).float(), [t for a in answers for t in a])
+    out, i = [], 0
+    for a in answers:
+        out.append(int(ranks[i: i + len(a)].max()))
+        i += len(a)
     return out
 
 

@@ -258,7 +258,10 @@ def _base_gradients(model, batch, metric_fn, e_clean, e_corr, alpha, layout):
 
 def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layout) -> Tensor:
     """Gradient at every layer's ``hook_attn_in`` (positions ``<= q``) flowing through the attention output at
-    position ``q`` only (per head in head mode): ``[batch, n_layers, n_attn, q + 1, d_model]``."""
+    position ``q`` only (per head in head mode): ``[batch, n_layers, n_attn, q + 1, d_model]``.
+
+    The reference form (one forward cut after ``q`` and one backward per query position); the edge scores use
+    :func:`_attention_vjps_all`, which the tests check against this."""
     L, A = layout.n_layers, layout.n_attn
     b = tokens.shape[0]
     toks = tokens[:, : q + 1].repeat_interleave(A, 0)  # rows (prompt i, head h) -> i * A + h
@@ -296,6 +299,44 @@ def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layou
     grads = [torch.zeros_like(leaves[l]) if gr is None else gr for l, gr in enumerate(grads)]
     G = torch.stack(grads, 1)  # [rows, L, q+1, d]
     return G.reshape(b, A, L, q + 1, -1).permute(0, 2, 1, 3, 4)
+
+
+def _attention_vjps_all(model, tokens, e_clean, e_corr, alpha, g_attn, layout) -> list[Tensor]:
+    """:func:`_attention_vjps` for every query position ``q`` from **one** forward pass: the full-length run
+    gives the same attention outputs at ``q`` as a run cut after ``q`` (causal attention), and the ``n x n_attn``
+    per-(query, head) backward passes run as one vmapped backward (``is_grads_batched``). Returns the list over
+    ``q`` of ``[batch, n_layers, n_attn, q + 1, d_model]``."""
+    L, A = layout.n_layers, layout.n_attn
+    b, n = tokens.shape
+    leaves: dict[int, Tensor] = {}
+    outs: dict[int, Tensor] = {}
+
+    def leaf(act, name):
+        x = act.detach().requires_grad_(True)
+        leaves[int(name.split(".")[1])] = x
+        return x
+
+    def cut(act, name):
+        outs[int(name.split(".")[1])] = act
+        return act.detach()
+
+    attn_name = "attn.hook_z" if layout.granularity == "head" else "hook_attn_out"
+    hooks = [("hook_embed", _interp_hook(e_clean, e_corr, alpha, False))]
+    hooks += [(f"blocks.{l}.hook_attn_in", leaf) for l in range(L)]
+    hooks += [(f"blocks.{l}.{attn_name}", cut) for l in range(L)]
+    with torch.enable_grad(), model.hooks(hooks):
+        model.final_hidden(tokens, torch.ones_like(tokens))
+        total = 0.0
+        for l in range(L):
+            prod = (outs[l] * g_attn[l]).sum(-1)  # [b, n, H] (head) or [b, n] (layer)
+            total = total + (prod if layout.granularity == "head" else prod[..., None]).sum(0)  # [n, A]
+    y = total.reshape(n * A)
+    grads = torch.autograd.grad(y, [leaves[l] for l in range(L)], grad_outputs=torch.eye(n * A, dtype=y.dtype),
+                                allow_unused=True, is_grads_batched=True)
+    grads = [torch.zeros(n * A, *leaves[l].shape, dtype=leaves[l].dtype) if gr is None else gr
+             for l, gr in enumerate(grads)]
+    G = torch.stack(grads, 2).reshape(n, A, b, L, n, -1)  # [q, h, b, L, p, d]
+    return [G[q, :, :, :, : q + 1].permute(1, 2, 0, 3, 4) for q in range(n)]
 
 
 def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granularity: str = "head",
@@ -348,8 +389,7 @@ def component_edge_scores(model, pairs: Sequence, *, metric="logit_diff", granul
             m_vals[alpha] = m
             E_mlp += w * torch.einsum("bspd,blpd->blsp", delta, g_mlp).double().cpu()
             E_log += w * torch.einsum("bspd,bpd->bsp", delta, g_fin).double().cpu()
-            for q in range(n):
-                G = _attention_vjps(model, batch.tokens, e_clean, e_corr, alpha, g_attn, q, layout)
+            for q, G in enumerate(_attention_vjps_all(model, batch.tokens, e_clean, e_corr, alpha, g_attn, layout)):
                 E_att[:, :, :, q, :, : q + 1] += w * torch.einsum(
                     "bspd,blhpd->blhsp", delta[:, :, : q + 1], G).double().cpu()
                 attn_in_grad[:, :, : q + 1] += w * G.sum(2).double().cpu()

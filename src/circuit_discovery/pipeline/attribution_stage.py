@@ -26,10 +26,12 @@ def metric_pairs(model, facts, seed: int, metric: str = "logit_diff") -> tuple[l
 
 
 def relation_pairs(model, facts, cfg: RunConfig) -> list:
-    """The relation's metric-ready pairs; subject-swap pairs first (component graphs need a corrupted prompt:
-    a noise pair's corrupted tokens equal its clean ones)."""
+    """The relation's first ``cfg.max_facts`` metric-ready pairs, subject-swap pairs first (component graphs need
+    a corrupted prompt: a noise pair's corrupted tokens equal its clean ones). Counterfactual subjects are drawn
+    from all of ``facts``."""
     pairs, _ = metric_pairs(model, facts, cfg.seed, cfg.metric)
-    return [p for p in pairs if p.corruption == "subject_swap"] + [p for p in pairs if p.corruption != "subject_swap"]
+    pairs = [p for p in pairs if p.corruption == "subject_swap"] + [p for p in pairs if p.corruption != "subject_swap"]
+    return pairs[: cfg.max_facts]
 
 
 def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = None) -> dict | None:

@@ -147,7 +147,8 @@ class Run:
         return self._stage("known", run)
 
     def known_facts(self, known: dict) -> dict[str, list]:
-        """Known facts per relation (in dataset order), capped at ``max_facts``."""
+        """Known facts per relation (in dataset order): all of them, so that counterfactual subjects can come from
+        the whole relation; :meth:`relation_pairs` keeps ``max_facts`` pairs."""
         from ..facts import with_answer
 
         best = {(s["relation"], s["subject"], s["prompt"]): s for s in known["facts"]}
@@ -161,7 +162,7 @@ class Run:
             if not kept:
                 log.warning("relation %s: no known facts (of %d); skipped", rel, len(self.dataset[rel]))
                 continue
-            out[rel] = kept[: self.cfg.max_facts]
+            out[rel] = kept
         return out
 
     def _relations_loop(self, items, desc: str, fn):
