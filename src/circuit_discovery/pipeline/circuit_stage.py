@@ -57,11 +57,13 @@ def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, 
 def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], n_random: int, seed: int, ablation: str) -> dict:
     """Faithfulness, MIB curve (CPR/CMD), references and random-circuit baseline of ``ids`` with evaluator ``ev``
     (component or feature circuits alike)."""
+    from ..validation.curves import faithfulness
+
     n_universe = len(ev.universe)
-    f = ev.faithfulness(ids)
+    m_c, m_full, m_empty = ev.metric_of([list(ids), ev.universe, []])  # references evaluated once, shared below
+    f = faithfulness(m_c, m_full, m_empty)
     curve = ev.curve(ranked)
-    base = ev.random_baseline(ids, n_samples=n_random, seed=seed)
-    m_full, m_empty = ev.references()
+    base = ev.random_baseline(ids, n_samples=n_random, seed=seed, m_full=m_full, m_empty=m_empty)
     return {"faithfulness": float(f), "circuit_size": len(ids), "n_universe": n_universe,
             "node_share": len(ids) / max(n_universe, 1), "m_full": float(m_full), "m_empty": float(m_empty),
             "cpr": float(curve.cpr), "cmd": float(curve.cmd),

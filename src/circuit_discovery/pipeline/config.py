@@ -44,9 +44,9 @@ class RunConfig:
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
     held_out_fraction: float = 0.34     # facts held out from discovery and used only for validation
     ablation: str = "corrupted"         # outside the circuit: "corrupted", "mean" or "zero"
-    n_random: int = 50                  # random circuits in the baseline (smallest p = 1/51)
+    n_random: int = 40                  # random circuits in the baseline (smallest p = 1/41)
     graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
-    causal_facts: int = 2               # facts per relation traced ROME-style (MLP, last subject token)
+    causal_facts: int = 1               # facts per relation traced ROME-style (MLP, last subject token)
     causal_samples: int = 2             # noise samples per traced fact
     causal_full_facts: int = 2          # facts traced at every token and layer (states, MLP, attention) for the figure
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
@@ -57,8 +57,8 @@ class RunConfig:
     feature_facts: int = 2              # discovery facts per relation for feature graphs
     feature_nodes: int = 128            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
-    steer_random: int = 20              # draws of random subject features steered as the sufficiency baseline
-    feature_context_tokens: int = 2048  # held-out corpus tokens searched for each circuit feature's top contexts
+    steer_random: int = 10              # draws of random subject features steered as the sufficiency baseline
+    feature_context_tokens: int = 1024  # held-out corpus tokens searched for each circuit feature's top contexts
     feature_max_edges: int = 1000       # strongest edges of a feature circuit kept in circuits.json (the count
                                         # after pruning goes to the circuit's n_edges_pruned_graph)
     extra: dict = field(default_factory=dict)

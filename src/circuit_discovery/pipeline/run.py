@@ -140,7 +140,7 @@ class Run:
         from ..facts import filter_known
 
         def run():
-            _, report = filter_known(self.model, self.dataset, k=self.cfg.known_k, batch_size=self.cfg.batch_size,
+            _, report = filter_known(self.model, self.dataset, k=self.cfg.known_k, batch_size=max(self.cfg.batch_size, 64),
                                      progress=self.cfg.progress)
             return report.to_dict()
 

@@ -60,7 +60,7 @@ COMPONENT_COLOURS = {
     "logit": "#1f77b4",
 }
 _NAN_COLOUR = "#d9d9d9"
-_DPI = 150
+_DPI = 120
 
 
 class FigureInputError(ValueError):
