@@ -68,7 +68,7 @@ class RunConfig:
         if not self.quick:
             return self
         return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts), patching_facts=1,
-                                   n_random=100, graphs_per_relation=1, causal_facts=1, causal_samples=2,
+                                   graphs_per_relation=1, causal_facts=1, causal_samples=2,
                                    causal_full_facts=0, sae_training_tokens=min(self.sae_training_tokens, 10_240),
                                    sae_eval_tokens=0, feature_facts=min(self.feature_facts, 2),
                                    feature_nodes=min(self.feature_nodes, 64),
