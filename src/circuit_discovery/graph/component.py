@@ -256,18 +256,10 @@ def _base_gradients(model, batch, metric_fn, e_clean, e_corr, alpha, layout):
     return (torch.stack(grads[:L], 1), grads[L: 2 * L], grads[-1], m.detach())
 
 
-def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layout) -> Tensor:
-    """Gradient at every layer's ``hook_attn_in`` (positions ``<= q``) flowing through the attention output at
-    position ``q`` only (per head in head mode): ``[batch, n_layers, n_attn, q + 1, d_model]``.
-
-    The reference form (one forward cut after ``q`` and one backward per query position); the edge scores use
-    :func:`_attention_vjps_all`, which the tests check against this."""
-    L, A = layout.n_layers, layout.n_attn
-    b = tokens.shape[0]
-    toks = tokens[:, : q + 1].repeat_interleave(A, 0)  # rows (prompt i, head h) -> i * A + h
-    ec = e_clean[:, : q + 1].repeat_interleave(A, 0)
-    er = e_corr[:, : q + 1].repeat_interleave(A, 0)
-    head_idx = torch.arange(A, device=tokens.device).repeat(b)
+def _cut_attention_hooks(e_clean, e_corr, alpha, layout):
+    """Hooks that make every layer's attention a separate function of its own input: ``hook_attn_in`` becomes a
+    fresh leaf (``leaves[l]``) and the attention output (``z`` per head, or ``attn_out``) is recorded
+    (``outs[l]``) and passed on detached. Returns ``(hooks, leaves, outs)``; the dicts fill during the forward."""
     leaves: dict[int, Tensor] = {}
     outs: dict[int, Tensor] = {}
 
@@ -281,9 +273,25 @@ def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layou
         return act.detach()
 
     attn_name = "attn.hook_z" if layout.granularity == "head" else "hook_attn_out"
-    hooks = [("hook_embed", _interp_hook(ec, er, alpha, False))]
-    hooks += [(f"blocks.{l}.hook_attn_in", leaf) for l in range(L)]
-    hooks += [(f"blocks.{l}.{attn_name}", cut) for l in range(L)]
+    hooks = [("hook_embed", _interp_hook(e_clean, e_corr, alpha, False))]
+    hooks += [(f"blocks.{l}.hook_attn_in", leaf) for l in range(layout.n_layers)]
+    hooks += [(f"blocks.{l}.{attn_name}", cut) for l in range(layout.n_layers)]
+    return hooks, leaves, outs
+
+
+def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layout) -> Tensor:
+    """Gradient at every layer's ``hook_attn_in`` (positions ``<= q``) flowing through the attention output at
+    position ``q`` only (per head in head mode): ``[batch, n_layers, n_attn, q + 1, d_model]``.
+
+    The reference form (one forward cut after ``q`` and one backward per query position); the edge scores use
+    :func:`_attention_vjps_all`, which the tests check against this."""
+    L, A = layout.n_layers, layout.n_attn
+    b = tokens.shape[0]
+    toks = tokens[:, : q + 1].repeat_interleave(A, 0)  # rows (prompt i, head h) -> i * A + h
+    ec = e_clean[:, : q + 1].repeat_interleave(A, 0)
+    er = e_corr[:, : q + 1].repeat_interleave(A, 0)
+    head_idx = torch.arange(A, device=tokens.device).repeat(b)
+    hooks, leaves, outs = _cut_attention_hooks(ec, er, alpha, layout)
     with torch.enable_grad(), model.hooks(hooks):
         model.final_hidden(toks, torch.ones_like(toks))
         total = 0.0
@@ -308,22 +316,7 @@ def _attention_vjps_all(model, tokens, e_clean, e_corr, alpha, g_attn, layout) -
     ``q`` of ``[batch, n_layers, n_attn, q + 1, d_model]``."""
     L, A = layout.n_layers, layout.n_attn
     b, n = tokens.shape
-    leaves: dict[int, Tensor] = {}
-    outs: dict[int, Tensor] = {}
-
-    def leaf(act, name):
-        x = act.detach().requires_grad_(True)
-        leaves[int(name.split(".")[1])] = x
-        return x
-
-    def cut(act, name):
-        outs[int(name.split(".")[1])] = act
-        return act.detach()
-
-    attn_name = "attn.hook_z" if layout.granularity == "head" else "hook_attn_out"
-    hooks = [("hook_embed", _interp_hook(e_clean, e_corr, alpha, False))]
-    hooks += [(f"blocks.{l}.hook_attn_in", leaf) for l in range(L)]
-    hooks += [(f"blocks.{l}.{attn_name}", cut) for l in range(L)]
+    hooks, leaves, outs = _cut_attention_hooks(e_clean, e_corr, alpha, layout)
     with torch.enable_grad(), model.hooks(hooks):
         model.final_hidden(tokens, torch.ones_like(tokens))
         total = 0.0
