@@ -46,6 +46,7 @@ from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
 from circuit_discovery.models.arch import get_module
+from circuit_discovery.sae.labels import direction_logit_effects
 
 __all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "decoder_directions", "feature_circuit",
            "feature_graph", "replacement_inputs"]
@@ -345,7 +346,8 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
                                        {l: st.mlp_out[l][None] + d_m[l] for l in range(L)}, transcoders,
                                        requires_grad=True)
     leaves = [d_e] + [d_m[l] for l in range(L)]
-    dec_rows = {l: tc.W_dec.detach().float()[feat_f_t[feat_l_t == l]] for l, tc in transcoders.items()}  # [S, d]
+    sel_of = {l: (feat_l_t == l).nonzero().flatten() for l in transcoders}  # active-feature columns per layer
+    dec_rows = {l: tc.W_dec.detach().float()[feat_f_t[sel_of[l]]] for l, tc in transcoders.items()}  # [S, d]
 
     def rows_for(targets: list[tuple[str, int]]) -> Tensor:
         """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
@@ -365,8 +367,8 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
         rows[:, emb_off:] = (g_e * st.emb[None]).sum(-1)
         for l in range(L):
             rows[:, err_off + l * n: err_off + (l + 1) * n] = (g_m[l] * errors[l][None]).sum(-1)
-        for l, tc in transcoders.items():
-            sel = (feat_l_t == l).nonzero().flatten()
+        for l in transcoders:
+            sel = sel_of[l]
             if len(sel) == 0:
                 continue
             # gradient . decoder row of the active features only ([B, n, S]), read at each one's position
@@ -490,11 +492,9 @@ def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tupl
     feats = todo
     for s in range(0, len(feats), chunk):
         part = feats[s: s + chunk]
-        dirs = torch.stack([transcoders[l].W_dec[f].detach() for l, f in part]).to(model.device, model.dtype)
-        logits = model.unembed(model.final_norm(dirs)).float()
-        logits = logits - logits.mean(-1, keepdim=True)
-        top = logits.topk(top_n, dim=-1).indices.tolist()
-        for key, ids in zip(part, top):
+        # directions of several layers stacked: one unembedding call per chunk
+        _, top, _, _ = direction_logit_effects(model, torch.stack([transcoders[l].W_dec[f] for l, f in part]), top_n)
+        for key, ids in zip(part, top.tolist()):
             out[key] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
             transcoders[key[0]].__dict__["_frc_promoted"][(key[1], top_n)] = out[key]
     return out

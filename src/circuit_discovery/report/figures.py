@@ -587,22 +587,20 @@ def circuit_drawing(
     edges.sort(key=lambda e: -absval(e.get("weight")))
     edges = edges[:max_edges]
     wmax = max((absval(e.get("weight")) for e in edges), default=0.0) or 1.0
-    segs, widths, rgba = [], [], []
-    for e in reversed(edges):  # strongest drawn last (on top); one LineCollection is fast for hundreds of edges
+    # per edge, strongest first: (source xy, target xy, |w| / max |w|, colour)
+    drawn = []
+    for e in edges:
         w = _to_float(e.get("weight"))
         frac = absval(w) / wmax
-        segs.append([pos[str(e["source"])], pos[str(e["target"])]])
-        widths.append(0.4 + 4.0 * frac)
-        rgba.append(to_rgba("#2b6cb0" if not (w < 0) else "#c53030", 0.25 + 0.6 * frac))
-    if segs:
-        ax.add_collection(LineCollection(segs, linewidths=widths, colors=rgba, zorder=1))
-    for e in edges[:n_arrows][::-1]:  # arrowheads on the strongest edges show the direction
-        w = _to_float(e.get("weight"))
-        frac = absval(w) / wmax
-        ax.add_patch(FancyArrowPatch(pos[str(e["source"])], pos[str(e["target"])], arrowstyle="-|>",
-                                     mutation_scale=6 + 6 * frac, linewidth=0,
-                                     color=to_rgba("#2b6cb0" if not (w < 0) else "#c53030", 0.25 + 0.6 * frac),
-                                     shrinkA=5, shrinkB=5, zorder=2))
+        drawn.append((pos[str(e["source"])], pos[str(e["target"])], frac,
+                      to_rgba("#2b6cb0" if not (w < 0) else "#c53030", 0.25 + 0.6 * frac)))
+    if drawn:  # one LineCollection (fast for hundreds of edges), strongest drawn last (on top)
+        ax.add_collection(LineCollection([[a, b] for a, b, _, _ in drawn[::-1]],
+                                         linewidths=[0.4 + 4.0 * f for _, _, f, _ in drawn[::-1]],
+                                         colors=[c for _, _, _, c in drawn[::-1]], zorder=1))
+    for a, b, frac, colour in drawn[:n_arrows][::-1]:  # arrowheads on the strongest edges show the direction
+        ax.add_patch(FancyArrowPatch(a, b, arrowstyle="-|>", mutation_scale=6 + 6 * frac, linewidth=0,
+                                     color=colour, shrinkA=5, shrinkB=5, zorder=2))
 
     smax = max((absval(n.get("score")) for n in nodes), default=0.0) or 1.0
     xs = [pos[str(n["id"])][0] for n in nodes]

@@ -19,8 +19,8 @@ from torch import Tensor
 from circuit_discovery.sae.architectures import SparseAutoencoder
 from circuit_discovery.sae.harvest import collect_hook_activations, iter_token_batches, token_mask
 
-__all__ = ["FeatureLabel", "top_activating_contexts", "top_activating_contexts_multi", "feature_logit_effects", "auto_label",
-           "label_features"]
+__all__ = ["FeatureLabel", "top_activating_contexts", "top_activating_contexts_multi", "direction_logit_effects",
+           "feature_logit_effects", "auto_label", "label_features"]
 
 
 @dataclass
@@ -142,6 +142,20 @@ def top_activating_contexts_multi(
 
 
 @torch.no_grad()
+def direction_logit_effects(model, dirs: Tensor, top_n: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Direct logit effect of directions ``dirs`` [n, d_model] through the final norm and the unembedding, demeaned
+    over the vocabulary: ``(promoted values, promoted ids, suppressed values, suppressed ids)``, each [n, top_n]
+    (suppressed values are the negated effects). One unembedding call for all ``n`` (it is bound by reading the
+    vocabulary matrix, so callers should stack directions, also across layers)."""
+    dirs = dirs.detach().to(model.device, dtype=next(model.hf_model.parameters()).dtype)
+    logits = model.unembed(model.final_norm(dirs)).float()  # [n, vocab]
+    logits = logits - logits.mean(-1, keepdim=True)
+    pv, pi = logits.topk(top_n, dim=-1)
+    sv, si = (-logits).topk(top_n, dim=-1)
+    return pv, pi, sv, si
+
+
+@torch.no_grad()
 def feature_logit_effects(
     model, sae: SparseAutoencoder, features: Sequence[int], top_n: int = 10, chunk: int = 32
 ) -> dict[int, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
@@ -151,11 +165,7 @@ def feature_logit_effects(
     feats = [int(f) for f in features]
     for s in range(0, len(feats), chunk):
         ids = feats[s : s + chunk]
-        dirs = sae.W_dec[ids].detach().to(model.device, dtype=next(model.hf_model.parameters()).dtype)
-        logits = model.unembed(model.final_norm(dirs)).float()  # [chunk, vocab]
-        logits = logits - logits.mean(-1, keepdim=True)
-        pv, pi = logits.topk(top_n, dim=-1)
-        sv, si = (-logits).topk(top_n, dim=-1)
+        pv, pi, sv, si = direction_logit_effects(model, sae.W_dec[ids], top_n)
         for j, f in enumerate(ids):
             prom = [(_decode(model, [t]), float(v)) for t, v in zip(pi[j].tolist(), pv[j].tolist())]
             supp = [(_decode(model, [t]), -float(v)) for t, v in zip(si[j].tolist(), sv[j].tolist())]
