@@ -230,6 +230,21 @@ def test_corpus_sampling_is_cached_and_deterministic(model, tmp_path, monkeypatc
         model_sampled_texts(model, n_sequences=0)
 
 
+def test_larger_corpus_starts_from_smaller_cached_run(model, tmp_path, monkeypatch):
+    import circuit_discovery.sae.corpus as corpus_mod
+
+    small = model_sampled_texts(model, n_sequences=5, max_new_tokens=6, seed=1, batch_size=2, cache_dir=tmp_path)
+    fresh = model_sampled_texts(model, n_sequences=8, max_new_tokens=6, seed=1, batch_size=2, cache_dir=tmp_path / "x")
+    calls = []
+    real = corpus_mod.sample_token_batch
+    monkeypatch.setattr(corpus_mod, "sample_token_batch", lambda m, n, *a: calls.append(n) or real(m, n, *a))
+    grown = model_sampled_texts(model, n_sequences=8, max_new_tokens=6, seed=1, batch_size=2, cache_dir=tmp_path)
+    # batches 0 and 1 come from the 5-sequence run; its partial third batch is sampled again, then batch 3
+    assert grown == fresh and grown[:4] == small[:4] and calls == [2, 2]
+    other_seed = model_sampled_texts(model, n_sequences=2, max_new_tokens=6, seed=2, batch_size=2, cache_dir=tmp_path)
+    assert calls == [2, 2, 2] and other_seed != small[:2]
+
+
 def test_train_on_model_uses_cache(model, tmp_path):
     cfgs = [SAETrainConfig("blocks.1.hook_resid_post", training_tokens=256, train_batch_size_tokens=64),
             SAETrainConfig("blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out",

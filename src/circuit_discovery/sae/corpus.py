@@ -12,7 +12,7 @@ The built-in corpus (:func:`build_corpus` with defaults) has two parts:
   (``prompt + answer + "."``). Their prompts are prefixes of these sentences, so a causal model sees
   the prompt activations inside them; adding the bare prompts again would only duplicate rows.
 
-Default size (Gemma 3 270M): 384 x 64 sampled tokens (<= 24,576; EOS cuts a few short) + 537 fact
+Default size (Gemma 3 270M): 256 x 64 sampled tokens (<= 24,576; EOS cuts a few short) + 537 fact
 sentences (~6,000 tokens). Measured cost and counts are in ``docs/sae.md``; the cache file records
 ``n_tokens``, ``seconds`` and ``tokens_per_s``.
 
@@ -171,7 +171,8 @@ def model_sampled_texts(
 
     Batched ancestral sampling with a KV cache (:func:`sample_token_batch`), ``batch_size`` sequences at
     once, each batch seeded from ``seed`` and its index (so results do not depend on where a run resumed).
-    Finished batches are saved to the cache file as they complete, so an interrupted run resumes.
+    Finished batches are saved to the cache file as they complete, so an interrupted run resumes, and a
+    larger run starts from the whole batches of a smaller cached one with the same other settings.
     The cache file also records ``n_tokens`` (sampled tokens kept) and ``seconds`` (generation time).
     """
     if n_sequences <= 0 or max_new_tokens <= 0 or batch_size <= 0:
@@ -192,6 +193,8 @@ def model_sampled_texts(
             n_tok, seconds = int(data.get("n_tokens", 0)), float(data.get("seconds", 0.0))
             if data.get("complete"):
                 return done
+    if not done:
+        done, n_tok, seconds = _reuse_smaller_run(path.parent, settings, model.tokenizer)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -219,6 +222,36 @@ def model_sampled_texts(
         if bar is not None:
             bar.close()
     return done
+
+
+def _reuse_smaller_run(folder: Path, settings: dict, tokenizer) -> tuple[list[str], int, float]:
+    """Whole batches of the largest cached run that differs from ``settings`` only in ``n_sequences``.
+
+    Batch ``b`` is always sampled from the generator seeded with ``seed`` and ``b``, so those texts are exactly
+    what this run would sample first; a larger corpus then only samples the rest. A smaller run's last batch
+    may be partial (other random draws), so it is not reused. -> (texts, their token count, seconds spent).
+    """
+    best: dict | None = None
+    for f in folder.glob("sampled_*.json") if folder.is_dir() else []:
+        try:
+            data = read_json(f)
+        except (OSError, ValueError):
+            continue
+        other = data.get("settings") if isinstance(data, dict) else None
+        if not isinstance(other, dict) or {**other, "n_sequences": settings["n_sequences"]} != settings:
+            continue
+        if best is None or len(data.get("texts", [])) > len(best["texts"]):
+            best = data
+    if best is None:
+        return [], 0, 0.0
+    bs = settings["batch_size"]
+    n = min(len(best["texts"]), settings["n_sequences"]) // bs * bs
+    texts = list(best["texts"][:n])
+    if not texts:
+        return [], 0, 0.0
+    n_tok = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    seconds = float(best.get("seconds", 0.0)) * n / max(len(best["texts"]), 1)
+    return texts, n_tok, seconds
 
 
 def sampled_corpus_path(model_name: str, settings: dict, cache_dir: str | os.PathLike | None = None) -> Path:
