@@ -14,7 +14,7 @@ import typer
 from .errors import CircuitDiscoveryError
 from .pipeline.config import RunConfig as _Defaults
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find and test the circuits with which transformer LMs recall facts.")
 
 

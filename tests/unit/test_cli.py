@@ -71,8 +71,13 @@ def test_bad_config_file(tmp_path):
 
 
 def test_help_shows_defaults():
-    res = runner.invoke(app, ["run", "--help"])
-    assert res.exit_code == 0 and "--quick" in res.output and "default" in res.output.lower()
+    from circuit_discovery.pipeline.config import RunConfig
+
+    res = runner.invoke(app, ["run", "--help"], terminal_width=200)
+    assert res.exit_code == 0 and "--quick" in res.output
+    # bracketed text is printed as written (no console markup eats "[run]" or "[default: ...]")
+    assert f"[default: {RunConfig.max_facts}]" in res.output and "([run] table)" in res.output
+    assert f"[default: {RunConfig.known_k}]" in res.output
 
 
 def test_stage_subcommands_match_one_run(tmp_path):
