@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="one or more budgets (default: SAETrainConfig's)")
     ap.add_argument("--n-sequences", type=int, default=None, help="model-sampled corpus sequences (default: built-in)")
     ap.add_argument("--text-files", nargs="*", default=[], help="extra UTF-8 text files for the corpus")
-    ap.add_argument("--eval-tokens", type=int, default=1024)
+    ap.add_argument("--eval-tokens", type=int, default=1024, help="held-out tokens for the reconstruction and CE "
+                    "metrics")
+    ap.add_argument("--sparsity-tokens", type=int, default=16384, help="held-out tokens (as many as there are, up "
+                    "to this) for l0 and dead_fraction; these need no unembedding")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--cache-dir", default=None, help="corpus cache (default: the package cache)")
     args = ap.parse_args(argv)
@@ -99,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         for cfg in cfgs:
             r = res[cfg.key]
-            m = evaluate_sae(model, r.sae, cfg.hook_name, heldout, n_tokens=args.eval_tokens, context_size=128)
+            m = evaluate_sae(model, r.sae, cfg.hook_name, heldout, n_tokens=args.eval_tokens, context_size=128,
+                             sparsity_tokens=args.sparsity_tokens)
             m["train_explained_variance"] = r.final.get("explained_variance")
             m["meets_bar"] = meets_bar(m)
             run["layers"][cfg.hook_name] = m
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
             "d_sae": cfg0.expansion_factor * model.cfg.d_model, "train_batch_size_tokens": cfg0.train_batch_size_tokens,
             "training_tokens": last["training_tokens"], "unique_train_tokens": n_unique,
             "corpus_tokens": corpus.n_tokens, "corpus_sources": corpus.sources, "corpus_id": corpus.corpus_id,
-            "eval_tokens": args.eval_tokens, "threads": torch.get_num_threads(),
+            "eval_tokens": args.eval_tokens, "sparsity_tokens": args.sparsity_tokens, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "seconds": {"load_model": t_load, "corpus": t_corpus, "harvest": t_harvest,

@@ -149,6 +149,25 @@ def test_evaluate_transcoder_zero_output_equals_ablation(model):
     assert r["n_tokens"] == r["dead_fraction_n_tokens"] > 0
 
 
+def test_evaluate_sparsity_over_more_tokens(model):
+    """l0 and dead_fraction over every held-out token (brute force from harvested activations) while the
+    reconstruction and CE metrics stay those of the first n_tokens."""
+    hook = "blocks.1.hook_resid_post"
+    sae = create_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=64, architecture="topk", k=2), seed=3)
+    short = evaluate_sae(model, sae, hook, TEXTS, n_tokens=12, context_size=16)
+    both = evaluate_sae(model, sae, hook, TEXTS, n_tokens=12, context_size=16, sparsity_tokens=10_000)
+    acts = harvest_activations(model, TEXTS, [hook], context_size=16)[hook]
+    with torch.no_grad():
+        f = sae.encode(acts)
+    assert short["dead_fraction_n_tokens"] == short["n_tokens"] == both["n_tokens"] == 12
+    assert both["dead_fraction_n_tokens"] == acts.shape[0] > 12
+    assert both["dead_fraction"] == pytest.approx(float(((f != 0).sum(0) == 0).float().mean()))
+    assert both["l0"] == pytest.approx(float((f != 0).sum(-1).float().mean()))
+    assert both["dead_fraction"] < short["dead_fraction"]
+    for k in ("explained_variance", "ce_loss_score", "kl_div_score", "mse"):
+        assert both[k] == short[k]
+
+
 def test_labels_top_contexts_and_logit_effects(model):
     hook = "blocks.1.hook_resid_post"
     sae = identity_sae(model.cfg.d_model, hook)

@@ -64,13 +64,14 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
                       architecture: str = "topk", seed: int = 42, cache_dir: str | os.PathLike | None = None,
                       corpus_cache_dir: str | os.PathLike | None = None, text_files: Sequence[str] = (),
                       n_sequences: int | None = None, evaluate: bool = False, eval_tokens: int = 256,
-                      progress: bool = True) -> DictionarySet:
+                      sparsity_tokens: int = 4096, progress: bool = True) -> DictionarySet:
     """Train (or load from the cache) one transcoder per layer of ``model`` on the built-in corpus.
 
     ``layers``: default every layer. ``training_tokens``/``k``/``architecture``/``seed``: see
     :class:`SAETrainConfig` (the defaults meet the quality bar at the middle layer of Gemma 3 270M; see
     ``docs/sae.md``). ``evaluate``: compute the SAELens metrics of each transcoder on ``eval_tokens`` held-out
-    tokens (MLP replaced by the transcoder in the CE score); the metrics of a transcoder taken from the cache
+    tokens (MLP replaced by the transcoder in the CE score; ``l0`` and ``dead_fraction`` over up to
+    ``sparsity_tokens`` held-out tokens, which need no unembedding); the metrics of a transcoder taken from the cache
     are cached too (``<cache>/evals/``), so a warm run does not evaluate again.
     """
     from circuit_discovery.sae.corpus import build_corpus, split_heldout
@@ -95,13 +96,14 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
         tcs[layer] = r.eval()
     out = DictionarySet(transcoders=tcs, corpus_id=corpus.corpus_id, trained=trained,
                         settings={"architecture": architecture, "k": k, "training_tokens": training_tokens,
-                                  "seed": seed, "corpus_tokens": corpus.n_tokens, "eval_tokens": eval_tokens})
+                                  "seed": seed, "corpus_tokens": corpus.n_tokens, "eval_tokens": eval_tokens, "sparsity_tokens": sparsity_tokens})
     if evaluate:
         for c in cfgs:
             layer = int(c.hook_name.split(".")[1])
             # metrics are a function of the transcoder (its cache key) and the held-out tokens: cached beside it
             eval_path = cached_sae_path(cache_dir, "evals") / (
                 sae_cache_key(model.cfg.model_name, c.key, {"cfg": c.to_dict(), "eval_tokens": int(eval_tokens),
+                                                            "sparsity_tokens": int(sparsity_tokens),
                                                             "version": _EVAL_VERSION}, corpus.corpus_id) + ".json")
             m = None
             if layer not in trained and eval_path.is_file():
@@ -111,7 +113,7 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
                     m = None
             if m is None:
                 m = evaluate_sae(model, tcs[layer], c.hook_name, heldout, n_tokens=eval_tokens,
-                                 hook_name_out=c.hook_name_out)
+                                 hook_name_out=c.hook_name_out, sparsity_tokens=sparsity_tokens)
                 m = {k2: float(v) for k2, v in m.items() if isinstance(v, (int, float))}
                 atomic_write_json(eval_path, m)
             out.metrics[layer] = m

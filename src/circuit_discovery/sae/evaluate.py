@@ -8,6 +8,10 @@ Reconstruction metrics (on held-out tokens, BOS and padding excluded):
 * ``cossim``: mean over tokens of ``cos(x, x_hat)``;
 * ``dead_fraction``: share of latents that never fired over ``dead_fraction_n_tokens`` tokens.
 
+``l0`` and ``dead_fraction`` can be measured on more held-out tokens than the cross-entropy metrics
+(``sparsity_tokens``, as SAELens evaluates sparsity on its own number of batches): those extra tokens only need
+a forward pass that stops after the hook, not three passes through the 262k-row unembedding.
+
 Downstream metrics (next-token cross-entropy over every prediction of a real token -- not of BOS or of a
 packed document separator):
 
@@ -23,13 +27,14 @@ For transcoders, ``blocks.{l}.hook_mlp_out`` is replaced by the transcoder's pre
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from circuit_discovery.sae.architectures import SparseAutoencoder
-from circuit_discovery.sae.harvest import iter_token_batches, token_mask
+from circuit_discovery.sae.harvest import collect_hook_activations, iter_token_batches, token_mask
 
 __all__ = [
     "l0",
@@ -128,8 +133,12 @@ def evaluate_sae(
     context_size: int = 128,
     batch_size: int = 2,
     hook_name_out: str | None = None,
+    sparsity_tokens: int | None = None,
 ) -> dict:
     """All metrics of ``sae`` at ``hook_name`` on held-out ``texts`` (at most ``n_tokens`` real tokens).
+
+    ``sparsity_tokens`` (> ``n_tokens``): ``l0`` and ``dead_fraction`` also count the latents of further held-out
+    tokens, up to that many in all (as many as ``texts`` hold); ``dead_fraction_n_tokens`` says how many.
 
     For transcoders pass ``hook_name="blocks.{l}.ln2.hook_normalized"`` and
     ``hook_name_out="blocks.{l}.hook_mlp_out"`` (read from ``sae.cfg.metadata`` when omitted).
@@ -153,13 +162,14 @@ def evaluate_sae(
     kl = {"spliced": 0.0, "zero": 0.0}
     n_pred, n_seen = 0, 0
 
-    for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
-        if n_seen >= n_tokens:
-            break
-        keep = token_mask(model, tokens, mask)
+    batches = iter_token_batches(model, texts, context_size, batch_size)
+    rest: list[tuple[Tensor, Tensor, Tensor]] = []  # the tokens of the last batch beyond n_tokens
+    for tokens, mask in batches:
+        real = token_mask(model, tokens, mask)
         # cap tokens: drop rows beyond the budget
-        keep_cum = keep.flatten().cumsum(0).reshape(keep.shape)
-        keep &= keep_cum <= (n_tokens - n_seen)
+        keep = real & (real.flatten().cumsum(0).reshape(real.shape) <= (n_tokens - n_seen))
+        if bool((real & ~keep).any()):
+            rest.append((tokens, mask, real & ~keep))
         rows = keep.any(1)
         if not bool(rows.all()):  # rows past the token budget: do not run them at all
             tokens, mask, keep = tokens[rows], mask[rows], keep[rows]
@@ -212,9 +222,23 @@ def evaluate_sae(
         recons.append(state["rec"].float().cpu())
         ys.append(state["y"][keep].float().cpu())
         n_seen += int(keep.sum())
+        if n_seen >= n_tokens:
+            break
 
     if n_seen == 0:
         raise ValueError("no evaluation tokens: texts are empty")
+    n_sparsity = n_seen
+    more = ((t, m, token_mask(model, t, m)) for t, m in batches)
+    for tokens, mask, keep in chain(rest, more) if sparsity_tokens and sparsity_tokens > n_seen else ():
+        keep = keep & (keep.flatten().cumsum(0).reshape(keep.shape) <= (sparsity_tokens - n_sparsity))
+        x = collect_hook_activations(model, tokens, mask, [hook_name])[hook_name][keep]
+        with torch.no_grad():
+            f = sae.encode(x.to(dev))
+        fires += (f != 0).sum(0).cpu()
+        l0s.append((f != 0).sum(-1).cpu())
+        n_sparsity += int(keep.sum())
+        if n_sparsity >= sparsity_tokens:
+            break
     y, recon = torch.cat(ys), torch.cat(recons)
     ce_clean, ce_spl, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
     kl_spl, kl_zero = kl["spliced"] / n_pred, kl["zero"] / n_pred
@@ -231,7 +255,7 @@ def evaluate_sae(
         "kl_spliced": kl_spl,
         "kl_zero_ablated": kl_zero,
         "dead_fraction": dead_fraction(fires),
-        "dead_fraction_n_tokens": n_seen,
+        "dead_fraction_n_tokens": n_sparsity,
         "n_tokens": n_seen,
     }
 
