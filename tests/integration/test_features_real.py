@@ -2,7 +2,7 @@
 
 Transcoders for every layer are trained here at a tiny budget (2,048 tokens each, into a temporary cache): the
 checks below are about exactness, which holds for any dictionary -- the error nodes carry what it misses. The
-quality of the default-budget transcoders is measured by ``benchmarks/sae.py --transcoders`` (docs/sae.md).
+quality of the default-budget transcoders is measured by ``frc train-sae`` (the ``dictionaries`` stage; docs/sae.md).
 Tolerances (float32): sums of incoming edges + bias reproduce every node's input to 1e-4 of the largest input;
 a performed intervention changes each downstream input by its edge weight to 1e-4 of the largest edge.
 """
