@@ -70,6 +70,33 @@ def test_bad_config_file(tmp_path):
     one_line_error(runner.invoke(app, ["run", "--config", str(cfg)]), "not_an_option")
 
 
+def test_bad_corpus_options_fail_before_any_work(tmp_path):
+    cfg = write(tmp_path, "c.toml", '[run]\nsae_text_files = ["no/such/file.txt"]\n')
+    one_line_error(runner.invoke(app, ["run", "--config", str(cfg), "--out", str(tmp_path / "o")]), "no/such/file.txt")
+    assert not (tmp_path / "o").exists()
+    cfg = write(tmp_path, "d.toml", "[run]\nsae_corpus_sequences = 0\n")
+    one_line_error(runner.invoke(app, ["run", "--config", str(cfg)]), "sae_corpus_sequences")
+
+
+def test_corpus_options_reach_the_transcoders(tmp_path, monkeypatch):
+    import circuit_discovery.sae.dictionaries as dicts
+    from circuit_discovery.pipeline.config import RunConfig
+    from circuit_discovery.pipeline.feature_stage import dictionaries
+
+    text = tmp_path / "t.txt"
+    text.write_text("Some text.\n\nMore text.\n", encoding="utf-8")
+    seen = {}
+
+    def fake(model, layers, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dicts, "train_transcoders", fake)
+    with pytest.raises(RuntimeError, match="stop"):
+        dictionaries(None, RunConfig(sae_corpus_sequences=2048, sae_text_files=[str(text)]))
+    assert seen["n_sequences"] == 2048 and seen["text_files"] == [str(text)]
+
+
 def test_help_shows_defaults():
     from circuit_discovery.pipeline.config import RunConfig
 

@@ -54,6 +54,9 @@ class RunConfig:
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)
     sae_eval_tokens: int = 256          # held-out tokens per layer for the SAELens metrics (0: skip)
+    sae_corpus_sequences: int | None = None  # model-sampled corpus sequences (None: the built-in 256; 2048 gives
+                                             # ~130k tokens, about 20 min of sampling once; docs/sae.md)
+    sae_text_files: list[str] = field(default_factory=list)  # extra UTF-8 text files for the transcoder corpus
     feature_facts: int = 2              # discovery facts per relation for feature graphs
     feature_nodes: int = 128            # feature nodes per prompt graph (visited by estimated influence)
     steer_features: int = 10            # top features ablated (necessity) / subject features steered (sufficiency)
@@ -62,6 +65,17 @@ class RunConfig:
     feature_max_edges: int = 1000       # strongest edges of a feature circuit kept in circuits.json (the count
                                         # after pruning goes to the circuit's n_edges_pruned_graph)
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        n = self.sae_corpus_sequences
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+            raise ConfigError(f"sae_corpus_sequences must be a positive integer or left out, got {n!r}")
+        files = self.sae_text_files
+        if isinstance(files, str) or not all(isinstance(f, str) for f in files):
+            raise ConfigError(f"sae_text_files must be a list of file paths, got {files!r}")
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"sae_text_files: {', '.join(missing)} not found; give existing UTF-8 text files")
 
     def effective(self) -> "RunConfig":
         """The configuration after applying ``quick``."""

@@ -30,7 +30,8 @@ def dictionaries(model, cfg: RunConfig):
 
     ds = train_transcoders(model, cfg.sae_layers, training_tokens=cfg.sae_training_tokens, k=cfg.sae_k,
                            seed=cfg.seed + 42, cache_dir=None if cfg.cache_dir is None else f"{cfg.cache_dir}/saes",
-                           corpus_cache_dir=cfg.cache_dir, evaluate=cfg.sae_eval_tokens > 0,
+                           corpus_cache_dir=cfg.cache_dir, n_sequences=cfg.sae_corpus_sequences,
+                           text_files=cfg.sae_text_files, evaluate=cfg.sae_eval_tokens > 0,
                            eval_tokens=max(cfg.sae_eval_tokens, 1), progress=cfg.progress)
     return ds, ds.metrics_json()
 
@@ -127,8 +128,8 @@ def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed:
 
 def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
     """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "density"}}`` for every feature in the relations'
-    feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the built-in
-    corpus (one forward pass per batch for all layers) and the tokens each decoder direction promotes. Used by the
+    feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the
+    transcoders' corpus (one forward pass per batch for all layers) and the tokens each decoder direction promotes. Used by the
     viewer (node details) and kept in the stage file."""
     from ..sae.corpus import build_corpus, split_heldout
     from ..sae.labels import auto_label, feature_logit_effects, top_activating_contexts_multi
@@ -140,7 +141,9 @@ def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
                 by_layer.setdefault(int(n["layer"]), set()).add(int(n["index"]))
     if not by_layer or cfg.feature_context_tokens <= 0:
         return {}
-    corpus = build_corpus(model, cache_dir=cfg.cache_dir, progress=False, count_tokens=False)
+    kw = {} if cfg.sae_corpus_sequences is None else {"n_sequences": cfg.sae_corpus_sequences}
+    corpus = build_corpus(model, cache_dir=cfg.cache_dir, text_files=list(cfg.sae_text_files), progress=False,
+                          count_tokens=False, **kw)
     _, held = split_heldout(corpus.texts, 0.1, seed=0)
     hooks = {f"blocks.{l}.ln2.hook_normalized": tcs[l] for l in sorted(by_layer)}
     feats = {f"blocks.{l}.ln2.hook_normalized": sorted(fs) for l, fs in by_layer.items()}
