@@ -262,6 +262,10 @@ def test_larger_corpus_starts_from_smaller_cached_run(model, tmp_path, monkeypat
     assert grown == fresh and grown[:4] == small[:4] and calls == [2, 2]
     other_seed = model_sampled_texts(model, n_sequences=2, max_new_tokens=6, seed=2, batch_size=2, cache_dir=tmp_path)
     assert calls == [2, 2, 2] and other_seed != small[:2]
+    # a smaller corpus is taken whole from the larger run, and cached under its own settings
+    assert model_sampled_texts(model, n_sequences=4, max_new_tokens=6, seed=1, batch_size=2,
+                               cache_dir=tmp_path / "x") == fresh[:4]
+    assert calls == [2, 2, 2] and len(list((tmp_path / "x").rglob("sampled_*.json"))) == 2
 
 
 def test_train_on_model_uses_cache(model, tmp_path):

@@ -12,7 +12,7 @@ The built-in corpus (:func:`build_corpus` with defaults) has two parts:
   (``prompt + answer + "."``). Their prompts are prefixes of these sentences, so a causal model sees
   the prompt activations inside them; adding the bare prompts again would only duplicate rows.
 
-Default size (Gemma 3 270M): 256 x 64 sampled tokens (<= 24,576; EOS cuts a few short) + 537 fact
+Default size (Gemma 3 270M): 256 x 64 sampled tokens (<= 16,384; EOS cuts a few short) + 537 fact
 sentences (~6,000 tokens). Measured cost and counts are in ``docs/sae.md``; the cache file records
 ``n_tokens``, ``seconds`` and ``tokens_per_s``.
 
@@ -195,6 +195,10 @@ def model_sampled_texts(
                 return done
     if not done:
         done, n_tok, seconds = _reuse_smaller_run(path.parent, settings, model.tokenizer)
+        if len(done) >= n_sequences:  # all taken from a larger run: cache under these settings too
+            atomic_write_json(path, {"settings": settings, "texts": done, "complete": True, "n_tokens": n_tok,
+                                     "seconds": seconds, "tokens_per_s": n_tok / seconds if seconds > 0 else None})
+            return done
     bar = None
     if progress:
         from tqdm.auto import tqdm
