@@ -147,6 +147,14 @@ def test_evaluate_transcoder_zero_output_equals_ablation(model):
     r = evaluate_sae(model, tc, "blocks.2.ln2.hook_normalized", TEXTS, context_size=16)
     assert r["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
     assert r["n_tokens"] == r["dead_fraction_n_tokens"] > 0
+    # sparsity over more tokens reads the transcoder's input hook (the normalised residual), not its output
+    r2 = evaluate_sae(model, tc, "blocks.2.ln2.hook_normalized", TEXTS, n_tokens=8, context_size=16,
+                      sparsity_tokens=10_000)
+    x = harvest_activations(model, TEXTS, ["blocks.2.ln2.hook_normalized"], context_size=16)
+    with torch.no_grad():
+        f = tc.encode(x["blocks.2.ln2.hook_normalized"])
+    assert r2["n_tokens"] == 8 and r2["dead_fraction_n_tokens"] == f.shape[0] == r["n_tokens"]
+    assert r2["l0"] == pytest.approx(float((f != 0).sum(-1).float().mean()))
 
 
 def test_evaluate_sparsity_over_more_tokens(model):
