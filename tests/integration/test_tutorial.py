@@ -1,5 +1,4 @@
 """examples/tutorial.ipynb runs top to bottom on the built-in model in its quick configuration (nbclient)."""
-import os
 
 import pytest
 

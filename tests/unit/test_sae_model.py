@@ -18,7 +18,7 @@ from circuit_discovery.sae import (
 )
 from circuit_discovery.errors import InputError
 from circuit_discovery.sae.corpus import build_corpus, builtin_fact_sentences, split_heldout
-from circuit_discovery.sae.harvest import collect_hook_activations, iter_token_batches
+from circuit_discovery.sae.harvest import iter_token_batches
 from circuit_discovery.sae.labels import feature_logit_effects, top_activating_contexts
 
 TEXTS = [
