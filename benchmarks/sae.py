@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_layers = model.cfg.n_layers
     layers = args.layers if args.layers is not None else ([n_layers // 2] if args.quick else list(range(n_layers)))
     t = time.perf_counter()
-    kw = {"n_sequences": args.n_sequences} if args.n_sequences is not None else {}
-    corpus = build_corpus(model, cache_dir=args.cache_dir, text_files=args.text_files, progress=True, **kw)
+    corpus = build_corpus(model, n_sequences=args.n_sequences, cache_dir=args.cache_dir, text_files=args.text_files,
+                          progress=True)
     t_corpus = time.perf_counter() - t
     train_texts, heldout = split_heldout(corpus.texts, 0.1, seed=0)
 

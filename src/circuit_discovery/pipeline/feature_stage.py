@@ -141,9 +141,8 @@ def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
                 by_layer.setdefault(int(n["layer"]), set()).add(int(n["index"]))
     if not by_layer or cfg.feature_context_tokens <= 0:
         return {}
-    kw = {} if cfg.sae_corpus_sequences is None else {"n_sequences": cfg.sae_corpus_sequences}
-    corpus = build_corpus(model, cache_dir=cfg.cache_dir, text_files=list(cfg.sae_text_files), progress=False,
-                          count_tokens=False, **kw)
+    corpus = build_corpus(model, n_sequences=cfg.sae_corpus_sequences, cache_dir=cfg.cache_dir,
+                          text_files=list(cfg.sae_text_files), progress=False, count_tokens=False)
     _, held = split_heldout(corpus.texts, 0.1, seed=0)
     hooks = {f"blocks.{l}.ln2.hook_normalized": tcs[l] for l in sorted(by_layer)}
     feats = {f"blocks.{l}.ln2.hook_normalized": sorted(fs) for l, fs in by_layer.items()}

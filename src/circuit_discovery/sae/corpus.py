@@ -196,8 +196,7 @@ def model_sampled_texts(
     if not done:
         done, n_tok, seconds = _reuse_smaller_run(path.parent, settings, model.tokenizer)
         if len(done) >= n_sequences:  # all taken from a larger run: cache under these settings too
-            atomic_write_json(path, {"settings": settings, "texts": done, "complete": True, "n_tokens": n_tok,
-                                     "seconds": seconds, "tokens_per_s": n_tok / seconds if seconds > 0 else None})
+            _save_sampled(path, settings, done, n_tok, seconds, complete=True)
             return done
     bar = None
     if progress:
@@ -216,9 +215,7 @@ def model_sampled_texts(
                 done.append(model.tokenizer.decode(r, skip_special_tokens=True).strip())
                 n_tok += len(r)
             b += 1
-            atomic_write_json(path, {"settings": settings, "texts": done, "complete": len(done) >= n_sequences,
-                                     "n_tokens": n_tok, "seconds": seconds,
-                                     "tokens_per_s": n_tok / seconds if seconds > 0 else None})
+            _save_sampled(path, settings, done, n_tok, seconds, complete=len(done) >= n_sequences)
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix_str(f"{n_tok / max(seconds, 1e-9):.0f} tok/s")
@@ -226,6 +223,11 @@ def model_sampled_texts(
         if bar is not None:
             bar.close()
     return done
+
+
+def _save_sampled(path: Path, settings: dict, texts: list[str], n_tok: int, seconds: float, complete: bool) -> None:
+    atomic_write_json(path, {"settings": settings, "texts": texts, "complete": complete, "n_tokens": n_tok,
+                             "seconds": seconds, "tokens_per_s": n_tok / seconds if seconds > 0 else None})
 
 
 def _reuse_smaller_run(folder: Path, settings: dict, tokenizer) -> tuple[list[str], int, float]:
@@ -306,7 +308,7 @@ def builtin_fact_sentences() -> list[str]:
 def build_corpus(
     model,
     fact_prompts: Sequence[str] = (),
-    n_sequences: int = DEFAULT_N_SEQUENCES,
+    n_sequences: int | None = DEFAULT_N_SEQUENCES,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     seed: int = 0,
     builtin_facts: bool = True,
@@ -318,11 +320,14 @@ def build_corpus(
     progress: bool = False,
     count_tokens: bool = True,
 ) -> Corpus:
-    """Model-sampled text (``n_sequences`` > 0) + built-in fact sentences (``builtin_facts``) + ``fact_prompts``
-    + ``text_files`` (+ ``hf_dataset``), in that order. ``corpus_id`` hashes every text."""
+    """Model-sampled text (``n_sequences`` > 0; ``None``: the built-in size) + built-in fact sentences
+    (``builtin_facts``) + ``fact_prompts`` + ``text_files`` (+ ``hf_dataset``), in that order. ``corpus_id`` hashes
+    every text."""
     texts: list[str] = []
     sources: list[str] = []
     h = hashlib.sha256()
+    if n_sequences is None:  # the built-in size
+        n_sequences = DEFAULT_N_SEQUENCES
     if n_sequences > 0:
         texts += model_sampled_texts(model, n_sequences, max_new_tokens, seed, batch_size=batch_size,
                                      cache_dir=cache_dir, progress=progress)

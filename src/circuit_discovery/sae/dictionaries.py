@@ -78,8 +78,8 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
     from circuit_discovery.sae.evaluate import evaluate_sae
 
     t0 = time.perf_counter()
-    kw = {} if n_sequences is None else {"n_sequences": int(n_sequences)}
-    corpus = build_corpus(model, cache_dir=corpus_cache_dir, text_files=list(text_files), progress=progress, **kw)
+    corpus = build_corpus(model, n_sequences=n_sequences, cache_dir=corpus_cache_dir, text_files=list(text_files),
+                          progress=progress)
     train_texts, heldout = split_heldout(corpus.texts, 0.1, seed=0)
     cfgs = transcoder_configs(model.cfg.n_layers, layers, training_tokens=training_tokens, k=k,
                               architecture=architecture, seed=seed)
