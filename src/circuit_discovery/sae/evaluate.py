@@ -123,6 +123,11 @@ def _next_token_stats(logits: Tensor, tokens: Tensor, valid: Tensor) -> tuple[Te
     return logp, valid[:, 1:]
 
 
+def _first_tokens(mask: Tensor, n: int) -> Tensor:
+    """``mask`` [batch, pos] restricted to its first ``n`` True entries in row-major order."""
+    return mask & (mask.flatten().cumsum(0).reshape(mask.shape) <= n)
+
+
 @torch.no_grad()
 def evaluate_sae(
     model,
@@ -167,7 +172,7 @@ def evaluate_sae(
     for tokens, mask in batches:
         real = token_mask(model, tokens, mask)
         # cap tokens: drop rows beyond the budget
-        keep = real & (real.flatten().cumsum(0).reshape(real.shape) <= (n_tokens - n_seen))
+        keep = _first_tokens(real, n_tokens - n_seen)
         if bool((real & ~keep).any()):
             rest.append((tokens, mask, real & ~keep))
         rows = keep.any(1)
@@ -230,10 +235,9 @@ def evaluate_sae(
     n_sparsity = n_seen
     more = ((t, m, token_mask(model, t, m)) for t, m in batches)
     for tokens, mask, keep in chain(rest, more) if sparsity_tokens and sparsity_tokens > n_seen else ():
-        keep = keep & (keep.flatten().cumsum(0).reshape(keep.shape) <= (sparsity_tokens - n_sparsity))
+        keep = _first_tokens(keep, sparsity_tokens - n_sparsity)
         x = collect_hook_activations(model, tokens, mask, [hook_name])[hook_name][keep]
-        with torch.no_grad():
-            f = sae.encode(x.to(dev))
+        f = sae.encode(x.to(dev))  # (evaluate_sae runs without gradients)
         fires += (f != 0).sum(0).cpu()
         l0s.append((f != 0).sum(-1).cpu())
         n_sparsity += int(keep.sum())
