@@ -5,7 +5,7 @@ precomputed arrays (the pipeline computes them from the model; nothing here touc
 returns one or more :class:`~circuit_discovery.validation.stats.TestResult` (or
 :class:`~circuit_discovery.validation.stats.TestOutcome`, which is wrapped with the hypothesis id and
 ``context.get("relation", "all")``). :func:`run_hypotheses` runs them, applies Benjamini–Hochberg
-across *all* results of the run, sets each verdict from the adjusted p-value and the direction of the
+within each hypothesis family (see below), sets each verdict from the adjusted p-value and the direction of the
 effect (:func:`~circuit_discovery.validation.stats.decide_verdict`) and returns a DataFrame with
 :data:`HYPOTHESIS_COLUMNS`.
 
@@ -40,39 +40,70 @@ The test function may take ``(context)`` or ``(context, rng)``; ``rng`` is a
 hypothesis gives the same numbers whichever others run with it.
 
 Per-relation data: every built-in accepts for each key either one value (tested once, relation
-``context.get("relation", "all")``) or a mapping ``{relation: value}`` (one test per relation).
+``context.get("relation", "all")``) or a mapping ``{relation: value}`` (one test per relation; a key
+``"all"`` next to real relations is ignored: the built-ins add their own pooled rows).
 Optional context keys read by all built-ins: ``"n_resamples"`` (permutation / bootstrap resamples,
 default 9999), ``"confidence_level"`` (default 0.95).
 
+Multiple comparisons: Benjamini–Hochberg runs *within each family*, never over the whole run. A row's
+family is its hypothesis id, or ``"<id>/pooled"`` for a built-in's pooled row over relations (the pooled
+test is read first, the per-relation rows inside their own family); the ``family`` column says which.
+A hypothesis of your own may put a row in another family with ``details["family"] = "..."``.
+``n`` is always the number of independent units (facts, prompts or relations), never resamples or
+random draws (those are in ``details``).
+
 Built-in hypotheses and the context keys they need (shapes per relation):
 
-========================== ==================================================================================
-``early_site_mlp``         ``mlp_indirect_effect`` ``[n_prompts, n_layers]``: indirect effect of the MLP output
-                           at the last subject token (``blocks.{l}.hook_mlp_out`` at role ``subject_last``).
-                           Statistic: per-prompt share of ``|IE|`` in the first half of the layers (the
-                           middle layer of an odd count counts half); sign-flip test of ``share - 0.5 > 0``.
-``late_attention_extraction`` ``attn_block_drop_upper``, ``attn_block_drop_lower`` ``[n_prompts]``: metric drop
-                           when attention from subject positions to the last position is blocked in the
-                           upper / lower half of the layers. Paired permutation test of ``upper - lower > 0``.
-``sparsity``               ``faithfulness_at_5pct`` ``[n_prompts]``: per-prompt faithfulness of the circuit
-                           with <= 5% of the nodes; optional ``sparsity_threshold`` (0.8). One-sided bootstrap
-                           test of ``mean > threshold``.
-``shared_mechanism``       ``circuits`` ``{relation: collection of node ids}`` (>= 2 relations),
-                           ``node_universe`` (collection of all node ids); optional ``n_random_circuits``
-                           (1000). For every pair of relations: Jaccard overlap vs random circuits of the same
-                           sizes from the universe (empirical p, +1 corrected).
-``features_matter``        necessity: ``feature_ablation_drop`` ``[n_prompts]`` metric drop when the top SAE
-                           features are ablated (sign-flip test ``> 0``); sufficiency: ``steering_flips``
-                           ``[n_prompts]`` 0/1 (answer flipped by steering) with ``steering_baseline_rate``
-                           (a rate: exact binomial test; or ``[n_random]`` 0/1 outcomes of random-feature
-                           steering: one-sided Fisher exact test). Either part may be absent.
-========================== ==================================================================================
+=============================== ==============================================================================
+``early_site_mlp``              ``mlp_ie``, ``attn_ie`` ``[n_facts, n_layers]``: windowed indirect effects of
+                                the MLP and of the attention output at the last subject token (ROME noise).
+                                Per fact the paired contrast ``sum_{l in early half} (mlp - attn) /
+                                sum_l (|mlp| + |attn|)`` (the middle layer of an odd count weighs 1/2);
+                                sign-flip test of ``contrast > 0``; n = facts. Attention at the same token
+                                is the control: any component at the subject token has an early-layer
+                                effect, the claim is that the MLPs carry more of it.
+``late_attention_extraction``   ``attn_block_drop_upper``, ``attn_block_drop_lower`` ``[n_prompts]``: metric
+                                drop when attention from subject positions to the last position is blocked
+                                in the upper / lower half of the layers. Per relation: paired permutation test
+                                of ``upper - lower > 0`` (n = prompts); with >= 2 relations also a pooled row
+                                (unit = a relation's mean difference, sign-flip test, n = relations).
+``sparsity``                    ``faithfulness_at_5pct`` ``[n_prompts]``: per-prompt faithfulness of the
+                                circuit with <= 5% of the nodes (held-out prompts); optional
+                                ``sparsity_threshold`` (0.8). One-sided bootstrap test of ``mean > threshold``.
+``shared_mechanism``            ``circuit_halves`` ``{relation: (ids_a, ids_b)}`` (circuits found on disjoint
+                                halves of the relation's discovery facts, >= 2 relations) and
+                                ``relation_universe`` ``{relation: [relevant node ids]}``; optional
+                                ``node_stratum`` (callable id -> hashable; default ``(component, layer, role)``
+                                of :func:`~circuit_discovery.validation.nulls.node_stratum`) and
+                                ``n_random_circuits`` (999). One pooled row: mean between-relation Jaccard of
+                                the half circuits against a stratified null that redraws every circuit inside
+                                its strata with the same per-stratum counts (p-value); effect = (between -
+                                null mean) / (within - null mean), the share of the reproducible, above-chance
+                                overlap that is shared across relations (NaN, verdict inconclusive, when the
+                                halves of a relation overlap no more than chance). Second pooled row
+                                ``relation_specificity``: within minus between overlap (on the nodes every
+                                relation has) against relation labels permuted across the halves. n =
+                                relations. Legacy keys ``circuits`` ``{relation: ids}`` + ``node_universe``
+                                run the first row without halves (effect = between - null mean).
+``features_matter``             necessity: ``feature_ablation_drop`` and ``random_feature_ablation_drop``
+                                ``[n_prompts]`` (held-out prompts; the latter the mean drop over matched random
+                                feature sets of that prompt): sign-flip test of the paired difference ``> 0``.
+                                sufficiency: ``steering_flips`` ``[n_prompts]`` 0/1 and
+                                ``steering_random_flip_rate`` ``[n_prompts]`` (that prompt's flip rate under
+                                random-feature steering; optional ``steering_random_draws``, the number of
+                                draws behind each rate): exact conditional test of ``sum(flips)`` with
+                                ``flip_i ~ Bernoulli(q_i)`` under H0, ``q_i = (flip_i + draws * rate_i) /
+                                (draws + 1)`` (circuit exchangeable with the random draws of its prompt;
+                                ``q_i = rate_i`` when ``draws`` is not given); effect = mean paired
+                                difference. n = prompts. Pooled rows over all prompts with >= 2 relations.
+                                Either part may be absent; the legacy keys (a drop without a random control,
+                                ``steering_baseline_rate``) give an inconclusive row that says what is missing.
+=============================== ==============================================================================
 """
 from __future__ import annotations
 
 import abc
 import inspect
-import itertools
 import math
 import zlib
 from collections.abc import Iterable, Mapping
@@ -80,19 +111,26 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 
+from circuit_discovery.errors import CircuitDiscoveryError, InputError
 from circuit_discovery.io import atomic_write_text
+from circuit_discovery.validation.nulls import (
+    jaccard_matrix,
+    label_permutation_overlap_null,
+    overlap_data,
+    overlap_summary,
+    poisson_binomial_sf,
+    stratified_overlap_null,
+)
 from circuit_discovery.validation.stats import (
     StatsInputError,
     TestOutcome,
     TestResult,
     benjamini_hochberg,
-    binomial_test,
+    bootstrap_ci,
     bootstrap_mean_test,
     decide_verdict,
     empirical_p_value,
-    jaccard,
     paired_permutation_test,
     sign_flip_test,
     z_score,
@@ -115,28 +153,30 @@ __all__ = [
     "write_hypotheses_csv",
     "first_half_share",
     "jaccard_null",
+    "early_mlp_attn_contrast",
+    "family_of",
 ]
 
 HYPOTHESIS_COLUMNS: tuple[str, ...] = (
     "hypothesis_id", "relation", "statistic", "effect", "ci_low", "ci_high", "p_value", "p_adjusted", "n",
-    "verdict",
+    "verdict", "family",
 )
 
 Context = Mapping[str, Any]
 
 
-class HypothesisError(RuntimeError):
+class HypothesisError(CircuitDiscoveryError, RuntimeError):
     """A hypothesis test failed on the given context."""
 
 
-class HypothesisRegistryError(KeyError):
+class HypothesisRegistryError(CircuitDiscoveryError, KeyError):
     """Unknown or duplicate hypothesis id."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
 
 
-class MissingContextError(KeyError):
+class MissingContextError(CircuitDiscoveryError, KeyError):
     """The context lacks keys a requested hypothesis needs."""
 
     def __str__(self) -> str:
@@ -288,7 +328,7 @@ def evaluate_hypotheses(
     seed: int = 0,
     on_error: str = "raise",
 ) -> list[TestResult]:
-    """Run hypotheses, apply BH across all their results and set verdicts; see :func:`run_hypotheses`."""
+    """Run hypotheses, apply BH within each family (:func:`family_of`) and set verdicts; see :func:`run_hypotheses`."""
     if on_error not in ("raise", "record"):
         raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     if not isinstance(context, Mapping):
@@ -312,17 +352,27 @@ def evaluate_hypotheses(
                 hypothesis_id=h.id, relation=str(context.get("relation", "all")), statistic="error",
                 effect=math.nan, ci_low=math.nan, ci_high=math.nan, p_value=math.nan, n=0,
                 details={"error": f"{type(exc).__name__}: {exc}"}))
-    _, padj = benjamini_hochberg([r.p_value for r in results], alpha=alpha)
-    for r, pa in zip(results, padj):
-        r.p_adjusted = float(pa)
-        r.verdict = decide_verdict(r, alpha=alpha)
+    families: dict[str, list[TestResult]] = {}
+    for r in results:
+        r.details.setdefault("family", r.hypothesis_id)
+        families.setdefault(family_of(r), []).append(r)
+    for fam in families.values():  # BH within each family, never across the run
+        _, padj = benjamini_hochberg([r.p_value for r in fam], alpha=alpha)
+        for r, pa in zip(fam, padj):
+            r.p_adjusted = float(pa)
+            r.verdict = decide_verdict(r, alpha=alpha)
     return results
+
+
+def family_of(result: TestResult) -> str:
+    """The multiple-comparison family of a result: ``details["family"]``, else its hypothesis id."""
+    return str(result.details.get("family") or result.hypothesis_id)
 
 
 def results_to_frame(results: Iterable[TestResult]) -> pd.DataFrame:
     """DataFrame with exactly :data:`HYPOTHESIS_COLUMNS`; ``df.attrs["results"]`` keeps the full results."""
     results = list(results)
-    rows = [{c: getattr(r, c) for c in HYPOTHESIS_COLUMNS} for r in results]
+    rows = [{c: family_of(r) if c == "family" else getattr(r, c) for c in HYPOTHESIS_COLUMNS} for r in results]
     df = pd.DataFrame(rows, columns=list(HYPOTHESIS_COLUMNS))
     df = df.astype({"effect": float, "ci_low": float, "ci_high": float, "p_value": float,
                     "p_adjusted": float, "n": int})
@@ -344,7 +394,7 @@ def run_hypotheses(
         context: mapping of precomputed inputs (see the module docstring for the built-ins' keys).
         ids: hypothesis ids to run; ``None`` runs every registered hypothesis whose keys are present
             (others are skipped silently). Explicit ids with missing keys raise :class:`MissingContextError`.
-        alpha: FDR level for Benjamini–Hochberg and the verdicts.
+        alpha: FDR level for Benjamini–Hochberg (within each family) and the verdicts.
         seed: base seed; each hypothesis gets its own generator from ``(seed, id)``.
         on_error: ``"raise"`` (:class:`HypothesisError`) or ``"record"`` (an inconclusive row with
             ``statistic="error"`` and NaN p-value, left out of the BH family).
@@ -378,8 +428,10 @@ def _per_relation(context: Context, *keys: str) -> list[tuple[str, tuple[Any, ..
     if not any(is_map):
         return [(str(context.get("relation", "all")), tuple(values))]
     rels = list(values[0].keys())
+    ignore = {"all"} if len(rels) > 1 and "all" in rels else set()  # pooled copies: the built-ins pool themselves
+    rels = [r for r in rels if r not in ignore]
     for k, v in zip(keys[1:], values[1:]):
-        if set(v.keys()) != set(rels):
+        if set(v.keys()) - ignore != set(rels):
             raise StatsInputError(f"context key {k!r} has relations {sorted(v)} but {keys[0]!r} has {sorted(rels)}")
     return [(str(r), tuple(v[r] for v in values)) for r in rels]
 
@@ -391,6 +443,10 @@ def _opts(context: Context) -> dict[str, Any]:
 
 def first_half_share(effects: Any) -> np.ndarray:
     """Per-prompt share of ``|effect|`` in the first half of the layers.
+
+    This is the statistic of the *old* ``early_site_mlp`` test (share vs 0.5), kept for comparison: any
+    component at the subject token passes it, because subject positions stop mattering in upper layers.
+    The built-in now uses :func:`early_mlp_attn_contrast`.
 
     Args:
         effects: ``[n_prompts, n_layers]`` per-layer effects.
@@ -415,42 +471,131 @@ def first_half_share(effects: Any) -> np.ndarray:
         return np.where(total > 0, ie @ w / np.where(total > 0, total, 1.0), np.nan)
 
 
+def early_mlp_attn_contrast(mlp_ie: Any, attn_ie: Any) -> np.ndarray:
+    """Per-fact paired contrast of MLP against attention indirect effects over the early half of the layers.
+
+    Args:
+        mlp_ie, attn_ie: ``[n_facts, n_layers]`` windowed indirect effects of the MLP and of the attention
+            output at the same token (the last subject token), from the same noise samples.
+
+    Returns:
+        ``[n_facts]`` values ``sum_l w_l (mlp_l - attn_l) / sum_l (|mlp_l| + |attn_l|)`` with ``w_l = 1`` in
+        the first half of the layers (``1/2`` for the middle layer of an odd count), else 0; NaN for a fact
+        whose effects are all 0. Swapping MLP and attention of a fact flips the sign, so when the two are
+        exchangeable the contrast is symmetric about 0 (the null of the sign-flip test).
+    """
+    m = np.asarray(mlp_ie, dtype=float)
+    a = np.asarray(attn_ie, dtype=float)
+    if m.ndim != 2 or m.shape[1] < 2:
+        raise StatsInputError(f"mlp_ie must be [n_facts, n_layers >= 2], got shape {m.shape}")
+    if a.shape != m.shape:
+        raise StatsInputError(f"attn_ie must have the shape of mlp_ie {m.shape}, got {a.shape}")
+    if not (np.all(np.isfinite(m)) and np.all(np.isfinite(a))):
+        raise StatsInputError("mlp_ie / attn_ie contain NaN or infinite values")
+    L = m.shape[1]
+    w = np.zeros(L)
+    w[: L // 2] = 1.0
+    if L % 2:
+        w[L // 2] = 0.5
+    total = (np.abs(m) + np.abs(a)).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(total > 0, (m - a) @ w / np.where(total > 0, total, 1.0), np.nan)
+
+
+def _min_sign_flip_p(n: int) -> float:
+    """Smallest one-sided p-value an exact sign-flip test on ``n`` units can reach."""
+    return float(0.5 ** n)
+
+
+def _pooled(result: TestResult) -> TestResult:
+    result.details["family"] = f"{result.hypothesis_id}/pooled"
+    return result
+
+
+def _nan_row(hypothesis_id: str, relation: str, statistic: str, why: str) -> TestResult:
+    """An inconclusive row (NaN p-value, left out of BH) saying which input is missing."""
+    return TestResult(hypothesis_id=hypothesis_id, relation=relation, statistic=statistic, effect=math.nan,
+                      ci_low=math.nan, ci_high=math.nan, p_value=math.nan, n=0, details={"note": why})
+
+
 # --------------------------------------------------------------------------------------------------
 # built-in hypotheses
 # --------------------------------------------------------------------------------------------------
 
 
-@register_hypothesis(
-    "early_site_mlp",
-    description="Early-site MLPs at the last subject token carry most of the factual-recall effect "
-                "(share of MLP indirect effect in the first half of the layers > 0.5).",
-    required_keys=("mlp_indirect_effect",),
-)
-def _early_site_mlp(context: Context, rng: np.random.Generator) -> list[TestResult]:
-    out = []
-    for rel, (ie,) in _per_relation(context, "mlp_indirect_effect"):
-        share = first_half_share(ie)
-        keep = np.isfinite(share)
-        o = sign_flip_test(share[keep], null_value=0.5, alternative="greater", seed=rng, **_opts(context))
-        o.statistic = "first_half_mlp_effect_share_sign_flip"
-        o.details.update({"n_layers": int(np.asarray(ie).shape[1]), "n_dropped_zero_effect": int((~keep).sum())})
-        out.append(TestResult.from_outcome("early_site_mlp", rel, o))
-    return out
+class _EarlySiteMlp(Hypothesis):
+    id = "early_site_mlp"
+    description = ("Early-site MLPs at the last subject token carry more of the factual-recall effect than attention "
+                   "at the same token (paired per-fact contrast over the early half of the layers > 0).")
+    required_keys = ("mlp_ie", "attn_ie")
+
+    def missing_keys(self, context: Context) -> list[str]:
+        if "mlp_indirect_effect" in context and "mlp_ie" not in context:
+            return []  # legacy key: test() explains what is needed now
+        return super().missing_keys(context)
+
+    def test(self, context: Context, rng: np.random.Generator) -> list[TestResult]:
+        if "mlp_ie" not in context or "attn_ie" not in context:
+            raise InputError(
+                "early_site_mlp now needs 'mlp_ie' and 'attn_ie' ([n_facts, n_layers] windowed indirect effects of "
+                "the MLP and of attention at the last subject token); the old MLP-share test ('mlp_indirect_effect' "
+                "alone, share vs 0.5) is passed by any component at the subject token and was removed")
+        out: list[TestResult] = []
+        per = _per_relation(context, "mlp_ie", "attn_ie")
+        all_c = []
+        for rel, (m, a) in per:
+            c = early_mlp_attn_contrast(m, a)
+            keep = np.isfinite(c)
+            all_c.append(c[keep])
+            out.append(self._row(rel, c[keep], int((~keep).sum()), np.asarray(m), np.asarray(a), rng, context))
+        if len(per) >= 2:
+            allm = np.concatenate([np.asarray(m, dtype=float) for _, (m, _a) in per])
+            alla = np.concatenate([np.asarray(a, dtype=float) for _, (_m, a) in per])
+            c = np.concatenate(all_c)
+            out.append(_pooled(self._row("all", c, int(sum(len(np.asarray(m)) for _, (m, _a) in per) - c.size),
+                                         allm, alla, rng, context)))
+        return out
+
+    def _row(self, rel: str, c: np.ndarray, dropped: int, m: np.ndarray, a: np.ndarray,
+             rng: np.random.Generator, context: Context) -> TestResult:
+        L = m.shape[1]
+        if c.size < 2:
+            return _nan_row(self.id, rel, "early_mlp_minus_attn_contrast_sign_flip",
+                            f"{c.size} fact(s) with a non-zero effect; the paired test needs >= 2")
+        o = sign_flip_test(c, null_value=0.0, alternative="greater", seed=rng, **_opts(context))
+        o.statistic = "early_mlp_minus_attn_contrast_sign_flip"
+        early = slice(0, L // 2)
+        o.details.update({"n_layers": int(L), "early_layers": f"0-{L // 2 - 1}" + (f" + {L // 2}/2" if L % 2 else ""),
+                          "n_dropped_zero_effect": dropped, "unit": "fact",
+                          "mean_early_mlp_ie": float(m[:, early].mean()),
+                          "mean_early_attn_ie": float(a[:, early].mean()),
+                          "min_attainable_p": _min_sign_flip_p(c.size)})
+        return TestResult.from_outcome(self.id, rel, o)
 
 
-@register_hypothesis(
-    "late_attention_extraction",
-    description="Upper-layer attention from subject positions to the last token extracts the attribute "
-                "(blocking it in upper layers hurts more than in lower layers).",
-    required_keys=("attn_block_drop_upper", "attn_block_drop_lower"),
-)
-def _late_attention_extraction(context: Context, rng: np.random.Generator) -> list[TestResult]:
-    out = []
-    for rel, (up, low) in _per_relation(context, "attn_block_drop_upper", "attn_block_drop_lower"):
-        o = paired_permutation_test(up, low, alternative="greater", seed=rng, **_opts(context))
-        o.statistic = "upper_minus_lower_attention_block_drop_paired_permutation"
-        out.append(TestResult.from_outcome("late_attention_extraction", rel, o))
-    return out
+class _LateAttentionExtraction(Hypothesis):
+    id = "late_attention_extraction"
+    description = ("Upper-layer attention from subject positions to the last token extracts the attribute "
+                   "(blocking it in upper layers hurts more than in lower layers).")
+    required_keys = ("attn_block_drop_upper", "attn_block_drop_lower")
+
+    def test(self, context: Context, rng: np.random.Generator) -> list[TestResult]:
+        out = []
+        means = []
+        per = _per_relation(context, "attn_block_drop_upper", "attn_block_drop_lower")
+        for rel, (up, low) in per:
+            o = paired_permutation_test(up, low, alternative="greater", seed=rng, **_opts(context))
+            o.statistic = "upper_minus_lower_attention_block_drop_paired_permutation"
+            o.details.update({"unit": "prompt", "min_attainable_p": _min_sign_flip_p(o.n)})
+            out.append(TestResult.from_outcome(self.id, rel, o))
+            means.append(float(np.mean(np.asarray(up, dtype=float) - np.asarray(low, dtype=float))))
+        if len(per) >= 2:
+            o = sign_flip_test(means, null_value=0.0, alternative="greater", seed=rng, **_opts(context))
+            o.statistic = "relation_mean_upper_minus_lower_drop_sign_flip"
+            o.details.update({"unit": "relation", "min_attainable_p": _min_sign_flip_p(len(means)),
+                              "relations": [r for r, _ in per]})
+            out.append(_pooled(TestResult.from_outcome(self.id, "all", o)))
+        return out
 
 
 @register_hypothesis(
@@ -465,13 +610,19 @@ def _sparsity(context: Context, rng: np.random.Generator) -> list[TestResult]:
     for rel, (f,) in _per_relation(context, "faithfulness_at_5pct"):
         o = bootstrap_mean_test(f, null_value=thr, alternative="greater", seed=rng, **_opts(context))
         o.statistic = "mean_faithfulness_at_5pct_bootstrap"
+        o.details["unit"] = "prompt"
         out.append(TestResult.from_outcome("sparsity", rel, o))
     return out
 
 
 def jaccard_null(universe_size: int, size_a: int, size_b: int, n_samples: int,
                  rng: np.random.Generator) -> np.ndarray:
-    """Jaccard indices ``[n_samples]`` of independent uniform random subsets of sizes ``size_a``, ``size_b``."""
+    """Jaccard indices ``[n_samples]`` of independent uniform random subsets of sizes ``size_a``, ``size_b``.
+
+    The *old* ``shared_mechanism`` null (uniform sets over one universe), kept for comparison only: any two
+    circuits that concentrate on the same tokens and layers beat it. The built-in now uses
+    :func:`~circuit_discovery.validation.nulls.stratified_overlap_null`.
+    """
     if not (0 < size_a <= universe_size and 0 < size_b <= universe_size):
         raise StatsInputError(f"circuit sizes {size_a}, {size_b} must be in [1, {universe_size}]")
     ra = rng.random((n_samples, universe_size)).argsort(axis=1)[:, :size_a]
@@ -484,74 +635,168 @@ def jaccard_null(universe_size: int, size_a: int, size_b: int, n_samples: int,
     return inter / (size_a + size_b - inter)
 
 
-@register_hypothesis(
-    "shared_mechanism",
-    description="Circuits of different relations overlap more than random circuits of the same sizes "
-                "(Jaccard overlap vs random-circuit null).",
-    required_keys=("circuits", "node_universe"),
-)
-def _shared_mechanism(context: Context, rng: np.random.Generator) -> list[TestResult]:
-    circuits = context["circuits"]
-    if not isinstance(circuits, Mapping) or len(circuits) < 2:
-        raise StatsInputError("context['circuits'] must map >= 2 relations to node collections")
-    universe = list(dict.fromkeys(context["node_universe"]))
-    uset = set(universe)
-    n_random = int(context.get("n_random_circuits", 1000))
-    sets = {str(r): set(c) for r, c in circuits.items()}
-    for r, s in sets.items():
-        if not s:
-            raise StatsInputError(f"circuit of relation {r!r} is empty")
-        if not s <= uset:
-            raise StatsInputError(f"circuit of relation {r!r} has {len(s - uset)} node(s) outside node_universe")
-    out = []
-    for a, b in itertools.combinations(sorted(sets), 2):
-        obs = jaccard(sets[a], sets[b])
-        null = jaccard_null(len(universe), len(sets[a]), len(sets[b]), n_random, rng)
-        o = TestOutcome(
-            statistic="jaccard_vs_random_circuits", effect=obs,
-            p_value=empirical_p_value(obs, null, alternative="greater"), n=n_random,
-            null_value=float(np.mean(null)), alternative="greater",
-            details={"z": z_score(obs, null) if np.ptp(null) > 0 else math.nan,
+class _SharedMechanism(Hypothesis):
+    id = "shared_mechanism"
+    description = ("Circuits of different relations share node identities beyond what their tokens, layers and "
+                   "components imply (between-relation overlap vs a stratified null, relative to the "
+                   "within-relation split-half overlap; one pooled test).")
+    required_keys = ("circuit_halves", "relation_universe")
+
+    def missing_keys(self, context: Context) -> list[str]:
+        miss = []
+        if "circuit_halves" not in context and "circuits" not in context:
+            miss.append("circuit_halves")
+        if "relation_universe" not in context and "node_universe" not in context:
+            miss.append("relation_universe")
+        return miss
+
+    def test(self, context: Context, rng: np.random.Generator) -> list[TestResult]:
+        legacy = "circuit_halves" not in context
+        raw = context["circuits"] if legacy else context["circuit_halves"]
+        if not isinstance(raw, Mapping) or len(raw) < 2:
+            raise InputError(f"context[{'circuits' if legacy else 'circuit_halves'!r}] must map >= 2 relations to "
+                             "circuits; shared_mechanism compares relations")
+        if legacy:
+            circuits = {str(r): [list(c)] for r, c in raw.items()}
+        else:
+            circuits = {}
+            for r, halves in raw.items():
+                halves = list(halves)
+                if len(halves) != 2:
+                    raise InputError(f"circuit_halves[{r!r}] must be (ids_a, ids_b), two circuits found on disjoint "
+                                     f"halves of the relation's facts; got {len(halves)}")
+                circuits[str(r)] = [list(h) for h in halves]
+        if "relation_universe" in context:
+            universes = {str(r): list(u) for r, u in context["relation_universe"].items()}
+        else:
+            universes = {r: list(context["node_universe"]) for r in circuits}
+        data = overlap_data(circuits, universes, context.get("node_stratum"))
+        within, between = (float(x) for x in overlap_summary(data.masks, data.rel_of))
+        n_draws = int(context.get("n_random_circuits", 999))
+        null_w, null_b = stratified_overlap_null(data, n_draws, rng)
+        mu_b = float(null_b.mean())
+        p = empirical_p_value(between, null_b, alternative="greater")
+        n_rel = len(circuits)
+        # nodes in the circuits of >= 2 relations (either half), most shared first
+        counts: dict[str, int] = {}
+        for ri in range(n_rel):
+            for i in np.flatnonzero(data.masks[data.rel_of == ri].any(axis=0)):
+                counts[data.nodes[i]] = counts.get(data.nodes[i], 0) + 1
+        shared = sorted(((c, n) for n, c in counts.items() if c >= 2), key=lambda t: (-t[0], t[1]))[:10]
+        details: dict[str, Any] = {
+            "unit": "relation", "between_jaccard": between, "null_between_mean": mu_b,
+            "null_between_q025_q50_q975": np.quantile(null_b, [0.025, 0.5, 0.975]).tolist(),
+            "z_between": z_score(between, null_b) if np.ptp(null_b) > 0 else math.nan,
+            "n_random_circuits": n_draws, "null": "stratified: per-circuit counts per (component, layer, role) kept",
+            "circuit_sizes": {r: [int(data.masks[h].sum()) for h in np.flatnonzero(data.rel_of == ri)]
+                              for ri, r in enumerate(data.relations)},
+            "most_shared_nodes": [[n, c] for c, n in shared]}
+        if legacy:
+            effect, stat = between - mu_b, "between_relation_jaccard_minus_stratified_null"
+            details["note"] = "one circuit per relation (no circuit_halves): within-relation overlap not available"
+        else:
+            mu_w = float(null_w.mean())
+            denom = within - mu_w
+            details.update({"within_jaccard": within, "null_within_mean": mu_w})
+            if denom > 1e-9:
+                effect = (between - mu_b) / denom
+            else:
+                effect = math.nan
+                details["note"] = ("the split-half circuits of a relation overlap no more than the stratified null "
+                                   "(circuits not reproducible), so a shared mechanism cannot be judged")
+            stat = "shared_overlap_share_between_vs_within_stratified_null"
+        out = [TestResult.from_outcome(self.id, "all", TestOutcome(
+            statistic=stat, effect=effect, p_value=p, n=n_rel, null_value=0.0, alternative="greater",
+            details=details))]
+        if not legacy:
+            out.append(self._specificity(data, n_draws, rng))
+        return out
+
+    def _specificity(self, data: Any, n_draws: int, rng: np.random.Generator) -> TestResult:
+        common = data.universes.all(axis=0)
+        masks = data.masks[:, common]
+        jmat = jaccard_matrix(masks)
+        w, b = (float(x) for x in overlap_summary(masks, data.rel_of))
+        null = label_permutation_overlap_null(jmat, 2, n_draws, rng)
+        d = w - b
+        return TestResult.from_outcome(self.id, "all", TestOutcome(
+            statistic="relation_specificity_within_minus_between_jaccard_label_permutation", effect=d,
+            p_value=empirical_p_value(d, null, alternative="greater"), n=len(data.relations), null_value=0.0,
+            alternative="greater",
+            details={"unit": "relation", "within_jaccard_common": w, "between_jaccard_common": b,
+                     "n_common_nodes": int(common.sum()), "n_permutations": int(n_draws),
                      "null_q025_q50_q975": np.quantile(null, [0.025, 0.5, 0.975]).tolist(),
-                     "size_a": len(sets[a]), "size_b": len(sets[b]), "n_universe": len(universe),
-                     "n_shared": len(sets[a] & sets[b])},
-        )
-        out.append(TestResult.from_outcome("shared_mechanism", f"{a}|{b}", o))
-    return out
+                     "null": "relation labels permuted across the split-half circuits (nodes every relation has)"}))
 
 
 class _FeaturesMatter(Hypothesis):
     id = "features_matter"
-    description = ("The circuit's top SAE features matter: ablating them lowers the metric (necessity) and "
-                   "steering them flips the answer more often than baseline steering (sufficiency).")
-    required_keys = ("feature_ablation_drop", "steering_flips", "steering_baseline_rate")
+    description = ("The circuit's top features matter more than matched random features: ablating them lowers the "
+                   "metric more (necessity) and steering them flips the answer more often (sufficiency), per prompt.")
+    required_keys = ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
+                     "steering_random_flip_rate")
 
     def missing_keys(self, context: Context) -> list[str]:
-        has_nec = "feature_ablation_drop" in context
-        has_suf = "steering_flips" in context and "steering_baseline_rate" in context
-        if has_nec or has_suf:
-            return []
+        if "feature_ablation_drop" in context or "steering_flips" in context:
+            return []  # either part may run; a part without its control gives an inconclusive row
         return list(self.required_keys)
 
     def test(self, context: Context, rng: np.random.Generator) -> list[TestResult]:
         out: list[TestResult] = []
-        if "feature_ablation_drop" in context:
-            for rel, (drop,) in _per_relation(context, "feature_ablation_drop"):
-                o = sign_flip_test(drop, null_value=0.0, alternative="greater", seed=rng, **_opts(context))
-                o.statistic = "necessity_feature_ablation_drop_sign_flip"
-                out.append(TestResult.from_outcome(self.id, rel, o))
-        if "steering_flips" in context and "steering_baseline_rate" in context:
-            flips_ctx = context["steering_flips"]
-            base_ctx = context["steering_baseline_rate"]
-            if isinstance(flips_ctx, Mapping) and not isinstance(base_ctx, Mapping):
-                base_ctx = {r: base_ctx for r in flips_ctx}  # one baseline shared by every relation
-                pairs = _per_relation({**context, "steering_baseline_rate": base_ctx},
-                                      "steering_flips", "steering_baseline_rate")
-            else:
-                pairs = _per_relation(context, "steering_flips", "steering_baseline_rate")
-            for rel, (flips, base) in pairs:
-                out.append(TestResult.from_outcome(self.id, rel, _sufficiency(flips, base, _opts(context))))
+        opts = _opts(context)
+        rel0 = str(context.get("relation", "all"))
+        if "feature_ablation_drop" in context and "random_feature_ablation_drop" in context:
+            per = _per_relation(context, "feature_ablation_drop", "random_feature_ablation_drop")
+            diffs = []
+            for rel, (drop, rand) in per:
+                d = _paired_diff(drop, rand, "feature_ablation_drop", "random_feature_ablation_drop")
+                diffs.append(d)
+                out.append(self._necessity(rel, d, rng, opts))
+            if len(per) >= 2:
+                out.append(_pooled(self._necessity("all", np.concatenate(diffs), rng, opts)))
+        elif "feature_ablation_drop" in context:
+            out.append(_nan_row(self.id, rel0, "necessity_needs_random_feature_control",
+                                "feature_ablation_drop without random_feature_ablation_drop: a drop can only be "
+                                "judged against matched random features of the same prompts"))
+        if "steering_flips" in context and "steering_random_flip_rate" in context:
+            draws = context.get("steering_random_draws")
+            per = _per_relation(context, "steering_flips", "steering_random_flip_rate")
+            parts = []
+            for rel, (flips, rate) in per:
+                m = draws.get(rel) if isinstance(draws, Mapping) else draws
+                f, r = _as_binary(flips, "steering_flips"), _rates(rate, "steering_random_flip_rate")
+                if f.shape != r.shape:
+                    raise StatsInputError(f"steering_flips ({f.size}) and steering_random_flip_rate ({r.size}) "
+                                          f"of relation {rel!r} must have one value per prompt")
+                m_arr = np.full(f.size, np.nan if m is None else float(m))
+                parts.append((f, r, m_arr))
+                out.append(TestResult.from_outcome(self.id, rel, _sufficiency(f, r, m_arr, opts, rng)))
+            if len(per) >= 2:
+                f, r, m_arr = (np.concatenate(x) for x in zip(*parts))
+                out.append(_pooled(TestResult.from_outcome(self.id, "all", _sufficiency(f, r, m_arr, opts, rng))))
+        elif "steering_flips" in context:
+            out.append(_nan_row(self.id, rel0, "sufficiency_needs_per_prompt_random_rate",
+                                "steering_flips needs steering_random_flip_rate (each prompt's flip rate under random-"
+                                "feature steering); pooled random draws would count draws as prompts"))
         return out
+
+    def _necessity(self, rel: str, d: np.ndarray, rng: np.random.Generator, opts: dict[str, Any]) -> TestResult:
+        if d.size < 2:
+            return _nan_row(self.id, rel, "necessity_drop_minus_random_drop_sign_flip",
+                            f"{d.size} prompt(s); the paired test needs >= 2")
+        o = sign_flip_test(d, null_value=0.0, alternative="greater", seed=rng, **opts)
+        o.statistic = "necessity_drop_minus_random_drop_sign_flip"
+        o.details.update({"unit": "prompt", "min_attainable_p": _min_sign_flip_p(d.size)})
+        return TestResult.from_outcome(self.id, rel, o)
+
+
+def _paired_diff(x: Any, y: Any, xname: str, yname: str) -> np.ndarray:
+    xa, ya = np.asarray(x, dtype=float).reshape(-1), np.asarray(y, dtype=float).reshape(-1)
+    if xa.shape != ya.shape:
+        raise StatsInputError(f"{xname} ({xa.size}) and {yname} ({ya.size}) need one value per prompt each")
+    if not (np.all(np.isfinite(xa)) and np.all(np.isfinite(ya))):
+        raise StatsInputError(f"{xname} / {yname} contain NaN or infinite values")
+    return xa - ya
 
 
 def _as_binary(x: Any, name: str) -> np.ndarray:
@@ -563,21 +808,28 @@ def _as_binary(x: Any, name: str) -> np.ndarray:
     return arr.astype(bool)
 
 
-def _sufficiency(flips: Any, baseline: Any, opts: dict[str, Any]) -> TestOutcome:
-    f = _as_binary(flips, "steering_flips")
-    k, n = int(f.sum()), int(f.size)
-    if np.ndim(baseline) == 0:
-        o = binomial_test(k, n, p0=float(baseline), alternative="greater",
-                          confidence_level=opts["confidence_level"])
-        o.statistic = "sufficiency_steering_flip_rate_binomial"
-        return o
-    b = _as_binary(baseline, "steering_baseline_rate")
-    kb, nb = int(b.sum()), int(b.size)
-    table = [[k, n - k], [kb, nb - kb]]
-    res = scipy.stats.fisher_exact(table, alternative="greater")
-    ci = scipy.stats.binomtest(k, n).proportion_ci(confidence_level=opts["confidence_level"], method="wilson")
+def _rates(x: Any, name: str) -> np.ndarray:
+    arr = np.asarray(x, dtype=float).reshape(-1)
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any((arr < 0) | (arr > 1)):
+        raise StatsInputError(f"{name} must be finite rates in [0, 1], one per prompt")
+    return arr
+
+
+def _sufficiency(f: np.ndarray, rate: np.ndarray, draws: np.ndarray, opts: dict[str, Any],
+                 rng: np.random.Generator) -> TestOutcome:
+    """Exact conditional test of ``sum(f)`` given each prompt's random flip rate (see the module docstring)."""
+    known = np.isfinite(draws)
+    q = np.where(known, (f + np.where(known, draws, 0.0) * rate) / (np.where(known, draws, 0.0) + 1.0), rate)
+    k = int(f.sum())
+    d = f.astype(float) - rate
+    lo, hi = bootstrap_ci(d, confidence_level=opts["confidence_level"], n_resamples=opts["n_resamples"], seed=rng) \
+        if d.size >= 2 else (math.nan, math.nan)
     return TestOutcome(
-        statistic="sufficiency_steering_flip_rate_fisher", effect=k / n, p_value=float(res.pvalue),
-        ci_low=float(ci.low), ci_high=float(ci.high), n=n, null_value=kb / nb, alternative="greater",
-        details={"k": k, "k_baseline": kb, "n_baseline": nb, "odds_ratio": float(res.statistic)},
-    )
+        statistic="sufficiency_flip_minus_random_rate_exact_conditional", effect=float(d.mean()),
+        p_value=poisson_binomial_sf(q, k), ci_low=lo, ci_high=hi, n=int(f.size), null_value=0.0,
+        alternative="greater",
+        details={"unit": "prompt", "k": k, "circuit_flip_rate": k / f.size, "mean_random_rate": float(rate.mean()),
+                 "expected_flips_under_null": float(q.sum()),
+                 "random_draws": None if not known.any() else int(np.nanmax(draws)),
+                 "null": "circuit exchangeable with the random draws of its prompt" if known.all()
+                 else "random flip rate taken as the prompt's flip probability"})
