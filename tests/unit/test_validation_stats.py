@@ -388,7 +388,9 @@ def test_random_circuit_baseline_top_circuit_and_calibration():
     assert res.p_value == pytest.approx(1 / 101)  # the top-6 set beats every random 6-set
     assert res.z > 2
     out = res.to_outcome()
-    assert out.effect == res.observed and out.n == 100
+    # n counts independent units: one circuit is tested; the 100 draws are resamples of the null
+    assert out.effect == res.observed and out.n == 1 and out.details["n_samples"] == 100 == res.n_samples
+    assert res.kind == "uniform" and res.null_zero_share == 0.0
     # null: the "circuit" is itself a random same-size subset
     pvals = []
     for i in range(N_RUNS):

@@ -24,6 +24,16 @@ corrupted run scored on the clean answers), so faithfulness ``f(N) = 1`` and ``f
 ``metric_of(list of node sets) -> list of floats`` stacks the variants along the batch dimension (at most
 ``max_batch`` rows per forward pass) and plugs into :mod:`circuit_discovery.validation.curves` with
 ``batched=True``.
+
+**Inert nodes and the relevant universe.** A node is *inert* when ablating it can never change anything: on
+every evaluated prompt its hooked output equals (``torch.equal``, at every position it covers) the value it
+would be ablated to, whatever else is ablated. :meth:`CircuitEvaluator.inert_nodes` finds them from one clean
+run: an embedding node is inert when its clean and ablation values are equal at every covered position; any
+other node when, in addition, every hooked value at every position up to and including the ones it covers is
+equal (with causal attention its live value is then the clean one in every ablation context). Under subject
+corruption these are BOS, every position before the first token that differs, and the embeddings of the
+identical tokens. ``relevant_universe`` = universe minus inert nodes; node shares, curves (:meth:`curve`,
+:meth:`faithfulness_at`) and matched baselines are taken over it.
 """
 from __future__ import annotations
 
@@ -39,7 +49,7 @@ from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import batch_from_pairs, get_metric
 from circuit_discovery.validation import curves
 
-__all__ = ["ABLATIONS", "parse_component_id", "CircuitEvaluator", "EvaluatorMethods"]
+__all__ = ["ABLATIONS", "parse_component_id", "node_stratum", "CircuitEvaluator", "EvaluatorMethods"]
 
 ABLATIONS = ("corrupted", "mean", "zero")
 _COMPONENTS = ("embed", "head", "attn_out", "mlp_out")
@@ -69,6 +79,25 @@ def parse_component_id(node_id: str) -> tuple[str, int, int | None, str | None, 
         else:
             raise InputError(f"bad part {part!r} in node id {node_id!r}; roles are {', '.join(ROLES)}")
     return comp, layer, index, role, position
+
+
+def node_stratum(node_id: str) -> tuple[str, int, str | None]:
+    """``(component, layer, role or "P<position>")`` of a node id: the stratum matched random circuits are
+    drawn in (heads: component ``"head"``, the head index dropped; feature nodes: ``"feature"``, the feature
+    index dropped)."""
+    comp, layer, _index, role, position = parse_component_id(node_id)
+    return comp, layer, role if role is not None else (f"P{position}" if position is not None else None)
+
+
+def _place(node_id: str) -> str | None:
+    return node_stratum(node_id)[2]
+
+
+_STRATA = {
+    "component_layer_role": node_stratum,
+    "component_role": lambda n: (node_stratum(n)[0], node_stratum(n)[2]),
+    "component_layer": lambda n: node_stratum(n)[:2],
+}
 
 
 class _Group:
@@ -108,6 +137,52 @@ class EvaluatorMethods:
     def __call__(self, node_set: Iterable[str]) -> float:
         return self.metric_of([node_set])[0]
 
+    # ------------------------------------------------------------------ inert nodes, relevant universe
+    def _find_inert_nodes(self) -> list[str]:
+        """Inert nodes of ``_universe`` (see module docstring). Default: none known (every node counts as
+        relevant, the conservative choice); evaluators override it."""
+        return []
+
+    def inert_nodes(self) -> list[str]:
+        """Nodes of the universe whose ablation is a no-op on every evaluated prompt (in universe order;
+        computed once and cached)."""
+        cached = getattr(self, "_inert_cache", None)
+        if cached is None:
+            found = set(self._find_inert_nodes())
+            cached = [u for u in self._universe if u in found]
+            self._inert_cache = cached
+        return list(cached)
+
+    @property
+    def relevant_universe(self) -> list[str]:
+        """The universe without its inert nodes, in universe order: the ``N`` of node shares, curves and
+        matched baselines."""
+        inert = set(self.inert_nodes())
+        return [u for u in self._universe if u not in inert]
+
+    def role_circuit(self, role: str, forced: Sequence[str] | None = None) -> list[str]:
+        """Every relevant node at ``role`` (a role name, or ``"P<n>"`` for position-keyed evaluators), plus the
+        ``forced`` nodes (e.g. the discovered circuit's embeddings): the "every last-token node" baseline
+        circuit is ``role_circuit("last", forced=...)``."""
+        places = {_place(u) for u in self._universe}
+        if role not in places:
+            raise InputError(f"role {role!r} is not in this evaluator's universe; use one of "
+                             f"{', '.join(sorted(str(p) for p in places))}")
+        nodes = [u for u in self.relevant_universe if _place(u) == role]
+        extra = self._components_only(forced or [])
+        return list(dict.fromkeys([*nodes, *extra]))
+
+    def _ordered(self, ranked_nodes: Sequence[str], relevant_only: bool) -> list[str]:
+        universe = self.relevant_universe if relevant_only else self._universe
+        return curves.order_by_ranking(self._components_only(ranked_nodes), universe)
+
+    def _references_if_missing(self, m_full, m_empty) -> tuple[float, float]:
+        if m_full is None or m_empty is None:
+            mf, me = self.references()
+            m_full = mf if m_full is None else m_full
+            m_empty = me if m_empty is None else m_empty
+        return float(m_full), float(m_empty)
+
     # ------------------------------------------------------------------ conveniences (validation.curves)
     def references(self) -> tuple[float, float]:
         """``(m(N), m(∅))``."""
@@ -130,14 +205,95 @@ class EvaluatorMethods:
                 out.append(None)
         return out
 
-    def curve(self, ranked_nodes: Sequence[str], **kwargs) -> curves.FaithfulnessCurve:
-        """:func:`curves.faithfulness_curve` over ``ranked_nodes`` (restricted to ablatable nodes)."""
-        ranked = self._components_only(ranked_nodes)
-        return curves.faithfulness_curve(ranked, self.metric_of, batched=True, **kwargs)
+    def faithfulness_with_ci(self, circuit: Iterable[str], *, n_boot: int = 2000, seed: int = 0,
+                             confidence: float = 0.95, min_gap: float = curves.DEFAULT_MIN_GAP) -> dict:
+        """Faithfulness of ``circuit`` (ratio of prompt means) with a percentile-bootstrap CI over prompts, per-prompt
+        values and the degenerate flag (``|mean(m(N) - m(∅))| < min_gap``: then no value); see
+        :func:`curves.faithfulness_ci` for the keys. One batched evaluation."""
+        per = self.metric_per_prompt([self._components_only(list(circuit)), self._universe, []])
+        mc, mf, me = (per[i].tolist() for i in range(3))
+        return curves.faithfulness_ci(mc, mf, me, n_boot=n_boot, seed=seed, confidence=confidence, min_gap=min_gap)
+
+    def curve(self, ranked_nodes: Sequence[str], *, relevant_only: bool = True, m_full: float | None = None,
+              m_empty: float | None = None, **kwargs) -> curves.FaithfulnessCurve:
+        """:func:`curves.faithfulness_curve` over the relevant universe (``relevant_only=False``: the whole
+        universe): the ranked nodes first (nodes outside it dropped), the unranked rest appended in universe
+        order, so the 100% point is ``m(N)`` whatever subset was ranked. ``m_full``/``m_empty`` default to
+        :meth:`references`."""
+        order = self._ordered(ranked_nodes, relevant_only)
+        if not order:
+            raise InputError("every node is inert on these prompts (the clean and corrupted runs agree wherever a node "
+                             "could be ablated), so no curve is defined: check the pairs' corruption "
+                             "(faithfulness_with_ci reports this case as degenerate)")
+        mf, me = self._references_if_missing(m_full, m_empty)
+        return curves.faithfulness_curve(order, self.metric_of, batched=True, m_full=mf, m_empty=me, **kwargs)
+
+    def faithfulness_at(self, ranked_nodes: Sequence[str], fractions: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2),
+                        *, m_full: float | None = None, m_empty: float | None = None,
+                        relevant_only: bool = True) -> dict[float, float]:
+        """``{fraction: f}`` of the top ``ceil(fraction * |relevant universe|)`` nodes (at least 1) of the ranking
+        restricted to relevant nodes, the unranked relevant nodes appended in universe order."""
+        fr = sorted(float(x) for x in fractions)
+        c = self.curve(ranked_nodes, relevant_only=relevant_only, m_full=m_full, m_empty=m_empty, fractions=fr)
+        return {x: float(f) for x, f in zip(fr, c.faithfulness)}
 
     def random_baseline(self, circuit: Sequence[str], n_samples: int = 100, **kwargs):
+        """The plain uniform same-size draw over the whole universe (kept for comparison: a circuit that always
+        keeps the subject embedding beats it by construction; use :meth:`matched_random_baseline`)."""
         return curves.random_circuit_baseline(self._components_only(circuit), self._universe, self.metric_of,
                                               n_samples=n_samples, batched=True, **kwargs)
+
+    def _forced_nodes(self, C: list[str], forced: Sequence[str] | None) -> list[str]:
+        if forced is None:
+            F = [n for n in C if parse_component_id(n)[0] == "embed"]
+        else:
+            F = self._components_only(forced)
+            extra = [n for n in F if n not in set(C)]
+            if extra:
+                raise InputError(f"forced node {extra[0]!r} is not in the circuit: forced nodes are circuit nodes "
+                                 "that every random circuit keeps")
+        inert = set(self.inert_nodes())
+        # inert circuit nodes change nothing; keeping them in every random circuit keeps the sizes equal
+        return list(dict.fromkeys([*F, *(n for n in C if n in inert)]))
+
+    def matched_random_baseline(self, circuit: Sequence[str], *, forced: Sequence[str] | None = None,
+                                n_samples: int = 100, seed: int = 0, m_full: float | None = None,
+                                m_empty: float | None = None, stratum: Any = "component_layer_role",
+                                alternative: str = "greater") -> curves.RandomBaselineResult:
+        """Random circuits = the circuit's ``forced`` nodes (default: its embedding nodes; its inert nodes are
+        always added) + for each stratum as many nodes as the circuit has there, drawn uniformly from the
+        relevant universe's nodes of that stratum.
+
+        Args:
+            stratum: ``"component_layer_role"`` (default, :func:`node_stratum`), ``"component_role"``,
+                ``"component_layer"`` or a callable ``node -> hashable``. Note that with the default an MLP or
+                attention-layer node is alone in its stratum, so it is always "matched" to itself: the test is
+                then about the heads; check ``n_possible`` / ``min_p_attainable`` of the result.
+        """
+        C = list(dict.fromkeys(self._components_only(circuit)))
+        F = self._forced_nodes(C, forced)
+        key = _STRATA.get(stratum, stratum) if isinstance(stratum, str) else stratum
+        if not callable(key):
+            raise InputError(f"stratum must be one of {', '.join(_STRATA)} or a callable, got {stratum!r}")
+        mf, me = self._references_if_missing(m_full, m_empty)
+        return curves.random_circuit_baseline(C, self.relevant_universe, self.metric_of, n_samples=n_samples,
+                                              forced=F, stratum=key, batched=True, seed=seed, m_full=mf,
+                                              m_empty=me, alternative=alternative)
+
+    def topm_random_baseline(self, circuit: Sequence[str], ranked: Sequence[str], *, m_factor: float = 2,
+                             n_samples: int = 100, seed: int = 0, forced: Sequence[str] | None = None,
+                             m_full: float | None = None, m_empty: float | None = None,
+                             alternative: str = "greater") -> curves.RandomBaselineResult:
+        """Random circuits = ``forced`` (as in :meth:`matched_random_baseline`) + random subsets, of the circuit's
+        non-forced size, of the top ``M = m_factor * |circuit|`` ranked relevant non-forced nodes."""
+        C = list(dict.fromkeys(self._components_only(circuit)))
+        F = self._forced_nodes(C, forced)
+        relevant = set(self.relevant_universe)
+        ranked_rel = [n for n in self._components_only(ranked) if n in relevant]
+        mf, me = self._references_if_missing(m_full, m_empty)
+        return curves.topm_random_baseline(C, ranked_rel, self.metric_of, m_factor=m_factor, n_samples=n_samples,
+                                           forced=F, batched=True, seed=seed, m_full=mf, m_empty=me,
+                                           alternative=alternative)
 
     def completeness(self, circuit: Sequence[str], **kwargs):
         return curves.completeness(self._components_only(circuit), self._universe, self.metric_of, batched=True,
@@ -248,6 +404,40 @@ class CircuitEvaluator(EvaluatorMethods):
     def universe(self) -> list[str]:
         """Every node id that can be ablated (``N``)."""
         return list(self._universe)
+
+    def _find_inert_nodes(self) -> list[str]:
+        """See the module docstring: one clean run per group compared with the ablation values."""
+        eq_by_group: list[tuple[dict[str, Tensor], Tensor]] = []
+        for g in self._groups:
+            b = g.batch
+            with torch.no_grad():
+                _, clean = self.model.run_with_cache(b.tokens, names=self.hook_names, attention_mask=b.mask,
+                                                     return_logits=False)
+            eq: dict[str, Tensor] = {}
+            pos_all = None
+            for name in self.hook_names:
+                x = clean[name]
+                v = torch.zeros_like(x) if g.values is None else g.values[name].to(x.device, x.dtype).expand_as(x)
+                e = (x == v).all(-1).cpu()  # [b, pos] or [b, pos, heads] (hook_z: over d_head)
+                eq[name] = e
+                ep = e.all(-1) if e.ndim == 3 else e
+                pos_all = ep if pos_all is None else pos_all & ep
+            prefix = torch.cumprod(pos_all.to(torch.int64), dim=1).bool()  # [b, pos]: every hook equal up to here
+            eq_by_group.append((eq, prefix))
+        out = []
+        for node in self._universe:
+            inert = True
+            for (hook, m), (eq, prefix) in zip(self._node_masks(node), eq_by_group):
+                if not bool(eq[hook][m].all()):
+                    inert = False
+                elif not node.startswith("embed/"):
+                    pos = m.any(-1) if m.ndim == 3 else m
+                    inert = bool(prefix[pos].all())
+                if not inert:
+                    break
+            if inert:
+                out.append(node)
+        return out
 
     def _node_masks(self, node_id: str) -> list[tuple[str, Tensor]] | None:
         """Per group: ``(hook name, mask)`` where mask is ``[b, pos]`` (or ``[b, pos, heads]`` for heads)."""

@@ -28,6 +28,8 @@ import numpy as np
 import scipy.stats
 from statsmodels.stats.multitest import multipletests
 
+from circuit_discovery.errors import CircuitDiscoveryError
+
 __all__ = [
     "Alternative",
     "SeedLike",
@@ -55,7 +57,7 @@ VERDICTS = ("supported", "not supported", "inconclusive")
 _ALTERNATIVES = ("greater", "less", "two-sided")
 
 
-class StatsInputError(ValueError):
+class StatsInputError(CircuitDiscoveryError, ValueError):
     """Raised for input a statistical routine cannot work with (empty, non-finite, wrong shape...)."""
 
 
