@@ -116,6 +116,24 @@ def test_intervention_changes_downstream_inputs_by_edge_weight(setup):
     assert worst <= 1e-5 * float(g.adjacency.abs().max())
 
 
+@pytest.mark.parametrize("cap", [10_000, 5])
+def test_error_node_is_mlp_out_minus_b_dec_and_visited_features(setup, cap):
+    """One error-node definition (shared with FeatureCircuitEvaluator): what the MLP writes at (layer, position)
+    minus b_dec and the visited features' decoder contributions -- unvisited and BOS features included."""
+    m, tcs = setup
+    res = feature_graph(m, tcs, PROMPT, max_feature_nodes=cap, batch_size=8)
+    st = _prompt_state(m, m.to_tokens(PROMPT), tcs, FrozenReplay(m))
+    recon = {l: st.mlp_out[l].clone() for l in range(m.cfg.n_layers)}
+    for l, tc in tcs.items():
+        recon[l] = recon[l] - tc.b_dec.detach()
+    for nd in res.graph.nodes:
+        if nd.node.component == "feature":
+            l, p, f = nd.node.layer, nd.node.position, nd.node.index
+            recon[l][p] -= nd.activation * tcs[l].W_dec[f].detach()
+    for l in range(m.cfg.n_layers):
+        assert torch.allclose(res.errors[l], recon[l], atol=1e-5 * float(st.mlp_out[l].abs().max()) + 1e-6)
+
+
 def test_frozen_replay_reproduces_the_forward_pass(setup):
     m, tcs = setup
     toks = m.to_tokens(PROMPT)

@@ -28,7 +28,11 @@ the logit nodes, then for features in order of their estimated influence on the 
 computed so far), a batch at a time. The contribution of active features that are not visited is added
 to their (layer, position) error node, so the graph stays exact -- every node's input is still the sum of
 its incoming edges plus its bias. BOS features are folded into the error nodes the same way
-(``include_bos=False``, default: the BOS residual is an outlier that transcoders are not trained on).
+(``include_bos=False``, default: the BOS residual is an outlier that transcoders are not trained on). An error
+node is therefore *everything the MLP writes at (layer, position) except ``b_dec`` and the visited features'
+decoder contributions* (``FeatureGraphResult.errors``); the circuit evaluator
+(:class:`~circuit_discovery.validation.features.FeatureCircuitEvaluator.from_graphs`) uses the same definition.
+:func:`graph_scores` gives circuit-tracer's replacement and completeness scores of a graph.
 """
 from __future__ import annotations
 
@@ -49,7 +53,7 @@ from circuit_discovery.models.arch import get_module
 from circuit_discovery.sae.labels import direction_logit_effects
 
 __all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "decoder_directions", "feature_circuit",
-           "feature_graph", "replacement_inputs"]
+           "feature_graph", "graph_scores", "replacement_inputs"]
 
 
 # ------------------------------------------------------------------------------------- freezing
@@ -249,6 +253,12 @@ class FeatureGraphResult:
     n_active_features: int
     n_visited: int
     logit_tokens: list[int]
+    errors: Tensor | None = None  # [n_layers, n, d] each error node's vector (what the MLP writes there minus
+    #                               b_dec and the visited features' decoder contributions)
+
+    def scores(self) -> dict[str, float | None]:
+        """:func:`graph_scores` of this graph (replacement, completeness, error influence share)."""
+        return graph_scores(self.graph)
 
 
 def _logit_targets(model, state: _PromptState, max_n_logits: int, desired_logit_prob: float,
@@ -409,6 +419,12 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
     if len(rest):
         err_cols = err_off + feat_l_t[rest] * n + feat_p_t[rest]
         R_all.index_add_(1, err_cols, R_all[:, rest])
+        # the error node's vector: reconstruction error + the decoder contributions of the folded features
+        for l, tc in transcoders.items():
+            sel = rest[feat_l_t[rest] == l]
+            if len(sel):
+                contrib = feat_a_t[sel][:, None] * tc.W_dec.detach().float()[feat_f_t[sel]]
+                errors[l].index_add_(0, feat_p_t[sel], contrib)
     vis = torch.tensor(visited, dtype=torch.long)
     n_vis = len(visited)
     src_cols = torch.cat([vis, torch.arange(err_off, n_cols)])  # visited features, errors, embeddings
@@ -472,7 +488,7 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
                   "n_active_features": n_feat, "max_feature_nodes": max_feature_nodes,
                   "include_bos": include_bos})
     return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=n_feat,
-                              n_visited=n_vis, logit_tokens=logit_toks)
+                              n_visited=n_vis, logit_tokens=logit_toks, errors=errors)
 
 
 @torch.no_grad()
@@ -524,6 +540,44 @@ def _column_influence(logit_rows: Tensor, w_logit: Tensor, feat_rows: Tensor | N
             break
         total_x += x
     return infl + total_x @ Av
+
+
+# ------------------------------------------------------------------------------------- graph scores
+def graph_scores(graph: AttributionGraph) -> dict[str, float | None]:
+    """circuit-tracer's replacement and completeness scores of an attribution graph, and the error nodes' share
+    of the influence on the logits.
+
+    With ``A`` the row-normalised absolute adjacency (targets as rows) and ``I`` each node's influence on the
+    probability-weighted logits through all paths (``sum_k w A^k``, as used for pruning):
+
+    * ``replacement_score`` = ``I(embeddings) / (I(embeddings) + I(errors))``: the share of the token-to-logit
+      influence that does not end in an error node (1 when every path from the tokens runs through features);
+    * ``completeness_score`` = ``sum_i (1 - sum_{e in errors} A[i, e]) (I_i + w_i) / sum_i (I_i + w_i)``: the
+      influence-weighted share of each node's input that comes from features or tokens rather than errors;
+    * ``error_influence_share`` = ``I(errors) / (I(features) + I(errors) + I(embeddings))``.
+
+    The error nodes of :func:`feature_graph` also hold the unvisited (capped) and BOS features, so a cap lowers
+    both scores: they measure how much of the computation the graph's own feature nodes explain. ``None`` where
+    a denominator is 0.
+    """
+    from circuit_discovery.graph.prune import compute_influence, normalize_matrix
+
+    a = normalize_matrix(graph.adjacency)
+    w = graph.logit_weights()
+    infl = compute_influence(a, w)
+    comp = [nd.node.component for nd in graph.nodes]
+    err = torch.tensor([c == "error" for c in comp], dtype=torch.bool)
+    tok = torch.tensor([c == "embed" for c in comp], dtype=torch.bool)
+    feat = torch.tensor([c == "feature" for c in comp], dtype=torch.bool)
+    i_err, i_tok, i_feat = float(infl[err].sum()), float(infl[tok].sum()), float(infl[feat].sum())
+    out_infl = infl + w
+    total_out = float(out_infl.sum())
+    non_err = 1.0 - a[:, err].sum(1)
+    return {
+        "replacement_score": i_tok / (i_tok + i_err) if i_tok + i_err > 0 else None,
+        "completeness_score": float((non_err * out_infl).sum()) / total_out if total_out > 0 else None,
+        "error_influence_share": i_err / (i_err + i_tok + i_feat) if i_err + i_tok + i_feat > 0 else None,
+    }
 
 
 # ------------------------------------------------------------------------------------- relation circuits
@@ -580,6 +634,7 @@ def feature_circuit(model, transcoders: Mapping[int, Any], pairs: Sequence, *, n
             "nodes_after": len(circuit.nodes), "edges_after": len(circuit.edges),
             "active_features_per_prompt": [r.n_active_features for r in results],
             "visited_features_per_prompt": [r.n_visited for r in results],
+            "graph_scores": [r.scores() for r in results],
             "seconds": time.perf_counter() - t0}
     return FeatureCircuitResult(circuit, combined, results, info)
 
