@@ -95,28 +95,43 @@ class CircuitDiscovery:
         ``feature/L{layer}/I{feature}/{role}``, ``error/L{layer}/{role}`` and ``embed/L-1/{role}``. ``validate``
         fills ``.faithfulness`` (and ``.extra["validation"]``).
 
+        Each relation's known facts are split into discovery and held-out facts *before* pairing
+        (:func:`~circuit_discovery.pipeline.attribution_stage.relation_pairs`): counterfactual subjects come from the
+        same split only, only subject-swap pairs are used (a relation without any uses ROME-noise pairs
+        for all its facts instead), and at most ``max_facts`` discovery and ``held_out_facts`` held-out pairs are
+        kept.
+
         ``dataset``: None (built-in facts), the seed's dict format, our rich format, a ROME list, a path, or a
         :class:`~circuit_discovery.facts.Dataset`.
         """
-        from .facts import filter_known, select_relations
+        from .facts import filter_known, load_builtin, select_relations
         from .graph import Circuit
         from .pipeline.attribution_stage import relation_pairs
         from .pipeline.circuit_stage import circuit_for_relation, validate_relation
 
-        ds = self._dataset(dataset)
-        if relations:
-            ds = select_relations(ds, relations)
+        if dataset is None and relations:
+            ds = load_builtin(list(relations))  # named built-in relations, default selection or not
+        else:
+            ds = self._dataset(dataset)
+            if relations:
+                ds = select_relations(ds, relations)
         known, report = filter_known(self.model, ds, k=self.cfg.known_k, batch_size=self.cfg.batch_size,
                                      progress=self.cfg.progress)
         self.known_report = report
         circuits = []
         tcs = self.transcoders().transcoders if train_sae else None
         for rel in ds.relation_names:
-            facts = known[rel][: self.cfg.max_facts] if rel in known else []
-            pairs = relation_pairs(self.model, facts, self.cfg) if facts else []
-            if not pairs:
-                log.warning("relation %s: no known fact with a usable counterfactual; skipped", rel)
+            # every known fact of the relation: relation_pairs splits them into discovery and held-out facts
+            # first and draws counterfactual partners inside each split only (then caps each split)
+            facts = list(known[rel]) if rel in known else []
+            # a relation without any subject-swap pair (e.g. the seed README's two facts) falls back to ROME-noise
+            # pairs for all of its facts: one corruption type per relation, never mixed
+            pairs = relation_pairs(self.model, facts, self.cfg, noise_fallback=True)
+            if not pairs["discovery"]:
+                log.warning("relation %s: no known discovery fact with a usable subject-swap partner; skipped", rel)
                 continue
+            if not pairs["held_out"]:
+                log.warning("relation %s: no held-out subject-swap pair; held-out validation is skipped", rel)
             if train_sae:
                 from .pipeline.feature_stage import feature_circuit_for_relation
 
@@ -125,18 +140,30 @@ class CircuitDiscovery:
                 circuit = Circuit.from_dict(found["circuit"])
                 if validate:
                     v = found["validation"]
-                    circuit.faithfulness = v["faithfulness"]
-                    circuit.extra["validation"] = {k: v.get(k) for k in (
-                        "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "feature_ablation_drop",
-                        "steering_flips")}
+                    circuit.faithfulness, circuit.extra["validation"] = _headline(v, v.get("held_out"), extra=(
+                        "feature_ablation_drop", "steering_flips", "faithfulness_live", "held_out_faithfulness_live"))
                 circuits.append(circuit)
                 continue
             found = circuit_for_relation(self.model, rel, pairs, self.cfg)
             circuit = Circuit.from_dict(found["circuit"])
             if validate:
                 v = validate_relation(self.model, pairs, found, self.cfg, self.cfg.seed)
-                circuit.faithfulness = v["faithfulness"]
-                circuit.extra["validation"] = {k: v[k] for k in ("node_share", "cpr", "cmd", "random_p",
-                                                                 "held_out_faithfulness")}
+                circuit.faithfulness, circuit.extra["validation"] = _headline(v.get("in_sample", v), v.get("held_out"),
+                                                                              extra=("validated",), top=v)
             circuits.append(circuit)
         return circuits
+
+
+def _headline(in_sample: dict, held_out: dict | None, extra=(), top: dict | None = None) -> tuple:
+    """``(faithfulness, validation dict)`` of one circuit: the held-out numbers where held-out facts exist (the
+    headline), else the in-sample ones, labelled by ``split``."""
+    head = held_out if held_out else in_sample
+    top = top if top is not None else in_sample
+    out = {"split": "held_out" if held_out else "in_sample",
+           "faithfulness_ci": head.get("ci"), "degenerate": head.get("degenerate"),
+           **{k: head.get(k) for k in ("node_share", "cpr", "cmd", "random_p", "faithfulness_at")},
+           "held_out_faithfulness": held_out.get("faithfulness") if held_out else None,
+           "in_sample_faithfulness": in_sample.get("faithfulness"),
+           "n_discovery": top.get("n_discovery"), "n_held_out": top.get("n_held_out", 0)}
+    out.update({k: (top.get(k) if k in top else in_sample.get(k)) for k in extra})
+    return head.get("faithfulness"), out

@@ -40,7 +40,7 @@ def _subject_window_ok(tok, pair) -> bool:
 
 
 def test_every_builtin_fact_builds_a_pair(tokenizer):
-    ds = load_builtin()
+    ds = load_builtin(include_non_default=True)
     pairs = build_pairs(ds, tokenizer, seed=0)
     assert len(pairs) == ds.n_facts
     assert all(p.clean_tokens[0] == tokenizer.bos_token_id for p in pairs)
@@ -96,3 +96,24 @@ def test_filter_known_with_builtin_model():
     print(f"overall {report.n_known}/{report.n} = {report.accuracy:.1%}")
     assert report.n == ds.n_facts and known.n_facts == report.n_known
     assert report.accuracy > 0.2
+
+
+def test_split_pairs_stay_inside_their_split_with_the_real_tokenizer(tokenizer):
+    """Every default relation (all its facts) fills both splits, with subject-swap pairs only, and no subject of
+    a held-out pair (clean or corrupted) occurs in a discovery pair."""
+    from types import SimpleNamespace
+
+    from circuit_discovery.pipeline.attribution_stage import relation_pairs
+    from circuit_discovery.pipeline.config import RunConfig
+
+    model, cfg = SimpleNamespace(tokenizer=tokenizer), RunConfig()
+    ds = load_builtin()
+    print("\nrelation                 discovery  held-out")
+    for rel in ds:
+        out = relation_pairs(model, ds[rel], cfg)
+        disc, held = out["discovery"], out["held_out"]
+        print(f"{rel:24s} {len(disc):9d}  {len(held):8d}")
+        assert len(disc) == cfg.max_facts and len(held) == cfg.held_out_facts, rel
+        subjects = [{p.subject for p in x} | {p.corrupted_subject for p in x} for x in (disc, held)]
+        assert not subjects[0] & subjects[1], rel
+        assert all(p.corruption == "subject_swap" for p in disc + held)

@@ -99,10 +99,11 @@ def regex_pairs(builtin):
 # ----------------------------------------------------------------------------------------- built-in data
 
 def test_builtin_relations_and_facts(builtin):
-    assert len(builtin) >= 18
-    assert set(REQUIRED) <= set(builtin)
-    for name, facts in builtin.items():
-        rel = builtin.relations[name]
+    assert len(builtin) >= 18  # the default selection
+    full = load_builtin(include_non_default=True)
+    assert set(REQUIRED) <= set(full)
+    for name, facts in full.items():
+        rel = full.relations[name]
         assert rel.description and rel.template.count("{}") == 1
         assert len(facts) >= 20, name
         assert len({f.subject for f in facts}) == len(facts), f"duplicate subject in {name}"
@@ -112,6 +113,44 @@ def test_builtin_relations_and_facts(builtin):
                 assert a.startswith(" ") and not a.startswith("  ") and a == a.rstrip(), (name, a)
     assert all(re.fullmatch(r" \d{4}", f.answer) for f in builtin["historical_date"])
     assert builtin.n_facts == sum(builtin.counts().values()) == len(builtin.facts)
+
+
+KNOWN_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "known_facts.json"
+
+
+def test_default_selection_leaves_out_non_default_relations():
+    from circuit_discovery.facts import builtin_relations
+
+    full = load_builtin(include_non_default=True)
+    default = load_builtin()
+    off = [n for n, r in full.relations.items() if not r.default]
+    assert set(default) == set(full) - set(off) and len(default) >= 18
+    assert builtin_relations() == default.relation_names
+    assert builtin_relations(include_non_default=True) == full.relation_names
+    if off:  # named, a non-default relation still loads (builtin and load_dataset alike)
+        assert load_builtin(off).relation_names == off
+        assert load_dataset("builtin", relations=off[:1]).relation_names == off[:1]
+    again = load_rich(full.to_dict())
+    assert again.relations == full.relations  # the "default" flag survives the rich round trip
+    flagged = load_rich({"relations": [{"name": "r", "default": False, "facts": [
+        {"subject": "a", "prompt": "a is", "answer": "b"}]}]})
+    assert flagged.relations["r"].default is False and flagged.to_dict()["relations"][0]["default"] is False
+
+
+def test_default_relations_have_20_known_facts_in_the_committed_measurement():
+    """benchmarks/results/known_facts.json (the default model at k = 1) must cover every built-in relation: a
+    default relation has >= 20 known facts and >= 12 discovery / >= 8 held-out usable subject-swap pairs (a relation
+    without them must be marked "default": false). Fails when facts or relations change without re-measuring."""
+    res = json.loads(KNOWN_RESULTS.read_text())["builtin"]
+    per = res["per_relation"]
+    full = load_builtin(include_non_default=True)
+    assert set(per) == set(full), "re-run benchmarks/known_facts.py after changing the built-in facts"
+    for name, rel in full.relations.items():
+        r = per[name]
+        assert r["n"] == len(full[name]), name
+        assert r["default"] == rel.default, name
+        enough = r["n_known"] >= 20 and r["discovery_pairs"] >= 12 and r["held_out_pairs"] >= 8
+        assert enough or not rel.default, (name, r)  # a relation without enough facts is out of the default run
 
 
 def test_rich_round_trip(builtin, tmp_path):
@@ -484,3 +523,173 @@ def test_informative_pair_moves_shared_answer_prefix():
     assert informative_pair(replace(p, counterfactual_tokens=()), tok) is None
     assert informative_pair(replace(p, counterfactual_tokens=tuple(a)), tok) is None
     assert informative_pair(replace(p, counterfactual_tokens=(a[0] + 1,)), tok).clean_tokens == p.clean_tokens
+
+
+# ----------------------------------------------------------------------------------------- splits before pairs
+
+class _TokModel:
+    """What relation_pairs needs of a model: its tokenizer."""
+
+    def __init__(self, tok):
+        self.tokenizer = tok
+
+
+def _cfg(**kw):
+    from circuit_discovery.pipeline.config import RunConfig
+
+    return RunConfig(**{"max_facts": 12, **kw})
+
+
+def _subjects(pairs):
+    return {p.subject for p in pairs} | {p.corrupted_subject for p in pairs}
+
+
+def test_split_facts_is_a_deterministic_partition(builtin):
+    from circuit_discovery.facts import split_facts
+
+    tok = RegexTokenizer()
+    facts = builtin["capital_city"]
+    disc, held = split_facts(facts, held_out_fraction=0.4, seed=0, tokenizer=tok)
+    assert sorted(disc + held, key=facts.index) == list(facts) and not set(disc) & set(held)
+    assert disc == sorted(disc, key=facts.index) and held == sorted(held, key=facts.index)  # input order kept
+    assert (disc, held) == split_facts(facts, held_out_fraction=0.4, seed=0, tokenizer=tok)
+    assert any(split_facts(facts, held_out_fraction=0.4, seed=s, tokenizer=tok)[1] != held for s in range(1, 6))
+    d2, h2 = split_facts(facts, n_held_out=9, seed=0, tokenizer=tok)
+    assert len(h2) == 9 and len(d2) == len(facts) - 9
+
+
+def test_split_facts_rejects_bad_arguments(builtin):
+    from circuit_discovery.facts import split_facts
+
+    with pytest.raises(DatasetError, match="not both"):
+        split_facts(builtin["capital_city"], n_held_out=3, held_out_fraction=0.3)
+    with pytest.raises(DatasetError, match="one relation"):
+        split_facts(builtin.select(["capital_city", "city_country"]), n_held_out=3)
+    with pytest.raises(DatasetError, match=r"\[0, 1\]"):
+        split_facts(builtin["capital_city"], held_out_fraction=1.5)
+    with pytest.raises(DatasetError, match="non-empty"):
+        split_facts([])
+
+
+def _random_facts(rng, n_groups):
+    """One relation whose subjects have 1..n_groups words (= role groups without a tokenizer) and few answers."""
+    facts = []
+    for g in range(1, n_groups + 1):
+        for j in range(rng.randint(1, 9)):
+            subject = " ".join(["W%d_%d" % (j, w) for w in range(g)])
+            facts.append(Fact("r", subject, f"Q {subject} is", " A%d" % rng.randint(0, rng.randint(0, 3))))
+    return facts
+
+
+def test_split_keeps_every_side_of_every_group_pairable():
+    """Property: in each split, the facts of a role group are none or include two different answers, so no
+    pairable fact loses its partners to the split; a group that allows it is split across both sides."""
+    import random
+
+    from circuit_discovery.facts import split_facts
+    from circuit_discovery.facts.pairs import _both_sides_pairable
+
+    rng = random.Random(0)
+    n_split_groups = 0
+    for trial in range(300):
+        facts = _random_facts(rng, 4)
+        frac = rng.choice([0.2, 0.34, 0.4, 0.5, 0.7])
+        disc, held = split_facts(facts, held_out_fraction=frac, seed=trial)
+        assert sorted(disc + held, key=facts.index) == facts
+        for g in {len(f.subject.split()) for f in facts}:
+            members = [f for f in facts if len(f.subject.split()) == g]
+            if len({f.answer for f in members}) < 2:
+                continue  # cannot pair anywhere
+            sides = [[f for f in side if f in members] for side in (disc, held)]
+            for side in sides:
+                assert not side or len({f.answer for f in side}) >= 2, (trial, g, side)
+            counts = Counter(f.answer for f in members)
+            n_split_groups += all(sides) and _both_sides_pairable(list(counts.values()))
+    assert n_split_groups > 100  # groups are really split across both sides, not just sent whole
+
+
+def test_relation_pairs_keep_held_out_subjects_out_of_discovery(builtin):
+    """No subject of a held-out pair (clean or corrupted) appears in any discovery pair, in any relation and
+    seed; so mirrored pairs (A vs B in discovery, B vs A held out) cannot occur. Old code: partners were drawn
+    over all known facts before the pairs were split."""
+    from circuit_discovery.pipeline.attribution_stage import relation_pairs
+
+    tok = RegexTokenizer()
+    model = _TokModel(tok)
+    n_held = 0
+    for seed in range(3):
+        for rel in builtin.relation_names:
+            out = relation_pairs(model, builtin[rel], _cfg(seed=seed, held_out_facts=8))
+            assert set(out) == {"discovery", "held_out"}
+            disc, held = out["discovery"], out["held_out"]
+            assert not _subjects(disc) & _subjects(held), rel
+            assert not {(p.subject, p.corrupted_subject) for p in disc} & {
+                (p.corrupted_subject, p.subject) for p in held}
+            assert not {p.clean_prompt for p in disc} & {p.corrupted_prompt for p in held}
+            n_held += len(held)
+    assert n_held > 0
+
+
+def test_relation_pairs_are_subject_swaps_only_and_capped(builtin):
+    """One corruption type: a fact without a same-roles partner in its split gives no pair (old code appended a
+    noise pair whose corrupted prompt is the clean prompt). Each split is capped by its own option."""
+    from circuit_discovery.pipeline.attribution_stage import relation_pairs
+
+    tok = RegexTokenizer()
+    facts = [Fact("capital_city", s, f"The capital of {s} is", a, template="The capital of {} is")
+             for s, a in [("France", " Paris"), ("Germany", " Berlin"), ("Italy", " Rome"), ("Spain", " Madrid"),
+                          ("Japan", " Tokyo"), ("the United Kingdom", " London")]]
+    out = relation_pairs(_TokModel(tok), facts, _cfg(max_facts=12, held_out_facts=8))
+    pairs = out["discovery"] + out["held_out"]
+    assert pairs and all(p.corruption == "subject_swap" and p.corrupted_prompt != p.clean_prompt for p in pairs)
+    assert "the United Kingdom" not in _subjects(pairs)
+    big = relation_pairs(_TokModel(tok), load_builtin()["capital_city"], _cfg(max_facts=4, held_out_facts=2))
+    assert len(big["discovery"]) == 4 and len(big["held_out"]) == 2
+    dflt = relation_pairs(_TokModel(tok), load_builtin()["capital_city"], _cfg(max_facts=12))  # no held_out_facts
+    assert len(dflt["held_out"]) <= 8
+
+
+def test_api_splits_all_known_facts_before_pairing(monkeypatch):
+    """CircuitDiscovery pairs inside each split of all known facts (old code: partners from the first max_facts
+    facts, then split, so held-out subjects were discovery partners)."""
+    import circuit_discovery.pipeline.circuit_stage as cs
+    from circuit_discovery import CircuitDiscovery
+
+    seen = {}
+
+    def fake_circuit(model, rel, pairs, cfg, *a, **k):
+        seen[rel] = pairs
+        raise StopIteration
+
+    monkeypatch.setattr(cs, "circuit_for_relation", fake_circuit)
+    d = CircuitDiscovery(model_name="tiny-gemma3", device="cpu", known_k=10**6, progress=False, max_facts=4,
+                         held_out_facts=3)
+    with pytest.raises(StopIteration):
+        d.discover_all_circuits(relations=["capital_city"])
+    pairs = seen["capital_city"]
+    disc, held = pairs["discovery"], pairs["held_out"]
+    assert len(disc) == 4 and 1 <= len(held) <= 3
+    assert not _subjects(disc) & _subjects(held)
+    assert all(p.corruption == "subject_swap" for p in disc + held)
+
+
+def test_noise_fallback_uses_one_corruption_type_for_the_whole_relation():
+    """A relation without any subject-swap pair (the seed README's two facts of different token lengths) gets no
+    pairs, or with ``noise_fallback`` only noise pairs (never mixed with subject swaps); a relation with swap pairs
+    never gets noise pairs."""
+    from circuit_discovery.pipeline.attribution_stage import relation_pairs
+
+    tok = RegexTokenizer()
+    seed = load_seed({"entity_location": [
+        {"clean": "The Eiffel Tower is located in Paris", "corrupted": "The Eiffel Tower is located in London"},
+        {"clean": "The Colosseum is located in Rome", "corrupted": "The Colosseum is located in Paris"}]})
+    facts = seed["entity_location"]
+    assert relation_pairs(_TokModel(tok), facts, _cfg()) == {"discovery": [], "held_out": []}
+    out = relation_pairs(_TokModel(tok), facts, _cfg(), noise_fallback=True)
+    pairs = out["discovery"] + out["held_out"]
+    assert len(pairs) == 2 and {p.corruption for p in pairs} == {"noise"}
+    assert {p.counterfactual_answer for p in pairs} == {" London", " Paris"}  # the seed's own counterfactuals
+    mixed = relation_pairs(_TokModel(tok), load_builtin()["capital_city"], _cfg(), noise_fallback=True)
+    assert {p.corruption for p in mixed["discovery"] + mixed["held_out"]} == {"subject_swap"}
+    with pytest.raises(DatasetError, match="partners"):
+        build_pairs(facts, tok, partners="across")

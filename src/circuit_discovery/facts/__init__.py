@@ -1,7 +1,8 @@
 """Relations, facts, clean/corrupted fact pairs, dataset formats and the known-fact filter.
 
->>> ds = load_builtin()                       # 19 relations of simple, well-known facts
->>> pairs = build_pairs(ds["capital_city"], tokenizer, seed=0)
+>>> ds = load_builtin()                       # the default selection: 20 relations of well-known facts
+>>> discovery, held_out = split_facts(ds["capital_city"], held_out_fraction=0.4, tokenizer=tokenizer)
+>>> pairs = build_pairs(discovery, tokenizer, seed=0)   # partners only from the discovery facts
 >>> known, report = filter_known(model, ds, k=1)
 """
 from circuit_discovery.facts.known import (
@@ -30,8 +31,11 @@ from circuit_discovery.facts.pairs import (
     align_answer,
     answer_tokens,
     build_pairs,
+    DEFAULT_HELD_OUT_FRACTION,
     informative_pair,
     encode,
+    pair_group_key,
+    split_facts,
     group_by_length,
     prepare_fact,
     stack_pairs,
@@ -50,11 +54,11 @@ from circuit_discovery.facts.types import (
 )
 
 __all__ = [
-    "ROLES", "RICH_SCHEMA", "WIKIDATA_RELATIONS",
+    "DEFAULT_HELD_OUT_FRACTION", "ROLES", "RICH_SCHEMA", "WIKIDATA_RELATIONS",
     "Dataset", "DatasetError", "Fact", "FactPair", "FactScore", "KnownReport", "PairError", "Relation",
     "RelationAccuracy",
     "align_answer", "answer_ranks", "answer_tokens", "build_pairs", "informative_pair", "builtin_relations", "detect_format",
     "encode", "filter_known", "group_by_length", "guess_subject", "load_builtin", "load_counterfact",
-    "load_dataset", "load_known_1000", "load_rich", "load_seed", "prepare_fact", "select_relations",
-    "split_seed", "stack_pairs", "subject_span", "token_roles", "with_answer",
+    "load_dataset", "load_known_1000", "load_rich", "load_seed", "pair_group_key", "prepare_fact",
+    "select_relations", "split_facts", "split_seed", "stack_pairs", "subject_span", "token_roles", "with_answer",
 ]

@@ -12,6 +12,8 @@ Formats
        {"name": "capital_city",                          # required
         "description": "Capital city of a country.",    # optional
         "template": "The capital of {} is",             # optional; "{}" marks the subject
+        "default": true,                                 # optional; false: left out of load_builtin()'s default
+                                                         # selection (still loadable by name)
         "facts": [                                       # required, non-empty
           {"subject": "France",                          # required
            "answer": " Paris",                           # required (leading space added if missing)
@@ -80,6 +82,7 @@ _RELATION_BODY = {
         "name": {"type": "string", "minLength": 1},
         "description": {"type": "string"},
         "template": {"type": "string", "pattern": r"\{\}"},
+        "default": {"type": "boolean"},
         "facts": {"type": "array", "items": _FACT_SCHEMA},
     },
 }
@@ -113,16 +116,24 @@ def _fill(template: str, subject: str) -> str:
 
 # --------------------------------------------------------------------------- built-in / rich
 
-def load_builtin(relations: str | Sequence[str] | None = None) -> Dataset:
-    """The built-in dataset (``facts/data/relations.json``), optionally only ``relations``."""
+def load_builtin(relations: str | Sequence[str] | None = None, *, include_non_default: bool = False) -> Dataset:
+    """The built-in dataset (``facts/data/relations.json``), optionally only ``relations``.
+
+    Without ``relations`` the default selection is returned: relations marked ``"default": false`` (fewer than
+    20 facts that the default model, Gemma 3 270M, knows at k = 1; see benchmarks/results/known_facts.json) are
+    left out unless ``include_non_default``. Naming such a relation in ``relations`` loads it."""
     text = resources.files("circuit_discovery.facts").joinpath("data/relations.json").read_text("utf-8")
     ds = load_rich(json.loads(text))
-    return ds if relations is None else select_relations(ds, relations)
+    if relations is not None:
+        return select_relations(ds, relations)
+    if include_non_default:
+        return ds
+    return select_relations(ds, [n for n, r in ds.relations.items() if r.default])
 
 
-def builtin_relations() -> list[str]:
-    """Names of the built-in relations."""
-    return load_builtin().relation_names
+def builtin_relations(include_non_default: bool = False) -> list[str]:
+    """Names of the built-in relations (the default selection unless ``include_non_default``)."""
+    return load_builtin(include_non_default=include_non_default).relation_names
 
 
 def load_rich(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Dataset:
@@ -144,7 +155,7 @@ def load_rich(obj: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> Dataset:
         name, template = r["name"], r.get("template")
         if name in facts:
             raise DatasetError(f"relation {name!r} appears twice; merge its facts into one entry")
-        meta[name] = Relation(name, r.get("description", ""), template)
+        meta[name] = Relation(name, r.get("description", ""), template, bool(r.get("default", True)))
         facts[name] = [_rich_fact(name, template, f, i) for i, f in enumerate(r["facts"])]
     return Dataset(facts, meta)
 
@@ -354,7 +365,7 @@ def load_dataset(obj_or_path: Any = "builtin", relations: str | Sequence[str] | 
     if isinstance(obj, Dataset):
         ds = obj
     elif obj is None or (isinstance(obj, str) and obj == "builtin"):
-        ds = load_builtin()
+        return load_builtin(relations)  # named relations may include ones outside the default selection
     else:
         if isinstance(obj, (str, os.PathLike)):
             obj = _read_json(obj)

@@ -161,8 +161,13 @@ def _rng(seed: int, fact: Fact) -> random.Random:
 
 
 def build_pairs(facts: Dataset | Mapping[str, Iterable[Fact]] | Iterable[Fact], tokenizer, *, seed: int = 0,
-                prepend_bos: bool = True) -> list[FactPair]:
+                prepend_bos: bool = True, partners: str = "within") -> list[FactPair]:
     """One :class:`FactPair` per fact, deterministic for ``seed``.
+
+    ``partners="within"`` (default): counterfactual subjects come only from the facts passed in, so a caller
+    that passes one split's facts (:func:`split_facts`) gets pairs whose clean *and* corrupted prompts all belong
+    to that split. ``partners="none"``: no partner at all, every pair is a ``"noise"`` pair (one corruption type
+    for facts that have no same-roles partner, e.g. a two-fact seed dataset).
 
     The corrupted prompt is another subject of the same relation whose prompt has the same roles
     (hence the same number of tokens and subject span) and a different answer, preferably with a
@@ -171,19 +176,20 @@ def build_pairs(facts: Dataset | Mapping[str, Iterable[Fact]] | Iterable[Fact], 
     is kept. Without a partner the pair uses ``corruption="noise"`` (corrupted prompt = clean prompt),
     and the counterfactual is the given one or another answer of the relation.
     """
-    if isinstance(facts, Mapping):
-        flat = [f for items in facts.values() for f in items]
-    else:
-        flat = list(facts)
+    if partners not in ("within", "none"):
+        raise DatasetError(f"partners={partners!r} is not supported; use 'within' (partners come from the facts "
+                           f"passed in: pass one split's facts, see split_facts) or 'none' (noise pairs only)")
+    flat = _flat(facts)
     if not flat:
         raise DatasetError("no facts to build pairs from; give a non-empty dataset")
     prepared = [prepare_fact(tokenizer, f, prepend_bos) for f in flat]
     groups: dict[tuple[str, tuple[str, ...]], list[_Prepared]] = defaultdict(list)
     by_relation: dict[str, list[_Prepared]] = defaultdict(list)
     for p in prepared:
-        groups[(p.fact.relation, p.roles)].append(p)
+        groups[(p.fact.relation, p.roles if partners == "within" else p.fact.subject)].append(p)
         by_relation[p.fact.relation].append(p)
-    return [_make_pair(p, groups[(p.fact.relation, p.roles)], by_relation[p.fact.relation], tokenizer, seed)
+    return [_make_pair(p, groups[(p.fact.relation, p.roles if partners == "within" else p.fact.subject)],
+                       by_relation[p.fact.relation], tokenizer, seed)
             for p in prepared]
 
 
@@ -213,6 +219,182 @@ def _make_pair(p: _Prepared, group: list[_Prepared], relation: list[_Prepared], 
     cf_tokens = tuple(answer_tokens(tokenizer, cf)) if cf is not None else ()
     return FactPair(p.fact.relation, p.prompt, p.prompt, p.answer, cf, p.fact.subject, None, "noise",
                     p.tokens, p.tokens, p.answer_tokens, cf_tokens, p.span, list(p.roles))
+
+
+# --------------------------------------------------------------------------- splits before pairs
+
+DEFAULT_HELD_OUT_FRACTION = 0.4
+"""Held-out share of :func:`split_facts` when neither ``n_held_out`` nor ``held_out_fraction`` is given
+(8 held-out of 20 facts: the default run's ``held_out_facts`` / (``max_facts`` + ``held_out_facts``))."""
+
+
+def _flat(facts) -> list[Fact]:
+    if isinstance(facts, Mapping):
+        return [f for items in facts.values() for f in items]
+    return list(facts)
+
+
+def pair_group_key(fact: Fact, tokenizer=None, prepend_bos: bool = True) -> tuple:
+    """The key of the facts that ``fact`` can pair with in :func:`build_pairs`: ``(relation, token roles)``
+    (same relation, same number of tokens and subject span). Without a tokenizer ``(relation, number of words
+    of the subject)`` stands in for the roles (a proxy: the split is then only stratified by subject length)."""
+    if tokenizer is None:
+        return (fact.relation, len(fact.subject.split()))
+    return (fact.relation, prepare_fact(tokenizer, fact, prepend_bos).roles)
+
+
+def _answer_key(fact: Fact, tokenizer, prepend_bos: bool) -> tuple:
+    if tokenizer is None:
+        return (fact.answer.strip(),)
+    return prepare_fact(tokenizer, fact, prepend_bos).answer_tokens
+
+
+def _both_sides_pairable(counts: Sequence[int]) -> bool:
+    """Whether a role group with these answer counts can give each side two facts with different answers
+    (an answer with >= 2 facts can serve both sides, a singleton answer one side)."""
+    return len(counts) >= 2 and sum(min(c, 2) for c in counts) >= 4
+
+
+def _split_group(members: list[int], answer: Mapping[int, tuple], h: int) -> set[int]:
+    """Held-out indices of one role group (``members`` already in seeded order), ``h`` of them. With
+    ``2 <= h <= len - 2`` each side first gets two facts with different answers (from the largest answer
+    buckets), then the held-out side is filled in seeded order."""
+    if h <= 0:
+        return set()
+    if h >= len(members):
+        return set(members)
+    buckets: dict[tuple, list[int]] = {}
+    for i in members:
+        buckets.setdefault(answer[i], []).append(i)
+
+    def take(side: list[int], avoid) -> tuple:
+        a = max((b for b in buckets if buckets[b] and b != avoid), key=lambda b: len(buckets[b]))
+        side.append(buckets[a].pop(0))
+        return a
+
+    held: list[int] = []
+    disc: list[int] = []
+    a = take(held, None)
+    take(held, a)
+    a = take(disc, None)
+    take(disc, a)
+    chosen = set(held) | set(disc)
+    rest = [i for i in members if i not in chosen]
+    return set(held) | set(rest[: h - 2])
+
+
+def split_facts(facts: Dataset | Mapping[str, Iterable[Fact]] | Iterable[Fact], *, n_held_out: int | None = None,
+                held_out_fraction: float | None = None, seed: int = 0, tokenizer=None,
+                prepend_bos: bool = True, key=None) -> tuple[list[Fact], list[Fact]]:
+    """Split known facts into ``(discovery, held_out)`` *before* any pairing, deterministic for ``seed``.
+
+    Pair each split on its own (``build_pairs(discovery)``, ``build_pairs(held_out)``): counterfactual subjects
+    then never cross the split, so no clean or corrupted prompt of one split appears in the other's pairs.
+
+    Rule (stratified by role group, so both splits can form subject-swap pairs): facts are grouped by
+    :func:`pair_group_key` (with a ``tokenizer``: relation and token roles, exactly the facts that can be
+    partners; without one: relation and subject word count). Groups that cannot form any pair (one fact, or
+    one answer only) go to discovery and do not count towards the held-out size. Every other group whose answers
+    allow it (each side can get two facts with different answers) is split inside the group, with at least two
+    facts on each side and two different answers on each side; smaller groups go whole to one side. The
+    held-out size is ``n_held_out`` (one relation's facts only) or ``round(held_out_fraction * pairable facts)``
+    per relation (default :data:`DEFAULT_HELD_OUT_FRACTION`), met as closely as whole groups allow. Order
+    within a group is a seeded shuffle; both returned lists keep the input order. ``key`` (a callable
+    fact -> hashable) replaces the group key, e.g. ``lambda f: f.relation`` for noise pairs, which need no
+    partner (only another answer in the split).
+    """
+    flat = _flat(facts)
+    if not flat:
+        raise DatasetError("no facts to split; give a non-empty list of facts")
+    if n_held_out is not None and held_out_fraction is not None:
+        raise DatasetError("give n_held_out or held_out_fraction, not both")
+    relations = list(dict.fromkeys(f.relation for f in flat))
+    if n_held_out is not None:
+        if isinstance(n_held_out, bool) or not isinstance(n_held_out, int) or n_held_out < 0:
+            raise DatasetError(f"n_held_out must be a non-negative integer, got {n_held_out!r}")
+        if len(relations) > 1:
+            raise DatasetError(f"n_held_out needs one relation's facts, got {len(relations)} relations; split each "
+                               f"relation on its own or give held_out_fraction")
+    else:
+        frac = DEFAULT_HELD_OUT_FRACTION if held_out_fraction is None else held_out_fraction
+        if not 0.0 <= float(frac) <= 1.0:
+            raise DatasetError(f"held_out_fraction must lie in [0, 1], got {frac!r}")
+    keys = {i: (f.relation, key(f)) if key is not None else pair_group_key(f, tokenizer, prepend_bos)
+            for i, f in enumerate(flat)}
+    answers = {i: _answer_key(f, tokenizer, prepend_bos) for i, f in enumerate(flat)}
+    held: set[int] = set()
+    for rel in relations:
+        groups: dict[tuple, list[int]] = {}
+        for i, f in enumerate(flat):
+            if f.relation == rel:
+                groups.setdefault(keys[i], []).append(i)
+        pairable = {k: g for k, g in groups.items() if len({answers[i] for i in g}) >= 2}
+        n_pairable = sum(len(g) for g in pairable.values())
+        target = n_held_out if n_held_out is not None else int(float(frac) * n_pairable + 0.5)
+        target = min(target, n_pairable)
+        held |= _split_relation(rel, pairable, answers, target, seed, flat)
+    discovery = [f for i, f in enumerate(flat) if i not in held]
+    held_out = [f for i, f in enumerate(flat) if i in held]
+    return discovery, held_out
+
+
+def _split_relation(rel: str, groups: Mapping[tuple, list[int]], answers: Mapping[int, tuple], target: int,
+                    seed: int, flat: Sequence[Fact]) -> set[int]:
+    n_total = sum(len(g) for g in groups.values())
+    if target <= 0 or not groups:
+        return set()
+    if target >= n_total:
+        return {i for g in groups.values() for i in g}
+    order = sorted(groups, key=lambda k: (-len(groups[k]), min(groups[k])))  # largest groups first, then dataset order
+    members = {}
+    for k in order:
+        g = list(groups[k])
+        random.Random(f"{seed}|split|{rel}|{flat[g[0]].subject}").shuffle(g)
+        members[k] = g
+    splittable = {k for k in order if _both_sides_pairable(
+        list(_count(answers[i] for i in members[k]).values()))}
+    frac = target / n_total
+    h: dict[tuple, int] = {}
+    for k in order:
+        n = len(members[k])
+        h[k] = min(max(int(frac * n + 0.5), 2), n - 2) if k in splittable else 0
+    total = sum(h.values())
+    for k in order:  # whole groups (too small to split) go where they bring the total closer to the target
+        if k not in splittable and abs(total + len(members[k]) - target) < abs(total - target):
+            h[k] = len(members[k])
+            total += h[k]
+
+    def allowed(k: tuple) -> list[int]:
+        n = len(members[k])
+        return [0, *range(2, n - 1), n] if k in splittable else [0, n]
+
+    while total != target:  # move one group one allowed step at a time while that gets closer to the target
+        best = None
+        for rank, k in enumerate(order):
+            vals = allowed(k)
+            j = vals.index(h[k]) + (1 if target > total else -1)
+            if not 0 <= j < len(vals):
+                continue
+            gain = abs(total - target) - abs(total + vals[j] - h[k] - target)
+            keeps_both = k in splittable and 0 < vals[j] < len(members[k])
+            cand = (gain, keeps_both, -rank, k, vals[j])
+            if gain > 0 and (best is None or cand[:3] > best[:3]):
+                best = cand
+        if best is None:
+            break
+        total += best[4] - h[best[3]]
+        h[best[3]] = best[4]
+    held: set[int] = set()
+    for k in order:
+        held |= _split_group(members[k], answers, h[k])
+    return held
+
+
+def _count(items: Iterable) -> dict:
+    out: dict = defaultdict(int)
+    for x in items:
+        out[x] += 1
+    return out
 
 
 # --------------------------------------------------------------------------- batching

@@ -119,11 +119,14 @@ class FactPair:
 
 @dataclass(frozen=True)
 class Relation:
-    """Relation metadata: ``template`` holds ``"{}"`` where the subject goes (None if unknown)."""
+    """Relation metadata: ``template`` holds ``"{}"`` where the subject goes (None if unknown). ``default``:
+    whether :func:`~circuit_discovery.facts.load_builtin` includes the relation when no relations are named
+    (False for built-in relations with fewer than 20 facts the default model knows)."""
 
     name: str
     description: str = ""
     template: str | None = None
+    default: bool = True
 
 
 class Dataset(Mapping[str, list[Fact]]):
@@ -209,6 +212,8 @@ class Dataset(Mapping[str, list[Fact]]):
             entry: dict = {"name": name, "description": r.description}
             if r.template is not None:
                 entry["template"] = r.template
+            if not r.default:
+                entry["default"] = False
             entry["facts"] = [f.to_dict() for f in items]
             out.append(entry)
         return {"format": "circuit_discovery.facts/v1", "relations": out}
