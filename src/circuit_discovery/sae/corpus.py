@@ -298,11 +298,13 @@ def load_hf_dataset(
 
 
 def builtin_fact_sentences() -> list[str]:
-    """The built-in facts as completed sentences ``prompt + answer + "."`` (deduplicated, in dataset order)."""
-    from circuit_discovery.facts import load_builtin
+    """The corpus's fact sentences ``prompt + answer + "."``: a fixed list of 537 (``sae/data/fact_sentences.json``),
+    so that facts added to the evaluation dataset neither change the cached dictionaries nor enter their training
+    text."""
+    import json
 
-    out = [f"{f.prompt}{f.answer}." for f in load_builtin().facts]
-    return list(dict.fromkeys(out))
+    data = json.loads((Path(__file__).parent / "data" / "fact_sentences.json").read_text(encoding="utf-8"))
+    return list(dict.fromkeys(data["sentences"]))
 
 
 def build_corpus(
