@@ -32,14 +32,16 @@ def _split(values: Optional[list[str]]) -> Optional[list[str]]:
 @app.command()
 def run(
     config: Optional[Path] = typer.Option(None, "--config", help="TOML file with run options ([run] table)."),
-    quick: bool = typer.Option(False, "--quick", help="Small run: 4 relations, 3 facts each."),
+    quick: bool = typer.Option(False, "--quick", help="Small run: 4 relations, 6 discovery and 4 held-out facts each."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: outputs/circuit_discovery_<time>]"),
     model: Optional[str] = typer.Option(None, "--model", help="Model name, folder or hub id [default: gemma-3-270m]"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     relations: Optional[list[str]] = typer.Option(None, "--relations", help="Relations to run (comma-separated or repeated)."),
     dataset: Optional[Path] = typer.Option(None, "--dataset", help="Facts JSON: seed, rich, known_1000 or CounterFact format."),
-    max_facts: Optional[int] = typer.Option(None, "--max-facts", help=f"Facts per relation used for attribution [default: {_Defaults.max_facts}]"),
+    max_facts: Optional[int] = typer.Option(None, "--max-facts", help=f"Discovery facts per relation [default: {_Defaults.max_facts}]"),
+    held_out_facts: Optional[int] = typer.Option(None, "--held-out-facts", help=f"Held-out facts per relation, split off before pairing [default: {_Defaults.held_out_facts}]"),
+    n_random: Optional[int] = typer.Option(None, "--n-random", help=f"Matched random circuits per baseline [default: {_Defaults.n_random}]"),
     known_k: Optional[int] = typer.Option(None, "--known-k", help=f"A fact is known when its answer ranks <= k [default: {_Defaults.known_k}]"),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished stages in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
@@ -53,7 +55,7 @@ def run(
         _fail("--resume needs --out pointing at the run folder to resume")
     overrides = dict(quick=quick or None, out=str(out) if out else None, model=model, device=device, seed=seed,
                      relations=_split(relations), dataset=str(dataset) if dataset else None, max_facts=max_facts,
-                     known_k=known_k, resume=resume or None, progress=False if no_progress else None)
+                     held_out_facts=held_out_facts, n_random=n_random, known_k=known_k, resume=resume or None, progress=False if no_progress else None)
     result = _guarded(lambda: run_pipeline(
         RunConfig.from_toml(config, **overrides) if config is not None
         else RunConfig(**{k: v for k, v in overrides.items() if v is not None})))
@@ -113,7 +115,7 @@ def _common(model, quick, relations, seed, no_progress):
 
 
 _MODEL = typer.Option(None, "--model", help="Model [default: the folder's saved config, else gemma-3-270m]")
-_QUICK = typer.Option(False, "--quick", help="Small run: 4 relations, 3 facts each.")
+_QUICK = typer.Option(False, "--quick", help="Small run: 4 relations, 6 discovery and 4 held-out facts each.")
 _RELS = typer.Option(None, "--relations", help="Relations (comma-separated or repeated).")
 _SEED = typer.Option(None, "--seed", help="Random seed [default: the folder's saved config, else 0]")
 _NOPROG = typer.Option(False, "--no-progress", help="Hide progress bars.")
@@ -219,12 +221,13 @@ def models_cmd() -> None:
 
 @app.command("relations")
 def relations_cmd() -> None:
-    """List the built-in relations and their fact counts."""
+    """List the built-in relations and their fact counts (* : not in the default run; name it with --relations)."""
     from .facts import load_builtin
 
-    ds = load_builtin()
+    ds = load_builtin(include_non_default=True)
     for name, n in ds.counts().items():
-        typer.echo(f"{name:24s} {n}")
+        mark = "" if ds.relations[name].default else "  * not in the default run (too few known facts)"
+        typer.echo(f"{name:24s} {n}{mark}")
 
 
 def main(argv: Optional[list[str]] = None, default_command: Optional[str] = None) -> None:

@@ -135,3 +135,13 @@ def test_stage_subcommands_match_one_run(tmp_path):
     res = runner.invoke(app, ["view", "--out", str(staged)])
     assert res.exit_code == 0 and (staged / "index.html").is_file()
     one_line_error(runner.invoke(app, ["view", "--out", str(tmp_path / "nothing")]), "circuits.json")
+
+
+def test_too_few_draws_or_facts_is_one_line_naming_the_minimum(tmp_path):
+    """A run asking for fewer random draws or facts than its tests need is refused before any work."""
+    for args, needle in ((["--n-random", "5"], "n_random must be an integer >= 19"),
+                         (["--held-out-facts", "1"], "held_out_facts must be an integer >= 2"),
+                         (["--max-facts", "3"], "max_facts must be an integer >= 4")):
+        res = runner.invoke(app, ["run", "--model", "tiny-gemma3", "--out", str(tmp_path / "x"), *args])
+        one_line_error(res, needle)
+        assert not (tmp_path / "x").exists()

@@ -5,7 +5,8 @@ import pytest
 
 from circuit_discovery.pipeline import RunConfig, run_pipeline, safe_name
 
-BASE = dict(model="tiny-gemma3", known_k=10**6, quick=True, relations=["capital_city", "city_country"], quick_facts=3,
+BASE = dict(model="tiny-gemma3", known_k=10**6, quick=True, relations=["capital_city", "city_country"], quick_facts=4,
+            quick_held_out=3,
             progress=False)
 
 
@@ -31,13 +32,17 @@ def test_outputs(first_run):
             kinds.add("feature")
             assert c["name"] == f"{c['relation']}/features"
             fm = metrics["feature_circuits"][c["relation"]]
-            assert c["faithfulness"] == fm["faithfulness"]
+            assert c["faithfulness"] == fm["held_out_faithfulness"]
             assert any(n["id"].startswith(("feature/", "error/")) for n in c["nodes"])
-            assert len(fm["feature_ablation_drop"]) == c["n_facts"]
+            fv = json.loads((out / "stages" / "feature_circuits.json").read_text())["relations"][c["relation"]]
+            if fm["feature_ablation_drop"] is not None:  # held-out prompts only
+                assert len(fm["feature_ablation_drop"]) == len(fm["random_feature_ablation_drop"]) == fm["n_held_out"]
+            else:  # no circuit feature active on a held-out prompt: said, not silently empty
+                assert fv["validation"]["features_matter_note"]
             assert (out / "figures" / f"circuit_features_{c['relation']}.png").stat().st_size > 1000
         else:
             kinds.add("component")
-            assert c["faithfulness"] == metrics["relations"][c["name"]]["faithfulness"]
+            assert c["faithfulness"] == metrics["relations"][c["name"]]["held_out_faithfulness"]
             assert "cross_relation" in metrics["relations"][c["name"]]  # None with a single relation
             for f in (f"patching_{c['name']}.png", f"circuit_{c['name']}.png"):
                 assert (out / "figures" / f).stat().st_size > 1000
@@ -54,8 +59,9 @@ def test_outputs(first_run):
     with open(out / "hypotheses.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["hypothesis_id", "relation", "statistic", "effect", "ci_low", "ci_high", "p_value",
-                             "p_adjusted", "n", "verdict"]
-    assert any(r["hypothesis_id"] == "features_matter" and r["statistic"].startswith("necessity") for r in rows)
+                             "p_adjusted", "n", "verdict", "family"]
+    hyp = json.loads((out / "stages" / "hypotheses.json").read_text())
+    assert any(r["hypothesis_id"] == "features_matter" for r in rows) or "features_matter" in hyp["not_run"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["seed"] == 0 and "torch" in cfg["versions"] and cfg["model"] == "tiny-gemma3"
     report = (out / "report.md").read_text()
@@ -110,11 +116,13 @@ def test_seed_api_train_sae_builds_feature_circuits(tmp_path):
         {"clean": "The Colosseum is located in Rome", "corrupted": "The Colosseum is located in Paris"}]}
     d = CircuitDiscovery(model_name="tiny-gemma3", device="cpu", known_k=10**6, progress=False,
                          cache_dir=str(tmp_path), sae_training_tokens=2048, sae_eval_tokens=0, feature_nodes=16,
-                         n_random=10)
+                         n_random=19)
     circuits = d.discover_all_circuits(dataset, train_sae=True)
     assert [c.name for c in circuits] == ["entity_location"]
     c = circuits[0]
-    assert len(c.nodes) > 0 and 0 < c.attribution_score <= 1 and c.faithfulness is not None
+    assert len(c.nodes) > 0 and 0 < c.attribution_score <= 1
+    # a random tiny model barely separates the answers: faithfulness is reported only above the minimum gap
+    assert (c.faithfulness is not None) != bool(c.extra["validation"]["degenerate"])
     assert all(n.id.split("/")[0] in ("feature", "error", "embed", "logit") for n in c.nodes)
     assert len(d.transcoders().transcoders) == d.model.cfg.n_layers
     assert d.transcoders().trained == list(range(d.model.cfg.n_layers))  # trained by this call
@@ -136,7 +144,7 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, sig, after):
 
     toml = tmp_path / "run.toml"
     toml.write_text('[run]\nmodel = "tiny-gemma3"\nquick = true\nrelations = ["capital_city", "city_country"]\n'
-                    'quick_facts = 3\nknown_k = 1000000\nprogress = false\n')
+                    'quick_facts = 4\nquick_held_out = 3\nknown_k = 1000000\nprogress = false\n')
     ref = tmp_path / "ref"
     run_pipeline(RunConfig.from_toml(toml, out=str(ref)))
     out = tmp_path / "killed"

@@ -142,11 +142,13 @@ def test_write_report_contents(tmp_path):
     summary = {
         "model": {"name": "gemma-3-270m", "n_layers": 18, "nested": {"ignored": True}},
         "relations": [
-            {"name": "capital|city", "n_facts": 20, "n_known": 17, "circuit_size": 12, "faithfulness": 0.91234,
-             "cpr": float("nan"), "cmd": None, "top_nodes": [{"label": "L3 MLP"}, "L5 head 2"],
-             "verdicts": {"H1": "supported", "H2": "rejected"}},
+            {"name": "capital|city", "n_facts": 20, "n_known": 17, "n_split": "12 / 8",
+             "held_out_f": "0.81 [0.62, 0.95]", "random_p": "0.005 (200)", "node_share": "12 (4.1%)",
+             "validated": "yes", "faithfulness": 0.91234, "cpr": float("nan"),
+             "top_nodes": [{"label": "L3 MLP"}, "L5 head 2"], "verdicts": {"H1": "supported", "H2": "rejected"}},
             {"name": "language", "n_facts": 5},
         ],
+        "definitions": ["f = (m(C) - m(empty)) / (m(N) - m(empty))"],
         "sections": [{"name": "capital|city", "text": "Mostly MLPs.",
                       "figures": [{"path": str(fig), "caption": "causal tracing"}, "figures/x.png"],
                       "metrics": {"faithfulness": 0.5}}],
@@ -163,13 +165,15 @@ def test_write_report_contents(tmp_path):
 
     header_i = lines.index(next(line for line in lines if line.startswith("| relation |")))
     header = _split_row(lines[header_i])
-    assert header == ["relation", "facts", "known", "circuit size", "faithfulness", "CPR", "CMD", "top nodes",
-                      "verdicts"]
+    assert header == ["relation", "facts", "known", "discovery / held out", "held-out f [95% CI]",
+                      "matched random p (draws)", "nodes (% of non-inert)", "validated", "in-sample f",
+                      "held-out CPR", "top nodes", "verdicts"]
     row1 = _split_row(lines[header_i + 2])
-    assert row1 == ["capital\\|city", "20", "17", "12", "0.912", "—", "—", "L3 MLP, L5 head 2",
-                    "H1: supported; H2: rejected"]
+    assert row1 == ["capital\\|city", "20", "17", "12 / 8", "0.81 [0.62, 0.95]", "0.005 (200)", "12 (4.1%)", "yes",
+                    "0.912", "—", "L3 MLP, L5 head 2", "H1: supported; H2: rejected"]
     row2 = _split_row(lines[header_i + 3])
-    assert row2 == ["language", "5"] + ["—"] * 7
+    assert row2 == ["language", "5"] + ["—"] * 10
+    assert "- f = (m(C) - m(empty)) / (m(N) - m(empty))" in text  # definitions under the table
 
     assert "![causal tracing](<figures/capital city.png>)" in text  # absolute -> relative
     assert "![x](figures/x.png)" in text

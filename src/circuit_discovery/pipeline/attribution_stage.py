@@ -8,45 +8,121 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..facts import ROLES, build_pairs, informative_pair
+from ..facts import ROLES, build_pairs, informative_pair, split_facts
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
+DEFAULT_HELD_OUT_FACTS = 8
+"""Held-out pairs per relation when the configuration has no ``held_out_facts``."""
+
+
 def metric_pairs(model, facts, seed: int, metric: str = "logit_diff") -> tuple[list, int]:
     """Fact pairs ready for ``metric``: for ``logit_diff`` answer tokens shared with the counterfactual move into
     both prompts (:func:`~circuit_discovery.facts.informative_pair`), and pairs without a usable counterfactual
-    are dropped. Returns (pairs, number dropped)."""
-    pairs = build_pairs(facts, model.tokenizer, seed=seed)
+    are dropped. Partners come only from ``facts`` (pass one split's facts). Returns (pairs, number dropped)."""
+    pairs = build_pairs(facts, model.tokenizer, seed=seed, partners="within")
     if metric != "logit_diff":
         return pairs, 0
     ready = [q for q in (informative_pair(p, model.tokenizer) for p in pairs) if q is not None]
     return ready, len(pairs) - len(ready)
 
 
-def relation_pairs(model, facts, cfg: RunConfig) -> list:
-    """The relation's first ``cfg.max_facts`` metric-ready pairs, subject-swap pairs first (component graphs need
-    a corrupted prompt: a noise pair's corrupted tokens equal its clean ones). Counterfactual subjects are drawn
-    from all of ``facts``."""
-    pairs, _ = metric_pairs(model, facts, cfg.seed, cfg.metric)
-    pairs = [p for p in pairs if p.corruption == "subject_swap"] + [p for p in pairs if p.corruption != "subject_swap"]
-    return pairs[: cfg.max_facts]
+def noise_pairs(model, facts, seed: int, metric: str = "logit_diff") -> list:
+    """Metric-ready ROME-noise pairs of every fact (no partner; the counterfactual answer is the given one or
+    another answer among ``facts``)."""
+    facts = list(facts)
+    if not facts:
+        return []
+    pairs = build_pairs(facts, model.tokenizer, seed=seed, partners="none")
+    if metric == "logit_diff":
+        pairs = [q for q in (informative_pair(p, model.tokenizer) for p in pairs) if q is not None]
+    return pairs
+
+
+def swap_pairs(model, facts, seed: int, metric: str = "logit_diff") -> tuple[list, int]:
+    """Metric-ready subject-swap pairs of ``facts`` (partners from ``facts`` only; noise pairs, whose corrupted
+    prompt is the clean one, are left out so one comparison has one corruption type). Returns (pairs, number of
+    facts without a usable subject-swap pair)."""
+    facts = list(facts)
+    if not facts:
+        return [], 0
+    pairs, _ = metric_pairs(model, facts, seed, metric)
+    pairs = [p for p in pairs if p.corruption == "subject_swap"]
+    return pairs, len(facts) - len(pairs)
+
+
+def held_out_facts(cfg: RunConfig) -> int:
+    """Held-out pairs per relation of ``cfg`` (``cfg.held_out_facts``, default :data:`DEFAULT_HELD_OUT_FACTS`)."""
+    return int(getattr(cfg, "held_out_facts", DEFAULT_HELD_OUT_FACTS))
+
+
+def split_relation_facts(model, facts, cfg: RunConfig) -> tuple[list, list]:
+    """One relation's known facts split into (discovery, held-out) before pairing
+    (:func:`~circuit_discovery.facts.split_facts`, stratified by token-role group). The held-out share is
+    ``held_out_facts / (max_facts + held_out_facts)`` of the facts that can form a pair, so both caps fill
+    together."""
+    n_disc, n_held = int(cfg.max_facts), held_out_facts(cfg)
+    frac = n_held / (n_disc + n_held) if n_disc + n_held > 0 else 0.0
+    return split_facts(list(facts), held_out_fraction=frac, seed=cfg.seed, tokenizer=model.tokenizer)
+
+
+def relation_pairs(model, facts, cfg: RunConfig, *, noise_fallback: bool = False) -> dict[str, list]:
+    """Metric-ready subject-swap pairs of one relation, split before pairing:
+    ``{"discovery": [...], "held_out": [...]}``.
+
+    The known facts are split first (:func:`split_relation_facts`); each split is paired on its own, so a
+    counterfactual subject never crosses the split (no clean or corrupted prompt of the held-out pairs occurs in
+    a discovery pair and vice versa). Only subject-swap pairs are kept (one corruption type). Discovery keeps its
+    first ``cfg.max_facts`` pairs, held-out its first ``cfg.held_out_facts`` (dataset order).
+
+    ``noise_fallback``: where no discovery subject-swap pair exists (e.g. a two-fact seed dataset whose subjects
+    differ in token length), every pair of the relation is a ROME-noise pair instead (split first as well, one
+    corruption type for the whole relation); otherwise such a relation gets no pairs."""
+    facts = list(facts)
+    if not facts:
+        return {"discovery": [], "held_out": []}
+    disc, held = split_relation_facts(model, facts, cfg)
+    out = {"discovery": swap_pairs(model, disc, cfg.seed, cfg.metric)[0][: int(cfg.max_facts)],
+           "held_out": swap_pairs(model, held, cfg.seed, cfg.metric)[0][: held_out_facts(cfg)]}
+    if out["discovery"] or not noise_fallback:
+        return out
+    n_disc, n_held = int(cfg.max_facts), held_out_facts(cfg)
+    disc, held = split_facts(facts, held_out_fraction=n_held / (n_disc + n_held), seed=cfg.seed,
+                             key=lambda f: "all")
+    log.warning("relation %s: no subject-swap pair (no two facts share their token roles); all its pairs use ROME "
+                "noise on the subject instead", facts[0].relation)
+    return {"discovery": noise_pairs(model, disc, cfg.seed, cfg.metric)[:n_disc],
+            "held_out": noise_pairs(model, held, cfg.seed, cfg.metric)[:n_held]}
+
+
+def usable_pair_counts(model, facts, cfg: RunConfig) -> dict[str, int]:
+    """Uncapped numbers of usable subject-swap pairs per split (what :func:`relation_pairs` could keep)."""
+    facts = list(facts)
+    if not facts:
+        return {"discovery_facts": 0, "held_out_facts": 0, "discovery_pairs": 0, "held_out_pairs": 0}
+    disc, held = split_relation_facts(model, facts, cfg)
+    return {"discovery_facts": len(disc), "held_out_facts": len(held),
+            "discovery_pairs": len(swap_pairs(model, disc, cfg.seed, cfg.metric)[0]),
+            "held_out_pairs": len(swap_pairs(model, held, cfg.seed, cfg.metric)[0])}
 
 
 def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = None) -> dict | None:
     """Denoising activation patching of ``resid_pre`` over (layer, position) for each fact of one relation.
 
-    Scores are normalised per prompt as (m(patched) - m(corrupted)) / (m(clean) - m(corrupted)), so 1 means
+    Uses the relation's discovery facts only (split before pairing, as :func:`relation_pairs`), subject-swap
+    pairs only. Scores are normalised per prompt as (m(patched) - m(corrupted)) / (m(clean) - m(corrupted)), so 1 means
     "restores the whole logit difference", then averaged per (layer, role) over prompts.
     """
     from ..attribution.patching import activation_patching
 
-    pairs, dropped = metric_pairs(model, facts, cfg.seed, cfg.metric)
+    disc, _ = split_relation_facts(model, facts, cfg) if facts else ([], [])
+    pairs, dropped = swap_pairs(model, disc, cfg.seed, cfg.metric)  # discovery facts only, subject swaps only
     pairs = pairs[:max_prompts] if max_prompts else pairs
     if not pairs:
-        log.warning("relation %s: no fact has a counterfactual answer that differs from its answer; skipped "
-                    "(use metric='logprob' or add counterfactuals)", facts[0].relation)
+        log.warning("relation %s: no discovery fact has a usable subject-swap pair (a partner of the same token "
+                    "length with a different answer); skipped (add facts)", facts[0].relation if facts else "?")
         return None
     n_layers = model.cfg.n_layers
     role_sum: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(n_layers))

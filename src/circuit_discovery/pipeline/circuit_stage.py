@@ -11,34 +11,49 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import CircuitDiscoveryError
 from ..graph.neuronpedia import to_neuronpedia, write_neuronpedia_json
+from ..validation.curves import faithfulness
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
 
-def split_pairs(pairs: Sequence, held_out_fraction: float) -> tuple[list, list]:
-    """Discovery and held-out parts, in order (pairs come in dataset order, so this is deterministic)."""
+def split_pairs(pairs, held_out_fraction: float = 0.4) -> tuple[list, list]:
+    """Discovery and held-out pairs. ``pairs`` is what :func:`~.attribution_stage.relation_pairs` returns (a dict
+    with the two splits, made from disjoint facts before pairing); a plain list is split in order (older callers)."""
+    if isinstance(pairs, dict):
+        return list(pairs["discovery"]), list(pairs["held_out"])
     pairs = list(pairs)
     n_held = int(math.floor(len(pairs) * held_out_fraction)) if len(pairs) >= 3 else 0
     return pairs[: len(pairs) - n_held], pairs[len(pairs) - n_held:]
 
 
-def circuit_for_relation(model, relation: str, pairs: Sequence, cfg: RunConfig, graphs_dir=None) -> dict:
-    """Discover one relation's component circuit and export each discovery prompt's graph (Neuronpedia JSON)."""
+def _circuit(model, relation: str, pairs: Sequence, cfg: RunConfig):
     from ..graph.component import component_circuit
 
-    disc, held = split_pairs(pairs, cfg.held_out_fraction)
-    res = component_circuit(model, disc, name=relation, metric=cfg.metric, granularity=cfg.granularity,
-                            method=cfg.component_method, n_steps=cfg.ig_steps, node_threshold=cfg.node_threshold,
-                            edge_threshold=cfg.edge_threshold, batch_size=cfg.batch_size)
+    return component_circuit(model, pairs, name=relation, metric=cfg.metric, granularity=cfg.granularity,
+                             method=cfg.component_method, n_steps=cfg.ig_steps, node_threshold=cfg.node_threshold,
+                             edge_threshold=cfg.edge_threshold, batch_size=cfg.batch_size)
+
+
+def circuit_for_relation(model, relation: str, pairs, cfg: RunConfig, graphs_dir=None) -> dict:
+    """Discover one relation's component circuit on its discovery pairs and export each discovery prompt's graph
+    (Neuronpedia JSON); also the circuits of two disjoint halves of the discovery facts (the within-relation
+    reference of ``shared_mechanism``)."""
+    disc, held = split_pairs(pairs)
+    res = _circuit(model, relation, disc, cfg)
     graph_files = [export_graph(g, relation, f"-{i}", cfg, graphs_dir)
                    for i, g in enumerate(res.graphs[: cfg.graphs_per_relation] if graphs_dir is not None else [])]
     circuit = res.circuit
     circuit.extra["graphs"] = graph_files
     circuit.extra["prompt_tokens"] = [model.tokenizer.decode([t]) for t in disc[0].clean_tokens]
+    halves = None
+    if len(disc) >= 4:
+        halves = [[n.id for n in _circuit(model, relation, disc[i::2], cfg).circuit.nodes
+                   if not n.id.startswith(("logit", "embed"))] for i in (0, 1)]
     return {"circuit": circuit.to_dict(), "info": res.info, "ranked": res.ranked_nodes(),
-            "n_discovery": len(disc), "n_held_out": len(held)}
+            "n_discovery": len(disc), "n_held_out": len(held), "halves": halves}
 
 
 def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, **kwargs) -> str:
@@ -54,49 +69,109 @@ def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, 
     return f"graphs/{path.name}"
 
 
-def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], n_random: int, seed: int, ablation: str) -> dict:
-    """Faithfulness, MIB curve (CPR/CMD), references and random-circuit baseline of ``ids`` with evaluator ``ev``
-    (component or feature circuits alike)."""
-    from ..validation.curves import faithfulness
-
-    n_universe = len(ev.universe)
-    m_c, m_full, m_empty = ev.metric_of([list(ids), ev.universe, []])  # references evaluated once, shared below
-    f = faithfulness(m_c, m_full, m_empty)
-    curve = ev.curve(ranked)
-    base = ev.random_baseline(ids, n_samples=n_random, seed=seed, m_full=m_full, m_empty=m_empty)
-    return {"faithfulness": float(f), "circuit_size": len(ids), "n_universe": n_universe,
-            "node_share": len(ids) / max(n_universe, 1), "m_full": float(m_full), "m_empty": float(m_empty),
-            "cpr": float(curve.cpr), "cmd": float(curve.cmd),
-            "curve": {"fractions": [float(x) for x in curve.fractions],
-                      "faithfulness": [float(x) for x in curve.faithfulness]},
-            "random_p": float(base.p_value), "random_z": float(base.z),
-            "random_mean": float(np.mean(base.null_faithfulness)), "ablation": ablation}
+def _forced(ids: Sequence[str]) -> list[str]:
+    """The nodes pruning always keeps (embeddings): a random circuit keeps them too."""
+    return [i for i in ids if i.startswith("embed/")]
 
 
-def validate_relation(model, pairs: Sequence, found: dict, cfg: RunConfig, seed: int) -> dict:
-    """Faithfulness (pruned circuit), curve with CPR/CMD, random-circuit baseline, held-out faithfulness,
-    per-prompt faithfulness at <= 5% of nodes, and the attention-knockout drops (hypothesis contexts)."""
+def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], cfg: RunConfig, seed: int,
+                       forced: Sequence[str] | None = None, baselines: bool = True) -> dict:
+    """Validation of the circuit ``ids`` with evaluator ``ev`` (component or feature circuits alike, on the prompts
+    the evaluator holds): faithfulness with a bootstrap interval over prompts, the share of the non-inert nodes
+    the circuit uses, the node-level faithfulness curve (CPR/CMD) over the non-inert nodes, f at small fractions
+    of them, and the baselines (matched random circuits, random subsets of the top-ranked nodes, every
+    last-token node; ``baselines=False`` skips them). Faithfulness values are ``None`` where |m(N) - m(empty)| <
+    ``cfg.min_metric_gap``.
+
+    The matched baseline keeps the circuit's count per (component, layer, role), so an MLP or attention layer, alone
+    in its stratum, is always drawn: it tests the choice of heads. The (component, role) baseline also moves nodes
+    across layers: it tests the choice of layers as well."""
+    universe = set(ev.universe)
+    ids = [i for i in ids if i in universe]
+    ranked = [i for i in ranked if i in universe]
+    forced = _forced(ids) if forced is None else [i for i in forced if i in universe]
+    relevant = ev.relevant_universe
+    rel_set = set(relevant)
+    fci = ev.faithfulness_with_ci(ids, seed=seed, min_gap=cfg.min_metric_gap)
+    out = {"faithfulness": fci["faithfulness"], "ci": [fci["ci_low"], fci["ci_high"]],
+           "per_prompt": fci["per_prompt"], "n_prompts": fci["n"], "degenerate": fci["degenerate"],
+           "m_full": float(fci["m_full"]), "m_empty": float(fci["m_empty"]),
+           "circuit_size": len([i for i in ids if i in rel_set]), "circuit_size_all": len(ids),
+           "n_universe": len(relevant), "n_universe_all": len(universe), "n_inert": len(universe) - len(relevant)}
+    out["node_share"] = out["circuit_size"] / max(len(relevant), 1)
+    none = {"random_p": None, "random_z": None, "random_mean": None, "random_draws": 0, "random_null_zero_share": None,
+            "random_min_p": None, "role_random_p": None, "role_random_mean": None, "topm_p": None, "topm_mean": None,
+            "last_token_faithfulness": None}
+    if fci["degenerate"]:
+        out.update({"cpr": None, "cmd": None, "curve": None, "faithfulness_at": None, **none})
+        return out
+    mf, me = fci["m_full"], fci["m_empty"]
+    curve = ev.curve(ranked, m_full=mf, m_empty=me)
+    out["cpr"], out["cmd"] = float(curve.cpr), float(curve.cmd)
+    out["curve"] = {"fractions": [float(x) for x in curve.fractions],
+                    "faithfulness": [float(x) for x in curve.faithfulness]}
+    out["faithfulness_at"] = {str(k): float(v) for k, v in ev.faithfulness_at(ranked, m_full=mf, m_empty=me).items()}
+    out.update(none)
+    if not baselines:
+        return out
+    base = ev.matched_random_baseline(ids, forced=forced, n_samples=cfg.n_random, seed=seed, m_full=mf, m_empty=me)
+    out.update({"random_p": float(base.p_value), "random_z": float(base.z),
+                "random_mean": float(np.mean(base.null_faithfulness)), "random_draws": int(base.n_samples),
+                "random_null_zero_share": float(base.null_zero_share), "random_min_p": float(base.min_p_attainable)})
+    role = ev.matched_random_baseline(ids, forced=forced, n_samples=cfg.n_random, seed=seed + 1, m_full=mf,
+                                      m_empty=me, stratum="component_role")
+    out.update({"role_random_p": float(role.p_value), "role_random_mean": float(np.mean(role.null_faithfulness))})
+    try:
+        topm = ev.topm_random_baseline(ids, ranked, forced=forced, n_samples=cfg.n_random, seed=seed + 2, m_full=mf,
+                                       m_empty=me)
+        out.update({"topm_p": float(topm.p_value), "topm_mean": float(np.mean(topm.null_faithfulness))})
+    except CircuitDiscoveryError as e:  # the ranking has fewer than 2 |C| nodes: no top-M null
+        log.info("top-M baseline skipped: %s", e)
+    try:
+        last = ev.role_circuit("last", forced=forced)
+        out["last_token_faithfulness"] = float(faithfulness(ev.metric_of([last])[0], mf, me))
+        out["last_token_size"] = len(last)
+    except CircuitDiscoveryError as e:
+        log.info("last-token baseline skipped: %s", e)
+    return out
+
+
+def is_validated(v: dict) -> bool:
+    """The project's definition of a validated circuit: held-out f >= 0.7 with a bootstrap lower bound >= 0.5, the
+    matched random baseline beaten at p < 0.01 (held out), and at most 10% of the non-inert nodes."""
+    f, ci, p = v.get("faithfulness"), v.get("ci") or [None, None], v.get("random_p")
+    return bool(f is not None and ci[0] is not None and p is not None and f >= 0.7 and ci[0] >= 0.5 and p < 0.01
+                and v.get("node_share", 1.0) <= 0.10)
+
+
+def validate_relation(model, pairs, found: dict, cfg: RunConfig, seed: int) -> dict:
+    """Validation of one relation's component circuit: on the held-out facts (the headline numbers) and, for
+    reference, on the discovery facts it was found on (in-sample); per-prompt faithfulness at <= 5% of the
+    non-inert nodes (held out) and the attention-knockout drops (hypothesis contexts)."""
     from ..validation.ablation import CircuitEvaluator
     from ..validation.knockouts import attention_knockout_halves
 
-    disc, held = split_pairs(pairs, cfg.held_out_fraction)
-    ids = [n["id"] for n in found["circuit"]["nodes"]]
-    ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
-    comp_ids = ev._components_only(ids)
-    ranked = ev._components_only(found["ranked"])
-    out = circuit_validation(ev, comp_ids, ranked, cfg.n_random, seed, cfg.ablation)
-    out["universe"] = list(ev.universe)
+    disc, held = split_pairs(pairs)
+    ids = [n["id"] for n in found["circuit"]["nodes"] if not n["id"].startswith("logit")]
+    ranked = [i for i in found["ranked"] if not i.startswith("logit")]
+    kw = dict(metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
+    ev = CircuitEvaluator(model, disc, **kw)
+    out = {"in_sample": circuit_validation(ev, ids, ranked, cfg, seed, baselines=False), "n_discovery": len(disc),
+           "n_held_out": len(held), "ablation": cfg.ablation}
+    out["universe"] = list(ev.relevant_universe)
     if held:
-        hev = CircuitEvaluator(model, held, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
-        out["held_out_faithfulness"] = float(hev.faithfulness(comp_ids))
-        out["n_held_out"] = len(held)
+        hev = CircuitEvaluator(model, held, **kw)
+        out["held_out"] = circuit_validation(hev, ids, ranked, cfg, seed)
+        h = out["held_out"]
+        k5 = max(1, math.ceil(0.05 * h["n_universe"]))
+        top5 = [i for i in ranked if i in set(hev.relevant_universe)][:k5]
+        out["faithfulness_at_5pct_per_prompt"] = [f for f in hev.faithfulness_per_prompt(top5) if f is not None] \
+            if not h["degenerate"] else []
     else:
-        out["held_out_faithfulness"], out["n_held_out"] = None, 0
-    k5 = max(1, int(0.05 * out["n_universe"]))
-    # per prompt, discovery and held-out alike (a prompt whose clean and ablated metrics coincide has none)
-    per_prompt = ev.faithfulness_per_prompt(ranked[:k5]) + (hev.faithfulness_per_prompt(ranked[:k5]) if held else [])
-    out["faithfulness_at_5pct_per_prompt"] = [f for f in per_prompt if f is not None]
-    out.update({k: v.tolist() for k, v in attention_knockout_halves(model, pairs, cfg.metric).items()})
+        out["held_out"] = None
+        out["faithfulness_at_5pct_per_prompt"] = []
+    out["validated"] = is_validated(out["held_out"] or {})
+    out.update({k: v.tolist() for k, v in attention_knockout_halves(model, disc + held, cfg.metric).items()})
     return out
 
 
@@ -105,7 +180,7 @@ def cross_relation_faithfulness(model, found: dict, other: str, other_pairs: Seq
     roles) on another relation's discovery facts, next to that relation's own faithfulness scale."""
     from ..validation.ablation import CircuitEvaluator
 
-    disc, _ = split_pairs(other_pairs, cfg.held_out_fraction)
+    disc, _ = split_pairs(other_pairs)
     ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
     universe = set(ev.universe)
     ids = [n["id"] for n in found["circuit"]["nodes"] if not n["id"].startswith("logit")]

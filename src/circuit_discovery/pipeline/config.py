@@ -17,6 +17,17 @@ class OutputError(CircuitDiscoveryError, OSError):
     """The output folder cannot be created or written."""
 
 
+#: (option, least value, why): a configuration asking for fewer draws or facts than a test needs is refused.
+MINIMUMS = (
+    ("n_random", 19, "a matched random-circuit baseline needs >= 19 draws to reach p < 0.05; >= 100 for p < 0.01, "
+                     "which the 'validated' label requires"),
+    ("max_facts", 4, "the discovery facts are split in two halves of >= 2 for the split-half circuits of "
+                     "shared_mechanism"),
+    ("held_out_facts", 2, "a bootstrap interval of held-out faithfulness needs >= 2 held-out facts"),
+    ("causal_samples", 2, "the noise of causal tracing is averaged over >= 2 samples (ROME: 10)"),
+)
+
+
 @dataclass
 class RunConfig:
     model: str | None = None            # None: the built-in gemma-3-270m
@@ -27,7 +38,10 @@ class RunConfig:
     dataset: str | None = None          # None: the built-in facts; else a JSON file (seed, rich or ROME format)
     out: str | None = None              # None: outputs/circuit_discovery_YYYYMMDD_HHMMSS
     known_k: int = 1                    # a fact is known when its first answer token ranks <= k
-    max_facts: int = 6                  # facts per relation used for attribution (known ones first)
+    max_facts: int = 12                 # discovery facts (subject-swap pairs) per relation
+    held_out_facts: int = 8             # held-out facts per relation: split off before pairing (a share
+                                        # held_out_facts / (max_facts + held_out_facts) of each pairable group),
+                                        # used only to validate
     metric: str = "logit_diff"
     top_nodes: int = 12                 # nodes kept in a relation's first circuit
     batch_size: int = 32
@@ -35,19 +49,20 @@ class RunConfig:
     cache_dir: str | None = None
     progress: bool = True
     quick_relations: int = 4            # with --quick: the first N relations...
-    quick_facts: int = 3                # ...and N facts each
+    quick_facts: int = 6                # ...N discovery facts each...
+    quick_held_out: int = 4             # ...and N held-out facts each
     patching_facts: int = 1             # prompts per relation for the exact resid_pre patching heatmap
     granularity: str = "head"           # component circuits: attention heads ("head") or whole layers ("layer")
     component_method: str = "eap"       # edge scores: "eap" (one backward) or "eap-ig"
     ig_steps: int = 5                   # EAP-IG steps
     node_threshold: float = 0.8         # pruning: share of influence the kept nodes cover
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
-    held_out_fraction: float = 0.34     # facts held out from discovery and used only for validation
     ablation: str = "corrupted"         # outside the circuit: "corrupted", "mean" or "zero"
-    n_random: int = 40                  # random circuits in the baseline (smallest p = 1/41)
+    n_random: int = 100                 # random circuits per baseline (smallest p = 1/101 < 0.01)
+    min_metric_gap: float = 0.5         # |m(N) - m(empty)| below this (logits): faithfulness is degenerate, not reported
     graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
-    causal_facts: int = 1               # facts per relation traced ROME-style (MLP, last subject token)
-    causal_samples: int = 2             # noise samples per traced fact
+    causal_facts: int = 2               # facts per relation traced ROME-style (MLP and attention, last subject token)
+    causal_samples: int = 10            # noise samples per traced fact (ROME: 10)
     causal_full_facts: int = 2          # facts traced at every token and layer (states, MLP, attention) for the figure
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
@@ -67,6 +82,10 @@ class RunConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for name, least, why in MINIMUMS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise ConfigError(f"{name} must be an integer >= {least} ({why}), got {v!r}")
         n = self.sae_corpus_sequences
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ConfigError(f"sae_corpus_sequences must be a positive integer or left out, got {n!r}")
@@ -81,8 +100,10 @@ class RunConfig:
         """The configuration after applying ``quick``."""
         if not self.quick:
             return self
-        return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts), patching_facts=1,
-                                   graphs_per_relation=1, causal_facts=1, causal_samples=2,
+        return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts),
+                                   held_out_facts=min(self.held_out_facts, self.quick_held_out), patching_facts=1,
+                                   n_random=min(self.n_random, 100), graphs_per_relation=1, causal_facts=1,
+                                   causal_samples=min(self.causal_samples, 4),
                                    causal_full_facts=0, sae_training_tokens=min(self.sae_training_tokens, 10_240),
                                    sae_eval_tokens=0, feature_facts=min(self.feature_facts, 2),
                                    feature_nodes=min(self.feature_nodes, 64),

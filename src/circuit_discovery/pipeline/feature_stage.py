@@ -2,18 +2,20 @@
 
 * :func:`dictionaries` trains (or reuses from the cache) one transcoder per layer and evaluates them.
 * :func:`feature_circuit_for_relation` builds a relation's feature circuit from transcoder attribution graphs
-  and validates it in the transcoder-replaced model: faithfulness, curve (CPR/CMD), random baseline, held-out
-  faithfulness, and the data of the ``features_matter`` hypothesis -- per-prompt metric drop when the circuit's
-  top features are ablated (necessity) and whether steering the circuit's subject features to the
-  counterfactual subject's values flips the answer, against steering as many random subject features
-  (sufficiency).
+  and validates it both in the transcoder-replaced model (frozen errors) and in the real model (live MLPs plus
+  feature deltas): faithfulness, curve (CPR/CMD over the whole relevant universe), random baseline,
+  error/feature-only baselines, circuit-tracer's replacement and completeness scores per graph, held-out
+  faithfulness, and the per-prompt data of the ``features_matter`` hypothesis on held-out prompts -- metric drop
+  when the circuit's top features are ablated against matched random features (necessity) and whether steering
+  the circuit's subject features to the counterfactual subject's values flips the answer, against steering
+  matched random subject features (sufficiency).
 
 Everything returned is plain JSON, so the stages can be saved and resumed.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -40,19 +42,62 @@ def _feature_ids(ids: Sequence[str]) -> list[str]:
     return [i for i in ids if i.startswith("feature/")]
 
 
-def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg: RunConfig, seed: int,
+def _splits(pairs, cfg: RunConfig) -> tuple[list, list]:
+    """``(discovery, held_out)``: from ``{"discovery": [...], "held_out": [...]}`` (split before pairing) or, for
+    a flat list, :func:`circuit_stage.split_pairs`."""
+    from .circuit_stage import split_pairs
+
+    if isinstance(pairs, Mapping):
+        return list(pairs.get("discovery", [])), list(pairs.get("held_out", []))
+    return split_pairs(pairs)
+
+
+def _faithfulness_or_none(mc: float, mf: float, me: float, min_gap: float = 0.0) -> float | None:
+    """``f`` or ``None`` where ``|m(N) - m(∅)| < min_gap`` (degenerate)."""
+    from ..validation.curves import DegenerateMetricError, faithfulness
+
+    if abs(mf - me) < min_gap:
+        return None
+    try:
+        return float(faithfulness(mc, mf, me))
+    except DegenerateMetricError:
+        return None
+
+
+def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfig, seed: int,
                                  graphs_dir=None, validate: bool = True) -> dict:
+    """Build and validate one relation's feature circuit.
+
+    ``pairs``: the relation's pairs (a plain list is split in order, 40% held out) or ``{"discovery": [...],
+    "held_out": [...]}``. Validation (``validation`` dict):
+
+    * replacement-model numbers (``errors="frozen"``) from :func:`circuit_stage.circuit_validation` --
+      ``faithfulness`` (= ``faithfulness_replacement``), curve/CPR/CMD over the whole relevant universe,
+      random baseline -- and ``faithfulness_live``: the same circuit judged in the real model (live MLPs plus
+      feature deltas, :class:`FeatureCircuitEvaluator` ``errors="live"``). The discovery evaluator's feature
+      nodes are the graphs' visited features, so its error nodes are the graphs' error nodes;
+    * ``baselines``: ``{name: {"faithfulness_replacement", "faithfulness_live", "n_nodes"}}`` for
+      ``embeddings_and_errors``, ``features_only`` and ``circuit_without_errors``;
+    * per graph (discovery prompt): ``replacement_score``, ``completeness_score``, ``error_influence_share``
+      (circuit-tracer's scores, :func:`graph.features.graph_scores`), and the circuit's ``circuit_error_nodes``,
+      ``circuit_feature_nodes`` and ``circuit_error_score_share`` (share of the circuit's node scores on error
+      nodes);
+    * held out: ``held_out_faithfulness`` (replacement) and ``held_out_faithfulness_live``, with feature nodes =
+      the discovery universe's features, and the ``features_matter`` data (:func:`features_matter_data`, live
+      errors, held-out prompts only).
+    """
     from ..graph import find_supernodes
     from ..graph.features import decoder_directions, feature_circuit
     from ..validation.features import FeatureCircuitEvaluator
-    from .circuit_stage import circuit_validation, export_graph, split_pairs
+    from .circuit_stage import circuit_validation, export_graph
 
-    disc, held = split_pairs(pairs, cfg.held_out_fraction)
+    disc, held = _splits(pairs, cfg)
     disc = disc[: cfg.feature_facts]
     res = feature_circuit(model, tcs, disc, name=relation, max_feature_nodes=cfg.feature_nodes,
                           batch_size=cfg.batch_size, node_threshold=cfg.node_threshold,
                           edge_threshold=cfg.edge_threshold)
     circuit = res.circuit
+    node_scores = {n.id: float(n.score or 0.0) for n in circuit.nodes}
     if len(circuit.edges) > cfg.feature_max_edges:  # dense feature circuits: keep the strongest edges in JSON
         circuit.extra["n_edges_pruned_graph"] = len(circuit.edges)
         circuit.edges = sorted(circuit.edges, key=lambda e: -abs(e.weight))[: cfg.feature_max_edges]
@@ -72,19 +117,54 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs: Sequence, cfg
     ids = [n.id for n in circuit.nodes if not n.id.startswith("logit")]
     ranked = [nd.id for nd in sorted((nd for nd in res.combined.nodes if nd.kind != "logit"),
                                      key=lambda nd: -abs(nd.score or 0.0))]
-    ev = FeatureCircuitEvaluator(model, tcs, disc, metric=cfg.metric, ablation=_ablation(cfg))
+    abl = _ablation(cfg)
+    ev = FeatureCircuitEvaluator.from_graphs(model, tcs, disc, res.graphs, metric=cfg.metric, ablation=abl)
     universe = set(ev.universe)
     ranked = [i for i in ranked if i in universe]
     ids = [i for i in ids if i in universe]
-    val = circuit_validation(ev, ids, ranked, cfg.n_random, seed, _ablation(cfg))
+    # in-sample, replacement model (frozen errors); the baselines run on the held-out prompts only
+    val = circuit_validation(ev, ids, ranked, cfg, seed, baselines=False)
+    val["ablation"] = abl
+    val["faithfulness_replacement"] = val["faithfulness"]
+    live = ev.with_errors("live")
+    no_err = [i for i in ids if not i.startswith("error/")]
+    sets = {"circuit_without_errors": no_err, **ev.baseline_node_sets()}
+    names = list(sets)
+    m_frozen = ev.metric_of([ids, ev.universe, []] + [sets[k] for k in names])
+    m_live = live.metric_of([ids, ev.universe, []] + [sets[k] for k in names])
+    live_ci = live.faithfulness_with_ci(ids, seed=seed, min_gap=cfg.min_metric_gap)
+    val["faithfulness_live"], val["ci_live"] = live_ci["faithfulness"], [live_ci["ci_low"], live_ci["ci_high"]]
+    gap = cfg.min_metric_gap
+    val["baselines"] = {k: {"faithfulness_replacement": _faithfulness_or_none(m_frozen[3 + j], *m_frozen[1:3], gap),
+                            "faithfulness_live": _faithfulness_or_none(m_live[3 + j], *m_live[1:3], gap),
+                            "n_nodes": len(sets[k])} for j, k in enumerate(names)}
+    scores = res.info.get("graph_scores") or [r.scores() for r in res.graphs]
+    for key in ("replacement_score", "completeness_score", "error_influence_share"):
+        val[key] = [sc[key] for sc in scores]
+    err_ids = [i for i in ids if i.startswith("error/")]
+    total = sum(abs(node_scores.get(i, 0.0)) for i in ids)
+    val["circuit_error_nodes"] = len(err_ids)
+    val["circuit_feature_nodes"] = sum(i.startswith("feature/") for i in ids)
+    val["circuit_error_score_share"] = (sum(abs(node_scores.get(i, 0.0)) for i in err_ids) / total) if total else None
+    val["n_relevant_universe"] = len(ev.relevant_universe)
     if held:
-        hev = FeatureCircuitEvaluator(model, tcs, held, metric=cfg.metric, ablation=_ablation(cfg))
-        held_universe = set(hev.universe)
-        val["held_out_faithfulness"] = float(hev.faithfulness([i for i in ids if i in held_universe]))
+        feat_universe = [i for i in ev.universe if i.startswith("feature/")]
+        hev = FeatureCircuitEvaluator(model, tcs, held, metric=cfg.metric, ablation=abl, feature_nodes=feat_universe)
+        hids = [i for i in ids if i in set(hev.universe)]
+        val["held_out"] = circuit_validation(hev, hids, ranked, cfg, seed)  # replacement model, held out
+        val["held_out_faithfulness"] = val["held_out"]["faithfulness"]
+        val["held_out_ci"] = val["held_out"]["ci"]
+        hlive = hev.with_errors("live").faithfulness_with_ci(hids, seed=seed, min_gap=cfg.min_metric_gap)
+        val["held_out_faithfulness_live"] = hlive["faithfulness"]
+        val["held_out_ci_live"] = [hlive["ci_low"], hlive["ci_high"]]
         val["n_held_out"] = len(held)
+        fev = FeatureCircuitEvaluator(model, tcs, held, metric=cfg.metric, ablation=abl, errors="live")
+        val.update(features_matter_data(fev, ranked, cfg.steer_features, cfg.steer_random, seed, circuit=ids))
     else:
-        val["held_out_faithfulness"], val["n_held_out"] = None, 0
-    val.update(features_matter_data(ev, ranked, cfg.steer_features, cfg.steer_random, seed))
+        val["held_out"] = val["held_out_faithfulness"] = val["held_out_faithfulness_live"] = None
+        val["held_out_ci"] = val["held_out_ci_live"] = [None, None]
+        val["n_held_out"] = 0
+        val["features_matter_note"] = "no held-out prompts: features_matter data is computed on held-out prompts only"
     circuit.faithfulness = val["faithfulness"]
     return {"circuit": circuit.to_dict(), "info": dict(res.info),
             "validation": val, "n_discovery": len(disc), "n_held_out": len(held)}
@@ -94,35 +174,94 @@ def _ablation(cfg: RunConfig) -> str:
     return cfg.ablation if cfg.ablation in ("corrupted", "zero") else "corrupted"
 
 
-def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed: int) -> dict:
-    """Per-prompt data of the ``features_matter`` hypothesis from a :class:`FeatureCircuitEvaluator`.
+def _layer_role(node_id: str) -> tuple[str, str]:
+    parts = node_id.split("/")
+    return parts[1], parts[-1]
 
-    necessity: ``m_p(N) - m_p(N minus the top-k circuit features)`` for each prompt (features ablated to their
-    corrupted values). sufficiency: steer the top-k *subject* features of the circuit to their values under the
-    counterfactual subject (everything else clean); a flip is a prompt whose metric turns negative (the
-    counterfactual answer now beats the answer). Baseline: ``n_random`` draws of as many random subject features
-    from the universe, steered the same way (one 0/1 outcome per prompt and draw).
+
+def matched_random_features(ev, features: Sequence[str], pair_index: int, n_draws: int, rng,
+                            exclude: Sequence[str] = ()) -> tuple[list[list[str]], int]:
+    """``(draws, shortfall)``: ``n_draws`` random feature sets for pair ``pair_index`` of evaluator ``ev``, each
+    with as many features per (layer, role) as ``features`` has, drawn uniformly without replacement from that
+    pair's active features (:meth:`FeatureCircuitEvaluator.active_features`) outside ``features`` and
+    ``exclude`` (the circuit). ``shortfall``: features per draw that could not be matched (a (layer, role) with
+    fewer candidates than needed gets all of them)."""
+    counts: dict[tuple[str, str], int] = {}
+    for f in features:
+        counts[_layer_role(f)] = counts.get(_layer_role(f), 0) + 1
+    banned = set(features) | set(exclude)
+    pools: dict[tuple[str, str], list[str]] = {}
+    for f in ev.active_features(pair_index):
+        key = _layer_role(f)
+        if key in counts and f not in banned:
+            pools.setdefault(key, []).append(f)
+    shortfall = sum(max(0, c - len(pools.get(k, []))) for k, c in counts.items())
+    draws = []
+    for _ in range(n_draws):
+        d: list[str] = []
+        for k, c in sorted(counts.items()):
+            pool = pools.get(k, [])
+            if pool:
+                d += rng.choice(pool, size=min(c, len(pool)), replace=False).tolist()
+        draws.append(d)
+    return draws, shortfall
+
+
+def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed: int,
+                         circuit: Sequence[str] | None = None) -> dict:
+    """Per-prompt data of the ``features_matter`` hypothesis from a :class:`FeatureCircuitEvaluator` on
+    **held-out** prompts (the circuit and its ranking come from the discovery prompts); use ``errors="live"`` to
+    judge the features in the real model.
+
+    * necessity: ``feature_ablation_drop[i] = m_i(N) - m_i(N minus the top-k circuit features)`` (features ranked
+      by ``ranked``, ablated to their ablation values) and ``random_feature_ablation_drop[i]``: the mean drop over
+      ``n_random`` matched random feature sets of prompt ``i`` (:func:`matched_random_features`: same count per
+      (layer, role), drawn from that prompt's active features outside the circuit);
+    * sufficiency: steer the top-k *subject* features of the circuit to their ablation values (the
+      counterfactual subject's, everything else clean): ``steering_flips[i]`` = 1 if prompt ``i``'s metric turns
+      negative (the counterfactual answer now wins); ``steering_random_flip_rate[i]``: the share of ``n_random``
+      matched random subject-feature sets that flip prompt ``i``.
+
+    One value per prompt (the unit of the tests); ``clean_metric`` tells which prompts were right to begin with.
     """
-    universe = ev.universe
-    top = _feature_ids(ranked)[:k]
-    out: dict = {"necessity_features": top}
+    feats_ranked = [i for i in _feature_ids(ranked) if i in set(ev.universe)]
+    in_circuit = set(circuit) if circuit is not None else None
+    pool = [i for i in feats_ranked if in_circuit is None or i in in_circuit]
+    top = pool[:k]
+    out: dict = {"necessity_features": top, "features_matter_prompts": "held_out",
+                 "features_matter_n_prompts": len(ev.pairs)}
     if not top:
+        out["features_matter_note"] = "the circuit has no feature node active on these prompts"
         return out
+    universe = ev.universe
     full = set(universe)
+    exclude = sorted(in_circuit) if in_circuit is not None else []
+    rng = np.random.default_rng(seed)
+    n_pairs = len(ev.pairs)
     per = ev.metric_per_prompt([universe, sorted(full - set(top))]).numpy()
+    out["clean_metric"] = per[0].tolist()
     out["feature_ablation_drop"] = (per[0] - per[1]).tolist()
-    subj = [i for i in _feature_ids(ranked) if i.split("/")[-1] in SUBJECT_ROLES][:k]
+
+    def random_rows(feats):
+        draws, short = zip(*(matched_random_features(ev, feats, i, n_random, rng, exclude) for i in range(n_pairs)))
+        sets = [[sorted(full - set(draws[i][d])) for i in range(n_pairs)] for d in range(n_random)]
+        return (ev.metric_per_prompt_paired(sets).numpy() if n_random > 0 else np.zeros((0, n_pairs))), list(short)
+
+    rand, short = random_rows(top)
+    out["random_feature_ablation_drop"] = (per[0][None] - rand).mean(0).tolist() if n_random else []
+    out["random_feature_shortfall"] = short
+    out["n_random_draws"] = int(n_random)
+    subj = [i for i in pool if i.split("/")[-1] in SUBJECT_ROLES][:k]
     out["steer_features"] = subj
     if not subj:
         return out
     steered = ev.metric_per_prompt([sorted(full - set(subj))]).numpy()[0]
     out["steering_flips"] = [int(v < 0) for v in steered]
-    pool = [i for i in _feature_ids(universe) if i.split("/")[-1] in SUBJECT_ROLES and i not in set(subj)]
-    if len(pool) >= len(subj):
-        rng = np.random.default_rng(seed)
-        sets = [sorted(full - set(rng.choice(pool, size=len(subj), replace=False).tolist())) for _ in range(n_random)]
-        rand = ev.metric_per_prompt(sets).numpy()
-        out["steering_random_flips"] = [int(v < 0) for v in rand.reshape(-1)]
+    rand_s, short_s = random_rows(subj)
+    flips = (rand_s < 0).astype(int)  # [n_random, n_pairs]
+    out["steering_random_flip_rate"] = flips.mean(0).tolist() if n_random else []
+    out["steering_random_shortfall"] = short_s
+    out["steering_random_flips"] = flips.reshape(-1).tolist()  # flat, for readers of the old format
     return out
 
 

@@ -13,6 +13,7 @@ from ..io import atomic_write_json
 from ..report import figures as fig
 from ..report.markdown import write_report
 from ..report.viewer import write_viewer
+from .circuit_stage import is_validated
 
 
 def _rel(p: Path, out: Path) -> str:
@@ -35,19 +36,23 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     for rel, c in circuits["relations"].items():
         circuit = Circuit.from_dict(c["circuit"])
         if rel in val:
-            circuit.faithfulness = val[rel]["faithfulness"]
-            circuit.extra["validation"] = {k: val[rel][k] for k in (
-                "faithfulness", "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "ablation")}
+            m = relation_metrics(val[rel])
+            circuit.faithfulness = m["held_out_faithfulness"]
+            circuit.extra["validation"] = {k: m[k] for k in (
+                "faithfulness", "held_out_faithfulness", "held_out_ci", "node_share", "cpr", "random_baseline_p",
+                "validated", "ablation")}
         circ_objs.append(circuit)
     fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
     feat_objs: list[Circuit] = []
     for rel, c in (features or {}).get("relations", {}).items():
         circuit = Circuit.from_dict(c["circuit"])
         circuit.name = f"{rel}/features"
-        circuit.faithfulness = fval[rel]["faithfulness"]
+        fm = feature_metrics(fval[rel], c)
+        circuit.faithfulness = fm["held_out_faithfulness"]
         circuit.extra["kind"] = "feature"
-        circuit.extra["validation"] = {k: fval[rel].get(k) for k in (
-            "faithfulness", "node_share", "cpr", "cmd", "random_p", "held_out_faithfulness", "ablation")}
+        circuit.extra["validation"] = {k: fm[k] for k in (
+            "faithfulness", "held_out_faithfulness", "held_out_ci", "held_out_faithfulness_live", "node_share", "cpr",
+            "random_baseline_p", "ablation")}
         feat_objs.append(circuit)
     write_circuits_json(circ_objs + feat_objs, out / "circuits.json", model=model_name)
 
@@ -57,28 +62,13 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
                "relations": {}}
     for rel, v in val.items():
         info = circuits["relations"][rel]["info"]
-        metrics["relations"][rel] = {
-            "faithfulness": v["faithfulness"], "node_share": v["node_share"], "circuit_size": v["circuit_size"],
-            "n_universe": v["n_universe"], "cpr": v["cpr"], "cmd": v["cmd"], "curve": v["curve"],
-            "random_baseline_p": v["random_p"], "random_baseline_z": v["random_z"],
-            "random_mean_faithfulness": v["random_mean"], "held_out_faithfulness": v["held_out_faithfulness"],
-            "n_discovery": circuits["relations"][rel]["n_discovery"], "n_held_out": v["n_held_out"],
-            "m_full": v["m_full"], "m_empty": v["m_empty"], "cross_relation": v.get("cross_relation"),
-            **{f"graph_{k}": x for k, x in info.items()}}
+        metrics["relations"][rel] = {**relation_metrics(v), "cross_relation": v.get("cross_relation"),
+                                     **{f"graph_{k}": x for k, x in info.items()}}
     if features is not None:
-        metrics["feature_circuits"] = {}
-        for rel, v in fval.items():
-            info = features["relations"][rel]["info"]
-            metrics["feature_circuits"][rel] = {
-                **{k: v.get(k) for k in ("faithfulness", "node_share", "circuit_size", "n_universe", "cpr", "cmd",
-                                         "curve", "held_out_faithfulness", "n_held_out", "m_full", "m_empty",
-                                         "feature_ablation_drop", "steering_flips")},
-                "random_baseline_p": v["random_p"], "random_baseline_z": v["random_z"],
-                "random_mean_faithfulness": v["random_mean"],
-                "steering_flip_rate": _mean(v.get("steering_flips")),
-                "random_steering_flip_rate": _mean(v.get("steering_random_flips")),
-                "n_discovery": features["relations"][rel]["n_discovery"],
-                **{f"graph_{k}": x for k, x in info.items() if k != "seconds"}}  # timings go to config.json
+        metrics["feature_circuits"] = {rel: {**feature_metrics(v, features["relations"][rel]),
+                                             **{f"graph_{k}": x for k, x in features["relations"][rel]["info"].items()
+                                                if k not in ("seconds", "graph_scores")}}
+                                       for rel, v in fval.items()}
     if dictionaries is not None:
         metrics["dictionaries"] = {k: v for k, v in dictionaries.items() if k not in ("_seconds", "seconds")}
     atomic_write_json(out / "metrics.json", metrics)
@@ -107,9 +97,10 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
         sections.setdefault(c.relation, []).append({"path": _rel(p, out), "caption": (
             "The pruned circuit: layer on the vertical axis, token role on the horizontal; edge width and colour "
             "show the EAP edge score.")})
-    if val:
-        p = fig.faithfulness_curves({r: (v["curve"]["fractions"], v["curve"]["faithfulness"]) for r, v in val.items()},
-                                    figs / "faithfulness_curves.png")
+    held_curves = {r: (h["curve"]["fractions"], h["curve"]["faithfulness"]) for r, h in
+                   ((r, v.get("held_out") or {}) for r, v in val.items()) if h.get("curve")}
+    if held_curves:
+        p = fig.faithfulness_curves(held_curves, figs / "faithfulness_curves.png")
         curves_fig = _rel(p, out)
     else:
         curves_fig = None
@@ -134,16 +125,21 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     verdicts: dict[str, dict] = {}
     for h in hyp_rows:
         for rel in str(h["relation"]).split("|"):
-            verdicts.setdefault(rel, {})[h["hypothesis_id"]] = h["verdict"]
+            d = verdicts.setdefault(rel, {})
+            key = h["hypothesis_id"] if h["hypothesis_id"] not in d else f"{h['hypothesis_id']} ({h['statistic']})"
+            d[key] = h["verdict"]
     rows = []
     for c in circ_objs:
-        v = val.get(c.relation, {})
+        m = relation_metrics(val[c.relation]) if c.relation in val else {}
         acc = known["per_relation"].get(c.relation, {})
         top = sorted((n for n in c.nodes if n.component not in ("logit",)), key=lambda n: -abs(n.score or 0))[:5]
         rows.append({"name": c.relation, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
-                     "circuit_size": v.get("circuit_size", len(c.nodes)), "faithfulness": v.get("faithfulness"),
-                     "cpr": v.get("cpr"), "cmd": v.get("cmd"), "top_nodes": [n.label for n in top],
-                     "verdicts": verdicts.get(c.relation, {})})
+                     "n_split": f"{m.get('n_discovery')} / {m.get('n_held_out')}",
+                     "held_out_f": _f_ci(m.get("held_out_faithfulness"), m.get("held_out_ci"), m.get("degenerate")),
+                     "random_p": _p_draws(m.get("random_baseline_p"), m.get("random_draws")),
+                     "node_share": _share(m), "validated": "yes" if m.get("validated") else "**no**",
+                     "faithfulness": m.get("faithfulness"), "cpr": m.get("cpr"),
+                     "top_nodes": [n.label for n in top], "verdicts": verdicts.get(c.relation, {})})
     done = {c.relation for c in circ_objs}
     for rel, acc in known["per_relation"].items():
         if rel not in done:
@@ -154,23 +150,37 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     sec_list = []
     for c in circ_objs:
         v = val.get(c.relation, {})
-        sec_list.append({"name": c.relation, "metrics": {
-            "facts (discovery / held out)": f"{circuits['relations'][c.relation]['n_discovery']} / {v.get('n_held_out')}",
-            "nodes in circuit / all nodes": f"{v.get('circuit_size')} / {v.get('n_universe')} "
-                                            f"({100 * v.get('node_share', float('nan')):.1f}%)",
-            "faithfulness": v.get("faithfulness"), "held-out faithfulness": v.get("held_out_faithfulness"),
-            "CPR": v.get("cpr"), "CMD": v.get("cmd"),
-            "random-circuit baseline: mean f, p": f"{_fmt(v.get('random_mean'))}, {_fmt(v.get('random_p'), 3)}",
+        m = relation_metrics(v) if v else {}
+        h = v.get("held_out") or {}
+        warn = _warning(m)
+        sec_list.append({"name": c.relation, "text": ((f"**Warning: {warn}**\n\n" if warn else "") +
+                                                      "Per-prompt graphs (Neuronpedia JSON): "
+                                                      + ", ".join(c.extra.get("graphs", []))), "metrics": {
+            "facts (discovery / held out)": f"{m.get('n_discovery')} / {m.get('n_held_out')}",
+            "held-out faithfulness [95% bootstrap CI over prompts]": _f_ci(m.get("held_out_faithfulness"),
+                                                                           m.get("held_out_ci"), m.get("degenerate")),
+            "in-sample faithfulness (discovery facts)": m.get("faithfulness"),
+            "circuit nodes / non-inert nodes (held out)": f"{h.get('circuit_size')} / {h.get('n_universe')} "
+                                                          f"({_share(m)}; {h.get('n_inert')} inert nodes left out)",
+            "held-out f at 1 / 2 / 5 / 10 / 20% of the non-inert nodes": _at(h.get("faithfulness_at")),
+            "node-level held-out CPR / CMD": f"{_fmt(h.get('cpr'))} / {_fmt(h.get('cmd'))}",
+            "matched random circuits: mean f, p (draws), exact zeros": (
+                f"{_fmt(h.get('random_mean'))}, {_p_draws(h.get('random_p'), h.get('random_draws'))}, "
+                f"{_fmt(h.get('random_null_zero_share'))}"),
+            "random circuits matched on (component, role) only, other layers allowed: mean f, p": (
+                f"{_fmt(h.get('role_random_mean'))}, {_fmt(h.get('role_random_p'), 3)}"),
+            "random subsets of the top-ranked nodes: mean f, p": f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}",
+            "every last-token node (+ embeddings): f": h.get("last_token_faithfulness"),
             "on another relation's facts: f": _cross(v.get("cross_relation")),
+            "validated": "yes" if m.get("validated") else "no",
             "attribution score": c.attribution_score},
-            "figures": sections.get(c.relation, []),
-            "text": "Per-prompt graphs (Neuronpedia JSON): " + ", ".join(c.extra.get("graphs", []))})
+            "figures": sections.get(c.relation, [])})
     headline = _headline(val)
     notes = [f"Known-fact accuracy (every answer token ranked <= {known['k']}): "
              f"{known['n_known']}/{known['n']} = {known['accuracy']:.1%}.", headline,
-             f"Faithfulness f = (m(C) - m(empty)) / (m(N) - m(empty)) with every component outside the circuit "
-             f"ablated to its value on the {cfg.ablation} run; the metric is the {cfg.metric}.",
-             *[f"Hypothesis {k} not run: {why}" for k, why in hypotheses.get("not_run", {}).items()]]
+             *[f"Hypothesis {k} not run: {why}" for k, why in hypotheses.get("not_run", {}).items()],
+             "Hypothesis p-values are adjusted with Benjamini-Hochberg within each family (column family); n is "
+             "the number of independent units (prompts, facts or relations), never resamples."]
     extra_sections = []
     if causal_fig:
         extra_sections.append({"name": "Causal tracing (ROME)", "figures": [{"path": causal_fig, "caption": (
@@ -178,17 +188,19 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             "at one token class into a run with noised subject embeddings.")}]})
     if curves_fig or overlap_fig:
         extra_sections.append({"name": "Across relations", "figures": [
-            *([{"path": curves_fig, "caption": "Faithfulness curves (MIB): f against the fraction of ranked nodes "
-                                                "kept."}] if curves_fig else []),
+            *([{"path": curves_fig, "caption": "Node-level held-out faithfulness curves: f on the held-out facts "
+                                                "against the fraction of the non-inert nodes kept, in the order of "
+                                                "the discovery ranking."}] if curves_fig else []),
             *([{"path": overlap_fig, "caption": "Jaccard overlap of the circuits' nodes."}] if overlap_fig else [])]})
     if feature_section:
         extra_sections.append(feature_section)
     summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
                "model": model_name,
                "config": {"seed": cfg.seed, "quick": cfg.quick, "metric": cfg.metric, "max_facts": cfg.max_facts,
+                          "held_out_facts": cfg.held_out_facts, "n_random": cfg.n_random,
                           "granularity": cfg.granularity, "method": cfg.component_method, "ablation": cfg.ablation,
                           "node_threshold": cfg.node_threshold, "known_k": cfg.known_k},
-               "relations": rows, "sections": extra_sections + sec_list,
+               "relations": rows, "definitions": DEFINITIONS, "sections": extra_sections + sec_list,
                "hypotheses": [{k: h[k] for k in ("hypothesis_id", "relation", "statistic", "effect", "ci_low",
                                                  "ci_high", "p_value", "p_adjusted", "n", "verdict")} for h in hyp_rows],
                "timings": dict(run.timings), "notes": notes,
@@ -228,36 +240,169 @@ def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dic
         figures.append({"path": _rel(p, out), "caption": (
             f"{c.relation}: feature circuit (transcoder features, error nodes and embeddings by layer and token "
             "role).")})
-    if fval:
-        p = fig.faithfulness_curves({r: (v["curve"]["fractions"], v["curve"]["faithfulness"]) for r, v in fval.items()},
-                                    figs / "faithfulness_curves_features.png")
-        figures.append({"path": _rel(p, out), "caption": "Faithfulness curves of the feature circuits."})
+    held_curves = {r: (v["held_out"]["curve"]["fractions"], v["held_out"]["curve"]["faithfulness"])
+                   for r, v in fval.items() if (v.get("held_out") or {}).get("curve")}
+    if held_curves:
+        p = fig.faithfulness_curves(held_curves, figs / "faithfulness_curves_features.png")
+        figures.append({"path": _rel(p, out), "caption": "Held-out faithfulness curves of the feature circuits "
+                                                          "(replacement model, non-inert nodes)."})
     rows = []
     for rel, v in fval.items():
-        rows.append([rel, features["relations"][rel]["n_discovery"], f"{v['circuit_size']} / {v['n_universe']}",
-                     _fmt(v["faithfulness"]), _fmt(v.get("held_out_faithfulness")), _fmt(v["cpr"]),
-                     _fmt(v["random_p"], 3), _fmt(_mean(v.get("feature_ablation_drop"))),
-                     _fmt(_mean(v.get("steering_flips"))), _fmt(_mean(v.get("steering_random_flips")))])
-    table = markdown_table(["relation", "facts", "nodes / universe", "faithfulness", "held-out f", "CPR",
-                            "random p", "necessity drop", "steering flip rate", "random flip rate"], rows)
+        m = feature_metrics(v, features["relations"][rel])
+        rows.append([rel, f"{m['n_discovery']} / {m['n_held_out']}", _share(m),
+                     _f_ci(m["held_out_faithfulness"], m["held_out_ci"], m["degenerate"]),
+                     _f_ci(m["held_out_faithfulness_live"], m["held_out_ci_live"], m["degenerate"]),
+                     _fmt(m["faithfulness"]), _p_draws(m["random_baseline_p"], m["random_draws"]),
+                     _fmt(_mean(m["replacement_score"])), _fmt(_mean(m["completeness_score"])),
+                     _fmt(_mean(m["error_influence_share"])),
+                     _fmt(m["baseline_embeddings_and_errors"]), _fmt(m["baseline_features_only"]),
+                     _fmt(_mean(m["feature_ablation_drop"])), _fmt(_mean(m["random_feature_ablation_drop"])),
+                     _fmt(_mean(m["steering_flips"])), _fmt(_mean(m["steering_random_flip_rate"]))])
+    table = markdown_table(["relation", "facts (disc. / held out)", "nodes (% of non-inert)",
+                            "held-out f, replacement [CI]", "held-out f, live errors [CI]", "in-sample f",
+                            "matched random p (draws)", "replacement score", "completeness score",
+                            "error share of influence", "f: embeddings + all errors", "f: features only",
+                            "necessity drop", "random-feature drop", "steering flip rate", "random flip rate"], rows)
     s = (dictionaries or {}).get("settings", {})
     text = ("Circuits over per-layer transcoder features (" + f"TopK k = {s.get('k')}, "
             f"{s.get('training_tokens')} training tokens per layer) built from attribution graphs with frozen "
-            "attention and norms; faithfulness is measured in the transcoder-replaced model with features, error "
-            "nodes and embeddings outside the circuit ablated. Necessity drop: mean per-prompt metric drop when the "
-            "circuit's top features are ablated; steering flip rate: share of prompts whose answer flips to the "
-            "counterfactual when the circuit's subject features take the counterfactual subject's values (random "
-            "flip rate: the same with random subject features).\n\n" + table)
+            "attention and norms. An error node at (layer, position) is the MLP's output minus the transcoder's "
+            "b_dec and the graph's feature nodes there (so it also holds the features the graph did not visit); the "
+            "graph and the evaluator use this same definition. Faithfulness is measured twice on held-out facts: in "
+            "the replacement model (error nodes in the circuit frozen at their clean values) and with live errors "
+            "(the real MLP runs and each ablated feature adds its decoder-direction change, as circuit-tracer's "
+            "interventions do). Replacement and completeness scores: circuit-tracer's graph scores (1 = no error "
+            "influence), mean over the discovery graphs. Baselines: f of the embeddings and every error node alone, "
+            "and of every feature with the errors ablated (replacement model, discovery facts). Necessity drop: mean "
+            "held-out per-prompt metric drop when the circuit's top features are ablated (live errors), against the "
+            "drop from as many random active features matched per (layer, role); steering flip rate: share of "
+            "held-out prompts whose answer flips to the counterfactual when the circuit's subject features take "
+            "the counterfactual subject's values, against random subject features.\n\n" + table)
     return {"name": "Feature circuits (transcoders)", "figures": figures, "text": text}
+
+
+DEFINITIONS = [
+    "f = (m(C) - m(empty)) / (m(N) - m(empty)): m is the logit difference (answer minus counterfactual answer) averaged "
+    "over prompts, with every component outside the circuit C set to its value on the corrupted prompt (the "
+    "counterfactual subject); f = 1 recovers the whole model, f = 0 nothing, f = 0.5 'no preference'.",
+    "Held-out f: on facts split off before any pairing (their counterfactual subjects come from the held-out split "
+    "only); the interval is a 95% percentile bootstrap over held-out prompts. In-sample f: on the discovery facts.",
+    "Non-inert nodes: nodes whose output differs between the clean and the corrupted run on at least one prompt. "
+    "BOS, positions before the subject and embeddings of unchanged tokens are inert (ablating them changes "
+    "nothing) and are left out of node shares, curves and random draws.",
+    "Matched random p: share of random circuits (same embedding nodes, the same number of nodes per (component, "
+    "layer, token role)) with f >= the circuit's, +1-corrected; smallest possible p = 1 / (draws + 1).",
+    "Validated: held-out f >= 0.7 with CI lower bound >= 0.5, matched random p < 0.01 and <= 10% of the "
+    "non-inert nodes. CPR is node-level and held out (MIB's trapezoid over its ten fractions), not MIB's "
+    "edge-level score.",
+]
+
+
+def feature_metrics(v: dict, found: dict) -> dict:
+    """The per-relation entry of metrics.json's ``feature_circuits`` (held-out numbers lead)."""
+    h = v.get("held_out") or {}
+    base = v.get("baselines") or {}
+    return {
+        "faithfulness": v.get("faithfulness"), "faithfulness_live": v.get("faithfulness_live"),
+        "held_out_faithfulness": v.get("held_out_faithfulness"), "held_out_ci": v.get("held_out_ci"),
+        "held_out_faithfulness_live": v.get("held_out_faithfulness_live"), "held_out_ci_live": v.get("held_out_ci_live"),
+        "degenerate": bool(h.get("degenerate", True)), "node_share": h.get("node_share"),
+        "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"), "cpr": h.get("cpr"),
+        "cmd": h.get("cmd"), "curve": h.get("curve"), "faithfulness_at": h.get("faithfulness_at"),
+        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
+        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
+        "random_null_zero_share": h.get("random_null_zero_share"),
+        "replacement_score": v.get("replacement_score"), "completeness_score": v.get("completeness_score"),
+        "error_influence_share": v.get("error_influence_share"),
+        "circuit_error_nodes": v.get("circuit_error_nodes"), "circuit_feature_nodes": v.get("circuit_feature_nodes"),
+        "baseline_embeddings_and_errors": (base.get("embeddings_and_errors") or {}).get("faithfulness_replacement"),
+        "baseline_features_only": (base.get("features_only") or {}).get("faithfulness_replacement"),
+        "baselines": base,
+        **{k: v.get(k) for k in ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
+                                 "steering_random_flip_rate")},
+        "validated": is_validated(h), "n_discovery": found.get("n_discovery"), "n_held_out": v.get("n_held_out"),
+        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"), "ablation": v.get("ablation"),
+    }
+
+
+def relation_metrics(v: dict) -> dict:
+    """The flat per-relation entry of metrics.json from a validation result (held-out numbers lead)."""
+    h = v.get("held_out") or {}
+    ins = v.get("in_sample") or {}
+    return {
+        "faithfulness": ins.get("faithfulness"), "faithfulness_ci": ins.get("ci"),
+        "held_out_faithfulness": h.get("faithfulness"), "held_out_ci": h.get("ci"),
+        "held_out_per_prompt": h.get("per_prompt"), "degenerate": bool(h.get("degenerate", True)),
+        "node_share": h.get("node_share"), "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"),
+        "n_inert": h.get("n_inert"), "cpr": h.get("cpr"), "cmd": h.get("cmd"), "curve": h.get("curve"),
+        "faithfulness_at": h.get("faithfulness_at"),
+        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
+        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
+        "random_null_zero_share": h.get("random_null_zero_share"),
+        "random_min_p": h.get("random_min_p"), "role_random_baseline_p": h.get("role_random_p"),
+        "role_random_mean_faithfulness": h.get("role_random_mean"),
+        "topm_baseline_p": h.get("topm_p"), "topm_mean_faithfulness": h.get("topm_mean"),
+        "last_token_faithfulness": h.get("last_token_faithfulness"),
+        "in_sample_random_baseline_p": ins.get("random_p"), "in_sample_cpr": ins.get("cpr"),
+        "validated": bool(v.get("validated")), "n_discovery": v.get("n_discovery"), "n_held_out": v.get("n_held_out"),
+        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"), "ablation": v.get("ablation"),
+    }
+
+
+def _f_ci(f, ci, degenerate=False) -> str:
+    if degenerate:
+        return "degenerate"
+    if f is None:
+        return "—"
+    lo, hi = (ci or [None, None])[:2]
+    return f"{f:.2f} [{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _p_draws(p, draws) -> str:
+    return "—" if p is None else f"{p:.3f} ({draws})"
+
+
+def _share(m: dict) -> str:
+    s = m.get("node_share")
+    return "—" if s is None else f"{m.get('circuit_size')} ({100 * s:.1f}%)"
+
+
+def _at(at) -> str:
+    if not at:
+        return "—"
+    return " / ".join(_fmt(at.get(k)) for k in sorted(at, key=float))
+
+
+def _warning(m: dict) -> str | None:
+    """Why a circuit's numbers should not be trusted, or None."""
+    if not m:
+        return None
+    if m.get("degenerate"):
+        return ("the held-out metric difference |m(N) - m(empty)| is below the minimum gap: the model does not "
+                "separate the answers on these facts, so faithfulness is undefined")
+    why = []
+    f, ci, p = m.get("held_out_faithfulness"), m.get("held_out_ci") or [None, None], m.get("random_baseline_p")
+    if f is None:
+        why.append("no held-out faithfulness")
+    else:
+        if f < 0.7 or ci[0] is None or ci[0] < 0.5:
+            why.append(f"held-out f {f:.2f} (CI low {_fmt(ci[0])}) is below 0.7 / 0.5")
+        if p is None or p >= 0.01:
+            why.append(f"it does not beat matched random circuits at p < 0.01 (p = {_fmt(p, 3)})")
+    if (m.get("node_share") or 0) > 0.10:
+        why.append(f"it uses {100 * m['node_share']:.1f}% of the non-inert nodes (> 10%)")
+    return ("this circuit is not validated: " + "; ".join(why)) if why else None
 
 
 def _headline(val: dict) -> str:
     if not val:
         return "No circuit was validated."
-    ok = [r for r, v in val.items() if v["faithfulness"] >= 0.8 and v["node_share"] <= 0.10]
-    short = {r: v for r, v in val.items() if r not in ok}
-    s = f"{len(ok)} of {len(val)} circuits reach faithfulness >= 0.8 with <= 10% of the nodes."
-    if short:
-        s += " Short of it: " + "; ".join(f"{r} (f = {v['faithfulness']:.2f} at {100 * v['node_share']:.1f}% of nodes)"
-                                           for r, v in short.items()) + "."
+    ms = {r: relation_metrics(v) for r, v in val.items()}
+    ok = [r for r, m in ms.items() if m["validated"]]
+    s = (f"{len(ok)} of {len(val)} relations have a validated circuit (held-out f >= 0.7 with CI lower bound >= 0.5, "
+         f"matched random p < 0.01, <= 10% of the non-inert nodes)")
+    s += (": " + ", ".join(ok) + ".") if ok else "."
+    deg = [r for r, m in ms.items() if m["degenerate"]]
+    if deg:
+        s += f" Degenerate (no metric difference to explain): {', '.join(deg)}."
     return s

@@ -126,8 +126,9 @@ class Run:
     def _load_dataset(self):
         from ..facts import DatasetError, load_builtin, load_dataset, select_relations
 
-        ds = load_dataset(self.cfg.dataset) if self.cfg.dataset else load_builtin()
-        if self.cfg.relations:
+        # the built-in default run leaves out relations the default model knows too few facts of; naming one loads it
+        ds = load_dataset(self.cfg.dataset) if self.cfg.dataset else load_builtin(self.cfg.relations or None)
+        if self.cfg.relations and self.cfg.dataset:
             ds = select_relations(ds, self.cfg.relations)
         elif self.cfg.quick:
             ds = ds.select(ds.relation_names[: self.cfg.quick_relations])
@@ -177,17 +178,21 @@ class Run:
                 out[rel] = r
         return out
 
-    def relation_pairs(self, facts_by_rel: dict[str, list]) -> dict[str, list]:
-        """Metric-ready fact pairs per relation (deterministic for the seed; recomputed, never pickled)."""
+    def relation_pairs(self, facts_by_rel: dict[str, list]) -> dict[str, dict]:
+        """Per relation ``{"discovery": [...], "held_out": [...]}``: subject-swap pairs made inside each split of the
+        known facts (deterministic for the seed; recomputed, never pickled)."""
         from .attribution_stage import relation_pairs
 
         if not hasattr(self, "_pairs"):
             self._pairs = {rel: relation_pairs(self.model, facts, self.cfg) for rel, facts in facts_by_rel.items()}
             for rel, pairs in list(self._pairs.items()):
-                if sum(p.corruption == "subject_swap" for p in pairs) < 1:
-                    log.warning("relation %s: no usable subject-swap pair (a counterfactual subject of the same "
-                                "token length with a different answer); skipped", rel)
+                if len(pairs["discovery"]) < 1:
+                    log.warning("relation %s: no usable subject-swap pair among its discovery facts (a counterfactual "
+                                "subject of the same token length with a different answer); skipped", rel)
                     del self._pairs[rel]
+                elif len(pairs["held_out"]) < 2:
+                    log.warning("relation %s: %d held-out subject-swap pair(s); its held-out faithfulness has no "
+                                "interval and it cannot be validated", rel, len(pairs["held_out"]))
         return self._pairs
 
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
@@ -212,21 +217,32 @@ class Run:
         # restored runs end in a full-vocabulary unembedding (answer probability): bigger batches read the
         # 262k x d_model unembedding fewer times (7.7 ms/row at 32 rows, 4.7 ms/row at 128 on 2 cores)
         ct_batch = max(self.cfg.batch_size, 128)
+        noise_std = None
+        if pairs_by_rel:  # ROME: 3 x the std of the subject tokens' embeddings, over every relation's subjects
+            from ..attribution._common import subject_embedding_std
+
+            every = [p for ps in pairs_by_rel.values() for p in ps["discovery"] + ps["held_out"]]
+            noise_std = 3.0 * float(subject_embedding_std(self.model, every))
 
         def trace(rel, pairs):
-            tr = causal_tracing(self.model, pairs[: self.cfg.causal_facts], kinds=("mlp",), roles=["subject_last"],
-                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=ct_batch)
-            arr = tr.scores.per_prompt_array("mlp_out")  # [n_facts, n_layers, n_pos]
-            return {"mlp_ie_subject_last": [arr[i][:, pairs[i].subject_span[1] - 1].tolist()
-                                            for i in range(arr.shape[0])]}
+            traced = (pairs["discovery"] + pairs["held_out"])[: self.cfg.causal_facts]
+            tr = causal_tracing(self.model, traced, kinds=("mlp", "attn"), roles=["subject_last"],
+                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=ct_batch,
+                                noise_std=noise_std)
+            out = {}
+            for kind, comp in (("mlp", "mlp_out"), ("attn", "attn_out")):
+                arr = tr.scores.per_prompt_array(comp)  # [n_facts, n_layers, n_pos]
+                out[f"{kind}_ie_subject_last"] = [arr[i][:, traced[i].subject_span[1] - 1].tolist()
+                                                  for i in range(arr.shape[0])]
+            return out
 
         def run():
             per_rel = self._relations_loop(pairs_by_rel.items(), "causal tracing (MLP, last subject token)", trace)
-            full = [ps[0] for ps in pairs_by_rel.values()][: self.cfg.causal_full_facts]
+            full = [ps["discovery"][0] for ps in pairs_by_rel.values()][: self.cfg.causal_full_facts]
             summary = None
             if full:
                 tr = causal_tracing(self.model, full, kinds=("states", "mlp", "attn"), n_samples=self.cfg.causal_samples,
-                                    seed=self.cfg.seed, batch_size=ct_batch)
+                                    seed=self.cfg.seed, batch_size=ct_batch, noise_std=noise_std)
                 summary = tr.summary()
                 summary["states_table"] = tr.by_class("states").tolist()
                 summary["prompts"] = [p.clean_prompt for p in full]
@@ -295,12 +311,16 @@ class Run:
 
         def run():
             val = validation["relations"]
-            ctx = {"n_resamples": 2000, "relation": "all"}
+            ctx: dict = {"n_resamples": 2000, "relation": "all"}
             ids = []
-            ie = [row for c in causal["relations"].values() for row in c["mlp_ie_subject_last"]]
-            if len(ie) >= 2:  # pooled over relations: ROME's claim is about factual recall in general
-                ctx["mlp_indirect_effect"] = np.asarray(ie)
+            mlp = [row for c in causal["relations"].values() for row in c.get("mlp_ie_subject_last", [])]
+            attn = [row for c in causal["relations"].values() for row in c.get("attn_ie_subject_last", [])]
+            not_run = {}
+            if len(mlp) >= 2 and len(attn) == len(mlp):  # pooled over relations: ROME's claim is about recall
+                ctx["mlp_ie"], ctx["attn_ie"] = np.asarray(mlp), np.asarray(attn)
                 ids.append("early_site_mlp")
+            else:
+                not_run["early_site_mlp"] = "fewer than 2 facts traced with MLP and attention restored"
             if val:
                 two = {r: v for r, v in val.items() if len(v["attn_block_drop_upper"]) >= 2}
                 if two:
@@ -312,35 +332,32 @@ class Run:
                 if f5:
                     ctx["faithfulness_at_5pct"] = f5
                     ids.append("sparsity")
-            circ = {r: [n["id"] for n in c["circuit"]["nodes"] if not n["id"].startswith(("logit", "embed"))]
-                    for r, c in circuits["relations"].items()}
-            if len(circ) >= 2:
-                ctx["circuits"] = circ
-                ctx["node_universe"] = sorted({u for v in val.values() for u in v["universe"]})
+            halves = {}
+            for r, c in circuits["relations"].items():
+                if c.get("halves") and r in val:  # inert nodes (no attribution) cannot be in a half; drop if any
+                    uni = set(val[r]["universe"])
+                    halves[r] = tuple([i for i in h if i in uni] for h in c["halves"])
+            if len(halves) >= 2:
+                ctx["circuit_halves"] = halves
+                ctx["relation_universe"] = {r: val[r]["universe"] for r in halves}
                 ids.append("shared_mechanism")
-            not_run = {}
-            fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
-            drops = {r: np.asarray(v["feature_ablation_drop"]) for r, v in fval.items()
-                     if len(v.get("feature_ablation_drop", [])) >= 2}
-            flips = {r: np.asarray(v["steering_flips"]) for r, v in fval.items()
-                     if "steering_flips" in v and "steering_random_flips" in v}
-            if len(drops) >= 2:  # pooled over relations too: a few prompts per relation give a weak test
-                drops["all"] = np.concatenate(list(drops.values()))
-            if drops:
-                ctx["feature_ablation_drop"] = drops
-            if flips:
-                base = {r: np.asarray(fval[r]["steering_random_flips"]) for r in flips}
-                if len(flips) >= 2:
-                    flips["all"] = np.concatenate(list(flips.values()))
-                    base["all"] = np.concatenate(list(base.values()))
-                ctx["steering_flips"] = flips
-                ctx["steering_baseline_rate"] = base
-            if drops or flips:
+            else:
+                not_run["shared_mechanism"] = "fewer than 2 relations with split-half circuits (>= 4 discovery facts)"
+            fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items() if c.get("validation")}
+            keys = ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
+                    "steering_random_flip_rate")
+            for pair in (keys[:2], keys[2:]):  # only relations that have both halves of a paired comparison
+                both = [r for r, v in fval.items() if all(len(v.get(k) or []) >= 1 for k in pair)]
+                for k in pair:
+                    if both:
+                        ctx[k] = {r: np.asarray(fval[r][k], dtype=float) for r in both}
+            if any(k in ctx for k in keys):
+                ctx["steering_random_draws"] = self.cfg.steer_random
                 ids.append("features_matter")
             elif features is None:
                 not_run["features_matter"] = "feature circuits were not built (features = false)"
             else:
-                not_run["features_matter"] = "no relation had >= 2 discovery prompts with circuit features"
+                not_run["features_matter"] = "no relation had held-out prompts with circuit features"
             df = run_hypotheses(ctx, ids=ids, seed=self.cfg.seed, on_error="record")
             write_hypotheses_csv(df, self.out_dir / "hypotheses.csv")
             return {"rows": json.loads(df.to_json(orient="records")), "not_run": not_run}

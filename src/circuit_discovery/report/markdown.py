@@ -8,15 +8,17 @@ unknown keys are ignored, absent sections are omitted):
 ``model``        str, or a dict (``name``/``model_name`` plus any scalar config such as ``n_layers``)
 ``created``      str timestamp
 ``run_dir``/``config``  str / dict of scalar settings, shown as a small table
-``relations``    list of row dicts: ``name``, ``n_facts``, ``n_known``, ``circuit_size``,
-                 ``faithfulness``, ``cpr``, ``cmd``, ``top_nodes`` (list of str or node dicts with
-                 ``label``/``id``), ``verdicts`` (dict hypothesis -> verdict, list, or str)
+``relations``    list of row dicts: ``name``, ``n_facts``, ``n_known``, ``n_split``, ``held_out_f``,
+                 ``random_p``, ``node_share``, ``validated``, ``faithfulness``, ``cpr``, ``top_nodes``
+                 (list of str or node dicts with ``label``/``id``), ``verdicts`` (dict hypothesis -> verdict,
+                 list, or str)
 ``sections``     list of dicts (or dict name -> dict) per relation: ``name``/``relation``, ``text``,
                  ``metrics`` (dict), ``figures`` (list of path strings or ``{"path", "caption"}``;
                  absolute paths are rewritten relative to ``out_dir``)
 ``hypotheses``   list of row dicts (``id``, ``statement``, ``statistic``, ``p_value``, ``p_adjusted``,
                  ``effect_size``, ``verdict``, ...); columns are the union of scalar keys
 ``timings``      dict stage -> seconds
+``definitions``  list of str printed under the relations table (what each column means)
 ``notes``        list of str
 ``files``        list of relative paths (or dict name -> path) of other outputs to link
 
@@ -40,10 +42,13 @@ RELATION_COLUMNS = [
     ("name", "relation"),
     ("n_facts", "facts"),
     ("n_known", "known"),
-    ("circuit_size", "circuit size"),
-    ("faithfulness", "faithfulness"),
-    ("cpr", "CPR"),
-    ("cmd", "CMD"),
+    ("n_split", "discovery / held out"),
+    ("held_out_f", "held-out f [95% CI]"),
+    ("random_p", "matched random p (draws)"),
+    ("node_share", "nodes (% of non-inert)"),
+    ("validated", "validated"),
+    ("faithfulness", "in-sample f"),
+    ("cpr", "held-out CPR"),
     ("top_nodes", "top nodes"),
     ("verdicts", "verdicts"),
 ]
@@ -218,10 +223,11 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
                     v = _verdicts(v)
                 row.append(v)
             rows.append(row)
-        align = ["l", "r", "r", "r", "r", "r", "r", "l", "l"]
+        align = ["l", "r", "r", "r", "r", "r", "r", "l", "r", "r", "l", "l"]
         lines += ["## Relations", "", markdown_table([h for _, h in RELATION_COLUMNS], rows, align), ""]
-        if any(isinstance(r, Mapping) and ("cpr" in r or "cmd" in r) for r in relations):
-            lines += ["CPR: circuit performance ratio; CMD: circuit–model difference.", ""]
+        definitions = summary.get("definitions")
+        if definitions:
+            lines += [f"- {d}" for d in ([definitions] if isinstance(definitions, str) else definitions)] + [""]
 
     for sec in _sections(summary.get("sections")):
         name = sec.get("name") or sec.get("relation") or "relation"
