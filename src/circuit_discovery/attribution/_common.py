@@ -39,14 +39,21 @@ class PairInputs:
         return self.clean.mask.sum(1).tolist()
 
     @classmethod
-    def from_pairs(cls, model, pairs, noise_scale: float = 3.0, seed: int = 0) -> "PairInputs":
+    def from_pairs(cls, model, pairs, noise_scale: float = 3.0, seed: int = 0,
+                   noise_std: float | None = None) -> "PairInputs":
+        """Batches of ``pairs``. Pairs with ``corruption="noise"`` get Gaussian noise on their subject embeddings
+        with standard deviation ``noise_std`` (absolute) or, by default, ``noise_scale`` x the std of the subject
+        tokens' embeddings of ``pairs`` (ROME; :func:`subject_embedding_std`)."""
         pairs = list(pairs)
         check_pairs(pairs)
         clean = batch_from_pairs(model, pairs)
         corrupted = batch_from_pairs(model, pairs, corrupted=True)
         noise = None
         if any(p.corruption == "noise" for p in pairs):
-            std = embedding_std(model)
+            if noise_std is None:
+                std = subject_embedding_std(model, pairs)
+            else:
+                std, noise_scale = _check_noise_std(noise_std), 1.0
             gen = torch.Generator().manual_seed(seed)
             b, n = clean.tokens.shape
             noise = torch.zeros(b, n, model.cfg.d_model, dtype=model.dtype)
@@ -85,14 +92,55 @@ def check_pairs(pairs) -> None:
                              f"({len(p.clean_tokens)} vs {len(p.corrupted_tokens)}); rebuild with build_pairs")
 
 
-def as_inputs(model, pairs_or_inputs, noise_scale: float = 3.0, seed: int = 0) -> PairInputs:
+def as_inputs(model, pairs_or_inputs, noise_scale: float = 3.0, seed: int = 0,
+              noise_std: float | None = None) -> PairInputs:
     if isinstance(pairs_or_inputs, PairInputs):
         return pairs_or_inputs
-    return PairInputs.from_pairs(model, pairs_or_inputs, noise_scale=noise_scale, seed=seed)
+    return PairInputs.from_pairs(model, pairs_or_inputs, noise_scale=noise_scale, seed=seed, noise_std=noise_std)
+
+
+def _check_noise_std(noise_std) -> float:
+    v = float(noise_std)
+    if not (v > 0 and v < float("inf")):
+        raise InputError(f"noise_std must be a positive finite number, got {noise_std!r}")
+    return v
+
+
+def subject_token_ids(pairs) -> list[int]:
+    """Token ids of every subject token of ``pairs`` (``clean_tokens[subject_span]``), in order, repeats kept."""
+    ids: list[int] = []
+    for p in pairs:
+        s, e = p.subject_span
+        if not 0 <= s < e <= len(p.clean_tokens):
+            raise InputError(f"pair {getattr(p, 'clean_prompt', p)!r}: subject span {(s, e)} outside its "
+                             f"{len(p.clean_tokens)} tokens; rebuild the pair with build_pairs")
+        ids.extend(int(t) for t in p.clean_tokens[s:e])
+    return ids
+
+
+def subject_embedding_std(model, pairs_or_ids) -> float:
+    """ROME's noise unit: the standard deviation of the subject tokens' embeddings over a dataset.
+
+    ROME (``collect_embedding_std``) embeds every subject of the traced dataset and takes the std of all the
+    values together; the corruption noise is 3 x that. ``pairs_or_ids``: FactPairs (their subject tokens, as
+    tokenised in the prompt, repeats kept: one entry per subject token of each pair) or a flat list of token
+    ids. Embeddings are taken as ``hook_embed`` sees them (Gemma's sqrt(d_model) scale included), which is
+    where the noise is added. Needs at least two values (always true for d_model >= 2).
+    """
+    items = list(pairs_or_ids)
+    if not items:
+        raise InputError("no subject tokens to take the embedding std of: pass a non-empty list of pairs")
+    ids = subject_token_ids(items) if hasattr(items[0], "subject_span") else [int(t) for t in items]
+    if not ids:
+        raise InputError("the pairs have no subject tokens (empty subject spans)")
+    with torch.no_grad():
+        e = model.embed(torch.tensor([ids], dtype=torch.long))[0].double()  # [n_tokens, d_model]
+    return float(e.std())
 
 
 def embedding_std(model) -> float:
-    """Standard deviation of the model's token embeddings as ``hook_embed`` sees them (scale included)."""
+    """Standard deviation of the model's whole token-embedding matrix as ``hook_embed`` sees them (scale
+    included). Kept for reference; ROME's noise unit is :func:`subject_embedding_std`."""
     cached = getattr(model, "_frc_embedding_std", None)
     if cached is not None:  # 168M embedding values on Gemma 3: compute once per model
         return cached

@@ -1,9 +1,13 @@
 """Causal tracing as in ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT").
 
 For each fact: the clean run gives ``p_clean``, the probability of the answer's first token at the last
-position. The corrupted run adds Gaussian noise with standard deviation ``noise_scale`` x (the std of the
-model's token embeddings as ``hook_embed`` sees them) to the subject tokens' embeddings; ``n_samples`` seeded
-noise draws give ``p_corrupted`` (their mean). Then, in each noised run, one node is restored to its clean value:
+position. The corrupted run adds Gaussian noise with standard deviation ``noise_scale`` x sigma_subj to the
+subject tokens' embeddings, where sigma_subj is the std of the embeddings of the subject tokens of the traced
+facts (as ``hook_embed`` sees them; ROME's ``collect_embedding_std`` with ``noise_level = 3 x std``,
+:func:`~._common.subject_embedding_std`) — not of the whole vocabulary. ``noise_std`` gives the absolute noise
+std instead (e.g. sigma computed once over every relation's subjects when tracing relation by relation).
+``n_samples`` (default 10, as ROME) seeded noise draws give ``p_corrupted`` (their mean). Then, in each noised
+run, one node is restored to its clean value:
 
 * ``states``: the hidden state after layer ``l`` (``blocks.{l}.hook_resid_post``) at one position;
 * ``mlp`` / ``attn``: the MLP / attention outputs of a window of ``window`` layers centred on ``l`` at one
@@ -27,7 +31,7 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..metrics import PromptBatch, make_batch
-from ._common import PairInputs, embedding_std
+from ._common import PairInputs, _check_noise_std, cached_run, subject_embedding_std
 from .nodes import Node
 from .patching import Patch, patch_runs, window_layers
 from .scores import Scores
@@ -101,6 +105,16 @@ class CausalTrace:
                 out[c] = np.mean(rows, axis=0)
         return out
 
+    def at_subject_last(self, kind: str) -> np.ndarray:
+        """Indirect effect at each fact's last subject token [n_facts, n_layers] of ``kind`` (``states``/``mlp``/
+        ``attn``): ``scores.per_prompt_array(KINDS[kind])[f, :, subject_span[f][1] - 1]``."""
+        if kind not in KINDS:
+            raise InputError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        if KINDS[kind] not in self.scores.components():
+            raise InputError(f"kind {kind!r} was not traced; pass it in kinds=")
+        arr = self.scores.per_prompt_array(KINDS[kind])  # [n_facts, n_layers, n_pos]
+        return np.stack([arr[f][:, e - 1] for f, (_, e) in enumerate(self.spans)])
+
     def summary(self) -> dict:
         """Average total effect, and per kind the class x layer table and its peak."""
         out = {"n_facts": int(self.p_clean.shape[0]), "window": self.window, "n_samples": self.n_samples,
@@ -121,15 +135,34 @@ class CausalTrace:
         return plot_causal_trace(self, path, title)
 
 
+def subject_noise(pairs, n_samples: int, d_model: int, sigma: float, seed: int = 0,
+                  n_pos: int | None = None) -> Tensor:
+    """The corruption of :func:`causal_tracing`: ``[n_facts * n_samples, n_pos, d_model]`` float64, row
+    ``f * n_samples + k`` = sample ``k`` of fact ``f``; N(0, sigma^2) on the fact's subject positions, exactly 0
+    elsewhere. Deterministic for ``seed``."""
+    n_pos = max(len(p.clean_tokens) for p in pairs) if n_pos is None else n_pos
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.zeros(len(pairs) * n_samples, n_pos, d_model, dtype=torch.float64)
+    for i, p in enumerate(pairs):
+        s, e = p.subject_span
+        token_classes(len(p.clean_tokens), (s, e))  # validates the span
+        for k in range(n_samples):
+            noise[i * n_samples + k, s:e] = torch.randn(e - s, d_model, generator=gen, dtype=torch.float64)
+    return sigma * noise
+
+
 def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "attn"), n_samples: int = 10,
                    noise_scale: float = 3.0, window: int | None = None, seed: int = 0, batch_size: int = 64,
-                   layers: Sequence[int] | None = None, roles: Sequence[str] | None = None) -> CausalTrace:
+                   layers: Sequence[int] | None = None, roles: Sequence[str] | None = None,
+                   noise_std: float | None = None) -> CausalTrace:
     """Trace every (layer, position) of each fact pair's clean prompt (see the module docstring).
 
     ``pairs``: FactPairs (only the clean prompt, subject span and answer are used). Cost: ``n_facts x n_samples
     x n_pos x n_layers x len(kinds)`` restored rows, each starting at its lowest restored layer. ``roles`` (e.g.
     ``["subject_last"]``) restricts the restored positions to those token roles of each pair (the others are
-    NaN), which divides the cost by about the prompt length.
+    NaN), which divides the cost by about the prompt length. ``noise_std``: absolute std of the subject noise
+    (default ``noise_scale`` x :func:`~._common.subject_embedding_std` of ``pairs``). Noise draws depend only on
+    ``seed`` and the pairs (same seed, same pairs: same result).
     """
     pairs = list(pairs)
     if not pairs:
@@ -142,20 +175,19 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
     n_layers = model.cfg.n_layers
     window = default_window(n_layers) if window is None else window
     layers = list(range(n_layers)) if layers is None else list(layers)
-    std = embedding_std(model)
-    gen = torch.Generator().manual_seed(seed)
+    if noise_std is None:
+        emb_std = subject_embedding_std(model, pairs)
+        sigma = noise_scale * emb_std
+    else:
+        sigma = _check_noise_std(noise_std)
+        emb_std = sigma / noise_scale if noise_scale else float("nan")
     # every (fact, sample) is one "prompt": the clean tokens, with its own noise on the subject
     toks = [list(p.clean_tokens) for p in pairs for _ in range(n_samples)]
     answers = [[p.answer_tokens[0]] for p in pairs for _ in range(n_samples)]
     batch = make_batch(model, toks, answers)
     n_rows, n_pos = batch.tokens.shape
-    noise = torch.zeros(n_rows, n_pos, model.cfg.d_model, dtype=torch.float64)
-    for i, p in enumerate(pairs):
-        s, e = p.subject_span
-        token_classes(len(p.clean_tokens), (s, e))  # validates the span
-        for k in range(n_samples):
-            noise[i * n_samples + k, s:e] = torch.randn(e - s, model.cfg.d_model, generator=gen, dtype=torch.float64)
-    noise = (noise_scale * std * noise).to(model.dtype).to(model.device)
+    noise = subject_noise(pairs, n_samples, model.cfg.d_model, sigma, seed, n_pos=n_pos)
+    noise = noise.to(model.dtype).to(model.device)
     inputs = PairInputs(batch, batch, noise, [[]] * n_rows, [[]] * n_rows)
 
     nodes: list[Node] = []
@@ -179,13 +211,15 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
                     for k in range(n_samples):
                         variants.append((f * n_samples + k, ps_of(pos)))
                         where.append((f, j))
-    from ._common import cached_run
-
-    p_clean_rows, _ = cached_run(model, inputs, "clean", [], answer_prob)
-    p_corr_rows, _ = cached_run(model, inputs, "corrupted", [], answer_prob)
+    # one clean and one noised run give both the unrestored probabilities and the caches of the restored runs
+    hooks = sorted({p.hook for _, ps in variants for p in ps})
+    p_corr_rows, base_cache = cached_run(model, inputs, "corrupted",
+                                         [f"blocks.{l}.hook_resid_pre" for l in range(n_layers)], answer_prob)
+    p_clean_rows, src_cache = cached_run(model, inputs, "clean", hooks, answer_prob)
     p_clean = p_clean_rows.double().cpu().view(len(pairs), n_samples)[:, 0]
     p_corr = p_corr_rows.double().cpu().view(len(pairs), n_samples).mean(1)
-    m = patch_runs(model, inputs, variants, direction="denoising", metric=answer_prob, batch_size=batch_size)
+    m = patch_runs(model, inputs, variants, direction="denoising", metric=answer_prob, batch_size=batch_size,
+                   caches=(base_cache, src_cache)) if variants else torch.empty(0, dtype=torch.float64)
     acc = torch.zeros(len(pairs), len(nodes), dtype=torch.float64)
     cnt = torch.zeros_like(acc)
     for (f, j), v in zip(where, m.tolist()):
@@ -195,10 +229,12 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
     tokens = [[model.tokenizer.decode([t]) for t in p.clean_tokens] for p in pairs]
     scores = Scores(nodes=nodes, values=values, tokens=tokens, roles=[list(p.roles) for p in pairs],
                     clean_metric=p_clean, corrupted_metric=p_corr, method="causal_tracing", metric="prob",
-                    meta={"window": window, "n_samples": n_samples, "noise_scale": noise_scale, "noise_std": std,
+                    meta={"window": window, "n_samples": n_samples, "noise_scale": noise_scale, "noise_std": sigma,
+                          "embedding_std": emb_std, "noise_std_source": "subject_tokens" if noise_std is None
+                          else "given",
                           "seed": seed, "states_hook": "resid_post", "window_align": "center"})
     return CausalTrace(scores, p_clean, p_corr, [tuple(p.subject_span) for p in pairs], window, n_samples,
-                       noise_scale * std, [p.clean_prompt for p in pairs])
+                       sigma, [p.clean_prompt for p in pairs])
 
 
 def plot_causal_trace(trace: CausalTrace, path: str | os.PathLike | None = None, title: str | None = None):
