@@ -69,18 +69,22 @@ def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, 
     return f"graphs/{path.name}"
 
 
+class _Skip(Exception):
+    pass
+
+
 def _forced(ids: Sequence[str]) -> list[str]:
     """The nodes pruning always keeps (embeddings): a random circuit keeps them too."""
     return [i for i in ids if i.startswith("embed/")]
 
 
 def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], cfg: RunConfig, seed: int,
-                       forced: Sequence[str] | None = None, baselines: bool = True) -> dict:
+                       forced: Sequence[str] | None = None, baselines: bool | Sequence[str] = True) -> dict:
     """Validation of the circuit ``ids`` with evaluator ``ev`` (component or feature circuits alike, on the prompts
     the evaluator holds): faithfulness with a bootstrap interval over prompts, the share of the non-inert nodes
     the circuit uses, the node-level faithfulness curve (CPR/CMD) over the non-inert nodes, f at small fractions
     of them, and the baselines (matched random circuits, random subsets of the top-ranked nodes, every
-    last-token node; ``baselines=False`` skips them). Faithfulness values are ``None`` where |m(N) - m(empty)| <
+    last-token node: ``baselines`` True runs ``cfg.baselines``, a list runs those, False none). Faithfulness values are ``None`` where |m(N) - m(empty)| <
     ``cfg.min_metric_gap``.
 
     The matched baseline keeps the circuit's count per (component, layer, role), so an MLP or attention layer, alone
@@ -112,26 +116,32 @@ def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], cfg: RunCo
                     "faithfulness": [float(x) for x in curve.faithfulness]}
     out["faithfulness_at"] = {str(k): float(v) for k, v in ev.faithfulness_at(ranked, m_full=mf, m_empty=me).items()}
     out.update(none)
-    if not baselines:
+    which = set(cfg.baselines if baselines is True else (baselines or ()))
+    if "matched" not in which:
         return out
     base = ev.matched_random_baseline(ids, forced=forced, n_samples=cfg.n_random, seed=seed, m_full=mf, m_empty=me)
     out.update({"random_p": float(base.p_value), "random_z": float(base.z),
                 "random_mean": float(np.mean(base.null_faithfulness)), "random_draws": int(base.n_samples),
                 "random_null_zero_share": float(base.null_zero_share), "random_min_p": float(base.min_p_attainable)})
-    role = ev.matched_random_baseline(ids, forced=forced, n_samples=cfg.n_random, seed=seed + 1, m_full=mf,
-                                      m_empty=me, stratum="component_role")
-    out.update({"role_random_p": float(role.p_value), "role_random_mean": float(np.mean(role.null_faithfulness))})
+    if "component_role" in which:
+        role = ev.matched_random_baseline(ids, forced=forced, n_samples=cfg.n_random, seed=seed + 1, m_full=mf,
+                                          m_empty=me, stratum="component_role")
+        out.update({"role_random_p": float(role.p_value), "role_random_mean": float(np.mean(role.null_faithfulness))})
     try:
+        if "top_m" not in which:
+            raise _Skip("not asked for")
         topm = ev.topm_random_baseline(ids, ranked, forced=forced, n_samples=cfg.n_random, seed=seed + 2, m_full=mf,
                                        m_empty=me)
         out.update({"topm_p": float(topm.p_value), "topm_mean": float(np.mean(topm.null_faithfulness))})
-    except CircuitDiscoveryError as e:  # the ranking has fewer than 2 |C| nodes: no top-M null
+    except (CircuitDiscoveryError, _Skip) as e:  # the ranking has fewer than 2 |C| nodes: no top-M null
         log.info("top-M baseline skipped: %s", e)
     try:
+        if "last_token" not in which:
+            raise _Skip("not asked for")
         last = ev.role_circuit("last", forced=forced)
         out["last_token_faithfulness"] = float(faithfulness(ev.metric_of([last])[0], mf, me))
         out["last_token_size"] = len(last)
-    except CircuitDiscoveryError as e:
+    except (CircuitDiscoveryError, _Skip) as e:
         log.info("last-token baseline skipped: %s", e)
     return out
 

@@ -28,6 +28,10 @@ MINIMUMS = (
 )
 
 
+#: held-out baselines a run can compute (``RunConfig.baselines``)
+BASELINES = ("matched", "component_role", "top_m", "last_token")
+
+
 @dataclass
 class RunConfig:
     model: str | None = None            # None: the built-in gemma-3-270m
@@ -59,6 +63,9 @@ class RunConfig:
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
     ablation: str = "corrupted"         # outside the circuit: "corrupted", "mean" or "zero"
     n_random: int = 100                 # random circuits per baseline (smallest p = 1/101 < 0.01)
+    baselines: list[str] = field(default_factory=lambda: ["matched", "top_m", "last_token"])  # held-out baselines of
+                                        # component circuits; "component_role" adds random circuits matched on
+                                        # (component, role) only (tests the choice of layers; 100 more evaluations)
     min_metric_gap: float = 0.5         # |m(N) - m(empty)| below this (logits): faithfulness is degenerate, not reported
     graphs_per_relation: int = 2        # per-prompt Neuronpedia graphs exported per relation
     causal_facts: int = 2               # facts per relation traced ROME-style (MLP and attention, last subject token)
@@ -89,6 +96,9 @@ class RunConfig:
         n = self.sae_corpus_sequences
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ConfigError(f"sae_corpus_sequences must be a positive integer or left out, got {n!r}")
+        bad = sorted(set(self.baselines) - set(BASELINES))
+        if isinstance(self.baselines, str) or bad:
+            raise ConfigError(f"baselines must be a list of {', '.join(BASELINES)}; got {self.baselines!r}")
         files = self.sae_text_files
         if isinstance(files, str) or not all(isinstance(f, str) for f in files):
             raise ConfigError(f"sae_text_files must be a list of file paths, got {files!r}")
@@ -103,7 +113,7 @@ class RunConfig:
         return dataclasses.replace(self, max_facts=min(self.max_facts, self.quick_facts),
                                    held_out_facts=min(self.held_out_facts, self.quick_held_out), patching_facts=1,
                                    n_random=min(self.n_random, 100), graphs_per_relation=1, causal_facts=1,
-                                   causal_samples=min(self.causal_samples, 4),
+                                   causal_samples=self.causal_samples,
                                    causal_full_facts=0, sae_training_tokens=min(self.sae_training_tokens, 10_240),
                                    sae_eval_tokens=0, feature_facts=min(self.feature_facts, 2),
                                    feature_nodes=min(self.feature_nodes, 64),
