@@ -155,12 +155,13 @@ def test_prune_graph_keeps_minimal_influence_set_and_is_consistent(seed):
     graph = random_dag_graph(seed, n_layers=4, feats_per_layer=4)
     res = prune_graph(graph, node_threshold=0.8, edge_threshold=0.98)
     infl = brute_force_influence(graph)
-    order = np.sort(infl[infl > 0])[::-1]
+    kinds = np.array([nd.kind for nd in graph.nodes])
+    always = np.isin(kinds, ["embedding", "logit"])
+    droppable = infl[~always]  # the share is taken over the nodes pruning may drop
+    order = np.sort(droppable[droppable > 0])[::-1]
     k = int(np.searchsorted(np.cumsum(order) / order.sum(), 0.8 - 1e-12))
     oracle = infl >= order[k]
     keep = res.node_mask.numpy()
-    kinds = np.array([nd.kind for nd in graph.nodes])
-    always = np.isin(kinds, ["embedding", "logit"])
     assert keep[always].all()
     assert not (keep & ~(oracle | always)).any(), "kept a node outside the influence threshold set"
     em = res.edge_mask.numpy()
@@ -205,7 +206,10 @@ def test_chain_prunes_to_expected_circuit():
     # influences 1.0 (emb), .75, .75 of total 2.5: 0.5 share needs emb + one .75 node; ties keep both
     assert res.node_mask.tolist() == [True, True, True, True]
     res = prune_graph(g, node_threshold=0.0, edge_threshold=0.5)
-    # only the top node (emb) passes the node threshold; features are dropped
+    # the share is taken over the droppable nodes (the two features, tied at .75): the top one passes, ties keep both
+    assert res.node_mask.tolist() == [True, True, True, True]
+    res = prune_graph(g, node_threshold=1.0, edge_threshold=0.5, min_node_influence=0.8)
+    # features below the absolute cut are dropped; the embedding and logit always stay
     assert res.node_mask.tolist() == [True, False, False, True]
     assert res.edge_mask.nonzero().tolist() == [[3, 0]]
 

@@ -145,7 +145,9 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_thres
         min_edge_score: additionally require ``edge score >= min_edge_score``.
         keep_errors: always keep error nodes (circuit-tracer does not).
 
-    All criteria are intersected. Embedding and logit nodes are always kept.
+    All criteria are intersected. Embedding and logit nodes are always kept, and the node threshold's share is
+    taken over the other nodes (circuit-tracer takes it over all nodes; then, when the embeddings hold much of the
+    influence, a true carrier can fall below the cut: ``tests/unit/test_planted.py``).
     """
     _check_fraction("node_threshold", node_threshold)
     _check_fraction("edge_threshold", edge_threshold)
@@ -158,7 +160,9 @@ def prune_graph(graph: AttributionGraph, node_threshold: float = 0.8, edge_thres
     intermediate = graph.kind_mask("intermediate")
     need_out = graph.kind_mask("intermediate", "error") & ~always
 
-    node_mask = infl >= find_threshold(infl, node_threshold)
+    # the share is over the nodes pruning can drop: the always-kept embeddings' influence does not count, or a
+    # carrier could fall below the threshold because the embeddings hold much of the total (planted-circuit test)
+    node_mask = infl >= find_threshold(infl[~always], node_threshold) if bool((~always).any()) else always.clone()
     if top_n is not None:
         cand = (~always).nonzero().flatten()
         order = cand[torch.argsort(infl[cand], descending=True, stable=True)]
