@@ -74,7 +74,7 @@ def _halves_ctx(rng, n_rel=6, planted=None, n_random=B):
     halves = {f"rel{i}": (_circuit(rng, planted.get(f"rel{i}", ())), _circuit(rng, planted.get(f"rel{i}", ())))
               for i in range(n_rel)}
     return {"circuit_halves": halves, "relation_universe": {r: UNIVERSE for r in halves},
-            "n_random_circuits": n_random}
+            "n_random_circuits": n_random, "relation_specificity": True}
 
 
 SHARED_HEADS = ("head/L9/I3/last", "head/L10/I5/last", "head/L11/I0/last", "head/L8/I6/last")
@@ -384,6 +384,14 @@ def test_relation_specificity_detects_relation_specific_heads_and_shared_row_fai
         spec_ok += spec.verdict == "supported" and spec.effect > 0
         assert shared.verdict == "not supported" and shared.effect < 0  # relations avoid each other's heads
     assert spec_ok >= 4
+
+
+def test_relation_specificity_is_opt_in():
+    """Not run unless asked: on random-weights models it is supported in every seed (template overlap)."""
+    ctx = _halves_ctx(np.random.default_rng(0), n_rel=4)
+    ctx.pop("relation_specificity")
+    df = run_hypotheses(ctx, ids=["shared_mechanism"])
+    assert list(df.statistic) == ["shared_overlap_share_between_vs_within_stratified_null"]
 
 
 def test_shared_mechanism_input_errors():

@@ -708,7 +708,9 @@ class _SharedMechanism(Hypothesis):
         out = [TestResult.from_outcome(self.id, "all", TestOutcome(
             statistic=stat, effect=effect, p_value=p, n=n_rel, null_value=0.0, alternative="greater",
             details=details))]
-        if not legacy:
+        if not legacy and context.get("relation_specificity", False):
+            # opt-in: its label-permutation null ignores that circuits of one template overlap on any model
+            # (random-weights control: supported in 20 of 20 seeds; benchmarks/results/validation_controls.json)
             out.append(self._specificity(data, n_draws, rng))
         return out
 
