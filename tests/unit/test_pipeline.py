@@ -1,5 +1,6 @@
 """The end-to-end run on a tiny random model (every fact counts as known with a huge k)."""
 import json
+import math
 
 import pytest
 
@@ -165,3 +166,29 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, sig, after):
     assert res.returncode == 0, res.stderr
     for f in ("circuits.json", "metrics.json", "hypotheses.csv"):
         assert (out / f).read_text() == (ref / f).read_text(), f
+
+
+def test_refined_circuit_search_stays_in_budget_and_reaches_its_discovery_faithfulness():
+    """circuit_search="refine": the circuit is grown by exact ablation on the discovery pairs; it stays within its
+    budget of the non-inert nodes, keeps the embeddings, and its recorded discovery f is what the evaluator gives."""
+    from circuit_discovery import load_model
+    from circuit_discovery.facts import load_builtin
+    from circuit_discovery.pipeline.attribution_stage import relation_pairs
+    from circuit_discovery.pipeline.circuit_stage import circuit_for_relation
+    from circuit_discovery.validation.ablation import CircuitEvaluator
+
+    model = load_model("tiny-gemma3", device="cpu")
+    cfg = RunConfig(model="tiny-gemma3", circuit_search="refine", refine_budget=0.1, progress=False)
+    pairs = relation_pairs(model, list(load_builtin()["capital_city"]), cfg)
+    found = circuit_for_relation(model, "capital_city", pairs, cfg)
+    ids = [n["id"] for n in found["circuit"]["nodes"] if not n["id"].startswith("logit")]
+    ev = CircuitEvaluator(model, pairs["discovery"])
+    relevant = set(ev.relevant_universe)
+    grown = [i for i in ids if i in relevant and not i.startswith("embed/")]
+    assert 0 < len([i for i in ids if i in relevant]) <= math.ceil(0.1 * len(relevant))
+    assert all(i.startswith("embed/") or i in relevant for i in ids) and grown
+    assert found["info"]["circuit_search"] == "refine" and found["ranked"][: len(grown)] != []
+    f = ev.faithfulness([i for i in ids if i in set(ev.universe)])
+    assert f == pytest.approx(found["info"]["refine_discovery_faithfulness"], abs=1e-6)
+    with pytest.raises(Exception, match="circuit_search"):
+        RunConfig(circuit_search="greedy")

@@ -43,6 +43,11 @@ def circuit_for_relation(model, relation: str, pairs, cfg: RunConfig, graphs_dir
     reference of ``shared_mechanism``)."""
     disc, held = split_pairs(pairs)
     res = _circuit(model, relation, disc, cfg)
+    ranked = res.ranked_nodes()
+    refined = None
+    if cfg.circuit_search == "refine":
+        refined = refine(model, res, disc, cfg)
+        res.circuit, ranked = refined.pop("circuit"), refined["order"]
     graph_files = [export_graph(g, relation, f"-{i}", cfg, graphs_dir)
                    for i, g in enumerate(res.graphs[: cfg.graphs_per_relation] if graphs_dir is not None else [])]
     circuit = res.circuit
@@ -52,8 +57,45 @@ def circuit_for_relation(model, relation: str, pairs, cfg: RunConfig, graphs_dir
     if len(disc) >= 4:
         halves = [[n.id for n in _circuit(model, relation, disc[i::2], cfg).circuit.nodes
                    if not n.id.startswith(("logit", "embed"))] for i in (0, 1)]
-    return {"circuit": circuit.to_dict(), "info": res.info, "ranked": res.ranked_nodes(),
+    info = dict(res.info, circuit_search=cfg.circuit_search)
+    if refined is not None:
+        info.update({f"refine_{k}": v for k, v in refined.items() if k != "order"})
+    return {"circuit": circuit.to_dict(), "info": info, "ranked": ranked,
             "n_discovery": len(disc), "n_held_out": len(held), "halves": halves}
+
+
+def refine(model, res, disc: Sequence, cfg: RunConfig) -> dict:
+    """Greedy refinement of an EAP circuit by exact ablation on the discovery pairs
+    (:func:`~circuit_discovery.graph.refine.refine_circuit`, objective |1 - f|, up to ``cfg.refine_budget`` of the
+    non-inert nodes; the embeddings stay, as in pruning). Returns the refined circuit (the combined graph's nodes
+    and edges among the kept nodes), the full ranking and the refinement's record."""
+    import torch
+
+    from ..graph.circuit import Circuit
+    from ..graph.prune import PruneResult, compute_edge_influence, compute_node_influence
+    from ..graph.refine import refine_circuit
+    from ..validation.ablation import CircuitEvaluator
+
+    ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
+    relevant = set(ev.relevant_universe)
+    ranked = [i for i in res.ranked_nodes() if not i.startswith("logit")]
+    forced = [i for i in ranked if i.startswith("embed/") and i in relevant]
+    rr = refine_circuit(ev, ranked, budget_fraction=cfg.refine_budget, forced=forced, objective="distance")
+    g = res.combined
+    keep_ids = set(rr.nodes) | {nd.id for nd in g.nodes if nd.kind in ("logit", "embedding")}
+    node_mask = torch.tensor([nd.id in keep_ids for nd in g.nodes])
+    infl = compute_node_influence(g.adjacency, g.logit_weights())
+    pruned = g.adjacency.to(torch.float64).clone()
+    pruned[~node_mask] = 0
+    pruned[:, ~node_mask] = 0
+    edge_scores = compute_edge_influence(pruned, g.logit_weights())
+    edge_mask = (pruned != 0) & node_mask[:, None] & node_mask[None, :]
+    circuit = Circuit.from_graph(g, PruneResult(node_mask, edge_mask, infl, torch.zeros_like(infl), edge_scores),
+                                 name=res.circuit.name, relation=res.circuit.relation, facts=res.circuit.facts)
+    circuit.extra.update({k: v for k, v in res.circuit.extra.items() if k not in circuit.extra})
+    circuit.extra["circuit_search"] = "refine"
+    return {"circuit": circuit, "order": list(rr.order), "n_evaluations": int(rr.n_evaluations),
+            "discovery_faithfulness": float(rr.final_faithfulness), "size": len(rr.nodes)}
 
 
 def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, **kwargs) -> str:

@@ -58,6 +58,9 @@ class RunConfig:
     patching_facts: int = 1             # prompts per relation for the exact resid_pre patching heatmap
     granularity: str = "head"           # component circuits: attention heads ("head") or whole layers ("layer")
     component_method: str = "eap"       # edge scores: "eap" (one backward) or "eap-ig"
+    circuit_search: str = "eap"         # "eap": the influence-pruned graph; "refine": grow the circuit from the EAP
+                                        # ranking by exact ablation on the discovery facts (docs/circuit_search.md)
+    refine_budget: float = 0.1          # "refine": at most this share of the non-inert nodes
     ig_steps: int = 5                   # EAP-IG steps
     node_threshold: float = 0.8         # pruning: share of influence the kept nodes cover
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
@@ -96,6 +99,10 @@ class RunConfig:
         n = self.sae_corpus_sequences
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
             raise ConfigError(f"sae_corpus_sequences must be a positive integer or left out, got {n!r}")
+        if self.circuit_search not in ("eap", "refine"):
+            raise ConfigError(f"circuit_search must be 'eap' or 'refine', got {self.circuit_search!r}")
+        if not 0 < float(self.refine_budget) <= 1:
+            raise ConfigError(f"refine_budget must be in (0, 1], got {self.refine_budget!r}")
         bad = sorted(set(self.baselines) - set(BASELINES))
         if isinstance(self.baselines, str) or bad:
             raise ConfigError(f"baselines must be a list of {', '.join(BASELINES)}; got {self.baselines!r}")

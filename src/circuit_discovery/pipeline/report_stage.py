@@ -160,15 +160,17 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             "held-out faithfulness [95% bootstrap CI over prompts]": _f_ci(m.get("held_out_faithfulness"),
                                                                            m.get("held_out_ci"), m.get("degenerate")),
             "in-sample faithfulness (discovery facts)": m.get("faithfulness"),
-            "circuit nodes / non-inert nodes (held out)": f"{h.get('circuit_size')} / {h.get('n_universe')} "
-                                                          f"({_share(m)}; {h.get('n_inert')} inert nodes left out)",
+            "circuit nodes / non-inert nodes (held out)": (
+                f"{h.get('circuit_size')} / {h.get('n_universe')} ({_pct(m.get('node_share'))}; "
+                f"{h.get('n_inert')} inert nodes left out)"),
             "held-out f at 1 / 2 / 5 / 10 / 20% of the non-inert nodes": _at(h.get("faithfulness_at")),
             "node-level held-out CPR / CMD": f"{_fmt(h.get('cpr'))} / {_fmt(h.get('cmd'))}",
             "matched random circuits: mean f, p (draws), exact zeros": (
                 f"{_fmt(h.get('random_mean'))}, {_p_draws(h.get('random_p'), h.get('random_draws'))}, "
                 f"{_fmt(h.get('random_null_zero_share'))}"),
-            "random circuits matched on (component, role) only, other layers allowed: mean f, p": (
-                f"{_fmt(h.get('role_random_mean'))}, {_fmt(h.get('role_random_p'), 3)}"),
+            **({"random circuits matched on (component, role) only, other layers allowed: mean f, p": (
+                f"{_fmt(h.get('role_random_mean'))}, {_fmt(h.get('role_random_p'), 3)}")}
+               if h.get("role_random_p") is not None else {}),
             "random subsets of the top-ranked nodes: mean f, p": f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}",
             "every last-token node (+ embeddings): f": h.get("last_token_faithfulness"),
             "on another relation's facts: f": _cross(v.get("cross_relation")),
@@ -365,6 +367,10 @@ def _p_draws(p, draws) -> str:
 def _share(m: dict) -> str:
     s = m.get("node_share")
     return "—" if s is None else f"{m.get('circuit_size')} ({100 * s:.1f}%)"
+
+
+def _pct(x) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def _at(at) -> str:
