@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--relations", default=None, help="comma-separated relations (default: all built-in)")
     ap.add_argument("--profile", default=None, help="also write a cProfile of the run to this file")
+    ap.add_argument("--resume", action="store_true", help="reuse finished stages in --run-dir (their saved times count)")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -33,7 +34,8 @@ def main() -> None:
     run_dir = args.run_dir or tempfile.mkdtemp(prefix="frc_bench_")
     t0 = time.time()
     rels = args.relations.split(",") if args.relations else None
-    cfg = RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False, relations=rels)
+    cfg = RunConfig(model=args.model, quick=args.quick, out=run_dir, progress=False, relations=rels,
+                    resume=args.resume)
     if args.profile:
         import cProfile
 
@@ -44,7 +46,7 @@ def main() -> None:
         res = run_pipeline(cfg)
     total = time.time() - t0
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    out = {"quick": args.quick, "relations": rels, "threads": args.threads, "model": args.model or "gemma-3-270m", "total_s": round(total, 1),
+    out = {"quick": args.quick, "resumed": args.resume, "relations": rels, "threads": args.threads, "model": args.model or "gemma-3-270m", "total_s": round(total, 1),
            "stages_s": res.timings, "peak_rss_gb": round(peak_kb / 2**20, 2), "n_circuits": len(res.circuits),
            "run_dir": str(res.out_dir)}
     atomic_write_json(args.out, out)
