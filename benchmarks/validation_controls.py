@@ -311,18 +311,8 @@ def tiny_evaluators(seeds: Sequence[int], *, model: str = TINY, n_relations: int
 def permuted_halves(labels: Sequence[str], rng: np.random.Generator) -> dict[str, tuple[list[int], list[int]]]:
     """Relation labels permuted across facts, then each pseudo-relation's facts split in two random halves:
     ``{relation: (indices_a, indices_b)}`` (group sizes kept)."""
-    perm = list(labels)
-    order = rng.permutation(len(perm))
-    perm = [labels[i] for i in order]
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, r in enumerate(perm):
-        groups[r].append(i)
-    out = {}
-    for r, idx in groups.items():
-        idx = [idx[j] for j in rng.permutation(len(idx))]
-        h = len(idx) // 2
-        out[r] = (sorted(idx[:h]), sorted(idx[h:]))
-    return out
+    order = rng.permutation(len(labels))
+    return _true_halves([labels[i] for i in order], rng)
 
 
 def _half_circuit(graphs, pairs, idx: Sequence[int], name: str, **prune: Any) -> list[str]:
