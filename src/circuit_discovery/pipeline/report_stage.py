@@ -300,6 +300,20 @@ DEFINITIONS = [
 ]
 
 
+def _held_out_entry(h: dict) -> dict:
+    """The keys component and feature circuits share: held-out validation (``circuit_validation`` on held-out
+    prompts) under its metrics.json names."""
+    return {
+        "degenerate": bool(h.get("degenerate", True)), "node_share": h.get("node_share"),
+        "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"), "n_inert": h.get("n_inert"),
+        "cpr": h.get("cpr"), "cmd": h.get("cmd"), "curve": h.get("curve"), "faithfulness_at": h.get("faithfulness_at"),
+        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
+        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
+        "random_null_zero_share": h.get("random_null_zero_share"), "random_min_p": h.get("random_min_p"),
+        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"),
+    }
+
+
 def feature_metrics(v: dict, found: dict) -> dict:
     """The per-relation entry of metrics.json's ``feature_circuits`` (held-out numbers lead)."""
     h = v.get("held_out") or {}
@@ -308,12 +322,7 @@ def feature_metrics(v: dict, found: dict) -> dict:
         "faithfulness": v.get("faithfulness"), "faithfulness_live": v.get("faithfulness_live"),
         "held_out_faithfulness": v.get("held_out_faithfulness"), "held_out_ci": v.get("held_out_ci"),
         "held_out_faithfulness_live": v.get("held_out_faithfulness_live"), "held_out_ci_live": v.get("held_out_ci_live"),
-        "degenerate": bool(h.get("degenerate", True)), "node_share": h.get("node_share"),
-        "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"), "cpr": h.get("cpr"),
-        "cmd": h.get("cmd"), "curve": h.get("curve"), "faithfulness_at": h.get("faithfulness_at"),
-        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
-        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
-        "random_null_zero_share": h.get("random_null_zero_share"),
+        **_held_out_entry(h),
         "replacement_score": v.get("replacement_score"), "completeness_score": v.get("completeness_score"),
         "error_influence_share": v.get("error_influence_share"),
         "circuit_error_nodes": v.get("circuit_error_nodes"), "circuit_feature_nodes": v.get("circuit_feature_nodes"),
@@ -323,7 +332,7 @@ def feature_metrics(v: dict, found: dict) -> dict:
         **{k: v.get(k) for k in ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
                                  "steering_random_flip_rate")},
         "validated": is_validated(h), "n_discovery": found.get("n_discovery"), "n_held_out": v.get("n_held_out"),
-        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"), "ablation": v.get("ablation"),
+        "ablation": v.get("ablation"),
     }
 
 
@@ -334,20 +343,12 @@ def relation_metrics(v: dict) -> dict:
     return {
         "faithfulness": ins.get("faithfulness"), "faithfulness_ci": ins.get("ci"),
         "held_out_faithfulness": h.get("faithfulness"), "held_out_ci": h.get("ci"),
-        "held_out_per_prompt": h.get("per_prompt"), "degenerate": bool(h.get("degenerate", True)),
-        "node_share": h.get("node_share"), "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"),
-        "n_inert": h.get("n_inert"), "cpr": h.get("cpr"), "cmd": h.get("cmd"), "curve": h.get("curve"),
-        "faithfulness_at": h.get("faithfulness_at"),
-        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
-        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
-        "random_null_zero_share": h.get("random_null_zero_share"),
-        "random_min_p": h.get("random_min_p"), "role_random_baseline_p": h.get("role_random_p"),
-        "role_random_mean_faithfulness": h.get("role_random_mean"),
+        "held_out_per_prompt": h.get("per_prompt"), **_held_out_entry(h),
+        "role_random_baseline_p": h.get("role_random_p"), "role_random_mean_faithfulness": h.get("role_random_mean"),
         "topm_baseline_p": h.get("topm_p"), "topm_mean_faithfulness": h.get("topm_mean"),
-        "last_token_faithfulness": h.get("last_token_faithfulness"),
-        "in_sample_random_baseline_p": ins.get("random_p"), "in_sample_cpr": ins.get("cpr"),
+        "last_token_faithfulness": h.get("last_token_faithfulness"), "in_sample_cpr": ins.get("cpr"),
         "validated": bool(v.get("validated")), "n_discovery": v.get("n_discovery"), "n_held_out": v.get("n_held_out"),
-        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"), "ablation": v.get("ablation"),
+        "ablation": v.get("ablation"),
     }
 
 
