@@ -23,19 +23,17 @@ influence, ~0.14 of the L2 one's 0.55) is pruned (recall 2/3, precision still 1)
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 
 import pytest
 import torch
 
-from circuit_discovery.facts import build_pairs, load_builtin
 from circuit_discovery.graph.features import feature_circuit
-from circuit_discovery.metrics import batch_from_pairs, get_metric
 from circuit_discovery.models.arch import arch_for, get_module
 from circuit_discovery.models.hooked import HookedModel
 from circuit_discovery.sae import SAEConfig, create_sae
 from circuit_discovery.validation import curves
 from circuit_discovery.validation.features import FeatureCircuitEvaluator
+from tests.unit.test_planted import _gap, _pairs
 
 N_HEADS = 8
 N_LAYERS = 3
@@ -101,19 +99,6 @@ def _make_exact(model, tcs):
     for l, layer in enumerate(model._layers):
         layer.mlp.forward = (lambda x, l=l: fwd(x, l))
     return model
-
-
-def _pairs(model):
-    pairs = [p for p in build_pairs(load_builtin()["capital_city"], model.tokenizer)
-             if p.corruption == "subject_swap" and p.first_token_differs]
-    n = Counter(len(p.clean_tokens) for p in pairs).most_common(1)[0][0]
-    return [p for p in pairs if len(p.clean_tokens) == n]
-
-
-def _gap(model, pairs) -> torch.Tensor:
-    f = get_metric("logit_diff")
-    b, cb = batch_from_pairs(model, pairs), batch_from_pairs(model, pairs, corrupted=True)
-    return f(model, model.final_hidden(b.tokens, b.mask), b) - f(model, model.final_hidden(cb.tokens, cb.mask), b)
 
 
 def _masks(model, tcs):
