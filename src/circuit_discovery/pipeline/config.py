@@ -58,9 +58,9 @@ class RunConfig:
     patching_facts: int = 1             # prompts per relation for the exact resid_pre patching heatmap
     granularity: str = "head"           # component circuits: attention heads ("head") or whole layers ("layer")
     component_method: str = "eap"       # edge scores: "eap" (one backward) or "eap-ig"
-    circuit_search: str = "eap"         # "eap": the influence-pruned graph; "refine": grow the circuit from the EAP
-                                        # ranking by exact ablation on the discovery facts (docs/circuit_search.md)
-    refine_budget: float = 0.1          # "refine": at most this share of the non-inert nodes
+    circuit_search: str = "refine"      # "refine": grow the circuit from the EAP ranking by exact ablation on the
+                                        # discovery facts; "eap": the influence-pruned graph (docs/circuit_search.md)
+    refine_budget: float = 0.05         # "refine": at most this share of the non-inert discovery nodes
     ig_steps: int = 5                   # EAP-IG steps
     node_threshold: float = 0.8         # pruning: share of influence the kept nodes cover
     edge_threshold: float = 0.98        # pruning: share of influence the kept edges cover
