@@ -372,6 +372,24 @@ def test_shared_mechanism_detects_planted_shared_heads():
     assert detected >= 9
 
 
+def test_shared_mechanism_leaves_out_relations_whose_metric_does_not_move():
+    """Planted shared heads in three relations, and two relations with a degenerate discovery metric gap and
+    random circuits: with the gaps given, only the three carrying relations are compared (and the row
+    says which were left out); the test turns inconclusive when fewer than two relations remain."""
+    rng = np.random.default_rng(3)
+    ctx = _halves_ctx(rng, n_rel=5, planted={f"rel{i}": SHARED_HEADS for i in range(3)})
+    gaps = {"rel0": 6.0, "rel1": -4.0, "rel2": 9.0, "rel3": 0.1, "rel4": -0.3}
+    row = run_hypotheses(dict(ctx, relation_metric_gap=gaps), ids=["shared_mechanism"]).iloc[0]
+    assert row.n == 3 and row.verdict == "supported"
+    details = get_hypothesis("shared_mechanism").test(dict(ctx, relation_metric_gap=gaps), np.random.default_rng(0))[0].details
+    assert details["excluded_degenerate"] == {"rel3": 0.1, "rel4": -0.3}
+    two_left = {**gaps, "rel1": 0.2, "rel2": 0.0}
+    row = run_hypotheses(dict(ctx, relation_metric_gap=two_left), ids=["shared_mechanism"]).iloc[0]
+    assert row.verdict == "inconclusive" and row.n == 0
+    with pytest.raises(HypothesisError, match="relation_metric_gap lacks"):
+        run_hypotheses(dict(ctx, relation_metric_gap={"rel0": 1.0}), ids=["shared_mechanism"])
+
+
 def test_relation_specificity_detects_relation_specific_heads_and_shared_row_fails_then():
     """Each relation has its own head in every late layer (both halves): within > between; nothing is shared."""
     planted = {f"rel{i}": tuple(f"head/L{l}/I{i}/last" for l in range(8, 12)) for i in range(6)}

@@ -75,7 +75,10 @@ Built-in hypotheses and the context keys they need (shapes per relation):
                                 ``relation_universe`` ``{relation: [relevant node ids]}``; optional
                                 ``node_stratum`` (callable id -> hashable; default ``(component, layer, role)``
                                 of :func:`~circuit_discovery.validation.nulls.node_stratum`) and
-                                ``n_random_circuits`` (999). One pooled row: mean between-relation Jaccard of
+                                ``n_random_circuits`` (999); optional ``relation_metric_gap`` ``{relation:
+                                m(N) - m(empty)}`` on the discovery facts with ``min_metric_gap`` (0.5):
+                                relations below it are left out (their circuits carry no metric difference).
+                                One pooled row: mean between-relation Jaccard of
                                 the half circuits against a stratified null that redraws every circuit inside
                                 its strata with the same per-stratum counts (p-value); effect = (between -
                                 null mean) / (within - null mean), the share of the reproducible, above-chance
@@ -670,6 +673,24 @@ class _SharedMechanism(Hypothesis):
             universes = {str(r): list(u) for r, u in context["relation_universe"].items()}
         else:
             universes = {r: list(context["node_universe"]) for r in circuits}
+        excluded: dict[str, float] = {}
+        if "relation_metric_gap" in context:
+            # a circuit found where the metric barely moves is not a mechanism to compare: only relations whose
+            # |m(N) - m(empty)| on the facts the circuits came from reaches min_metric_gap take part
+            min_gap = float(context.get("min_metric_gap", 0.5))
+            gaps = {str(r): float(g) for r, g in context["relation_metric_gap"].items()}
+            missing = sorted(set(circuits) - set(gaps))
+            if missing:
+                raise InputError(f"relation_metric_gap lacks relation(s) {missing}; give the discovery metric gap "
+                                 "|m(N) - m(empty)| of every relation in circuit_halves")
+            excluded = {r: gaps[r] for r in circuits if not abs(gaps[r]) >= min_gap}
+            circuits = {r: c for r, c in circuits.items() if r not in excluded}
+            if len(circuits) < 2:
+                row = _nan_row(self.id, "all", "shared_overlap_share_between_vs_within_stratified_null",
+                               f"fewer than 2 relations with a discovery metric gap >= {min_gap:g} "
+                               f"({len(excluded)} degenerate): nothing to compare")
+                row.details["excluded_degenerate"] = excluded
+                return [row]
         data = overlap_data(circuits, universes, context.get("node_stratum"))
         within, between = (float(x) for x in overlap_summary(data.masks, data.rel_of))
         n_draws = int(context.get("n_random_circuits", 999))
@@ -691,6 +712,8 @@ class _SharedMechanism(Hypothesis):
             "circuit_sizes": {r: [int(data.masks[h].sum()) for h in np.flatnonzero(data.rel_of == ri)]
                               for ri, r in enumerate(data.relations)},
             "most_shared_nodes": [[n, c] for c, n in shared]}
+        if excluded:
+            details["excluded_degenerate"] = excluded
         if legacy:
             effect, stat = between - mu_b, "between_relation_jaccard_minus_stratified_null"
             details["note"] = "one circuit per relation (no circuit_halves): within-relation overlap not available"
