@@ -26,7 +26,9 @@ A flat list of such facts, each with a ``"relation"`` field, is accepted as well
 **Seed**: ``{relation: [{"clean": "The Eiffel Tower is located in Paris",
 "corrupted": "The Eiffel Tower is located in London", "subject": optional}]}``. The prompt is the longest
 shared word prefix, the answer the rest of ``clean`` and the counterfactual the rest of ``corrupted``.
-Without ``"subject"`` the subject is guessed as the longest capitalised word run of the prompt.
+Without ``"subject"`` the subject is the part of the prompt that varies between the relation's entries
+(:func:`infer_seed_relation`); ``corrupted`` may instead be the same template with another subject and its
+answer. The inferred templates are in ``Relation.templates`` (:meth:`Dataset.template_lines`).
 
 **ROME known_1000**: a list of ``{subject, attribute, template, prompt, relation_id, ...}``; the relation
 name is a readable name for common Wikidata ids (:data:`WIKIDATA_RELATIONS`), else the id itself.
@@ -39,14 +41,15 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from circuit_discovery.facts.types import Dataset, DatasetError, Fact, Relation, select_relations
+from circuit_discovery.facts.types import Dataset, DatasetError, Fact, Relation, RelationTemplate, select_relations
 
 FORMAT_ID = "circuit_discovery.facts/v1"
 
@@ -164,10 +167,12 @@ def _rich_fact(relation: str, template: str | None, f: Mapping[str, Any], i: int
     prompt = f.get("prompt")
     if prompt is None:
         if template is None:
-            raise DatasetError(f"relation {relation!r} fact {i}: no 'prompt' and the relation has no 'template'; add one")
+            raise DatasetError(f"relation {relation!r} fact {i}: no 'prompt' and the relation has no 'template'; "
+                               f"add one")
         prompt = _fill(template, f["subject"])
     if f["subject"] not in prompt:
-        raise DatasetError(f"relation {relation!r} fact {i}: subject {f['subject']!r} does not occur in prompt {prompt!r}")
+        raise DatasetError(f"relation {relation!r} fact {i}: subject {f['subject']!r} does not occur in "
+                           f"prompt {prompt!r}")
     cf = f.get("counterfactual")
     return Fact(relation, f["subject"], prompt, _space(f["answer"]),
                 tuple(_space(a) for a in f.get("aliases", ())), _space(cf) if cf else None, template)
@@ -216,9 +221,8 @@ def guess_subject(prompt: str) -> str | None:
             if _ends_sentence(words[j - 1][2]):
                 break
             w = words[j][2]
-            if w[:1].isupper() or w[:1].isdigit():
-                j += 1
-            elif w in _CONNECTORS and j + 1 < len(words) and words[j + 1][2][:1].isupper():
+            if (w[:1].isupper() or w[:1].isdigit()
+                    or w in _CONNECTORS and j + 1 < len(words) and words[j + 1][2][:1].isupper()):
                 j += 1
             else:
                 break
@@ -252,27 +256,297 @@ def split_seed(clean: str, corrupted: str) -> tuple[str, str, str]:
 
 
 def load_seed(obj: Mapping[str, Any]) -> Dataset:
-    """Load the seed format ``{relation: [{"clean": ..., "corrupted": ..., "subject"?: ...}]}``."""
+    """Load the seed format ``{relation: [{"clean": ..., "corrupted": ..., "subject"?: ...}]}``.
+
+    Each relation's subjects and templates are inferred from the data (see :func:`infer_seed_relation`); the
+    result records them in ``Relation.templates`` (printable with :meth:`Dataset.template_lines`).
+    """
     if not isinstance(obj, Mapping) or not obj:
         raise DatasetError("seed dataset is empty: give {relation: [{'clean': ..., 'corrupted': ...}, ...]}")
     facts: dict[str, list[Fact]] = {}
+    meta: dict[str, Relation] = {}
     for relation, entries in obj.items():
-        if not isinstance(entries, list):
-            raise DatasetError(f"seed relation {relation!r} must map to a list of {{'clean', 'corrupted'}} objects")
-        out = []
+        facts[relation], meta[relation] = infer_seed_relation(relation, entries)
+    return Dataset(facts, meta)
+
+
+@dataclass
+class _Entry:
+    """One seed entry read as prompt + answer; ``span`` is the subject's character range in ``prompt``."""
+
+    index: int
+    prompt: str
+    answer: str
+    counterfactual: str
+    subject: str | None = None
+    span: tuple[int, int] | None = None
+    source: str = ""
+
+
+def infer_seed_relation(relation: str, entries: Any) -> tuple[list[Fact], Relation]:
+    """The facts and relation metadata of one seed relation.
+
+    Two entry shapes are read:
+
+    * **answer swap** (the README's): ``corrupted`` is ``clean`` with another answer. The prompt is the
+      longest shared word prefix of the two. The subject is the part of the prompt that varies between the
+      relation's entries: prompts are grouped by sentence template (agglomerative grouping that keeps a split
+      only where it shares more template words, see :func:`_group_prompts`) and, within a group, the common
+      word prefix and suffix are the template. Quotes, brackets, ``'s`` and closing punctuation shared by every
+      subject of a group move to the template.
+    * **subject swap**: ``corrupted`` is the same template with another subject and its answer (``"The Eiffel
+      Tower is located in Paris"`` / ``"The Colosseum is located in Rome"``). Used when every entry of the
+      relation fits one template ``prefix {subject} middle {answer}`` whose clean and corrupted subjects and
+      answers both differ; the corrupted answer becomes the counterfactual.
+
+    An entry's ``subject`` field is taken as given and its template is reused for entries that fit it. Only a
+    relation with a single entry falls back to :func:`guess_subject`. Raises :class:`DatasetError` when a
+    subject cannot be determined: every entry with the same prompt, or an entry that shares no template
+    with any other.
+    """
+    if not isinstance(entries, list):
+        raise DatasetError(f"seed relation {relation!r} must map to a list of {{'clean', 'corrupted'}} objects")
+    if not entries:
+        raise DatasetError(f"seed relation {relation!r} is empty: give at least one {{'clean', 'corrupted'}} entry")
+    for i, e in enumerate(entries):
+        if not (isinstance(e, Mapping) and isinstance(e.get("clean"), str) and isinstance(e.get("corrupted"), str)):
+            raise DatasetError(f"seed entry {i} of {relation!r} is malformed ({_short(e)}); "
+                               f"each entry needs string fields 'clean' and 'corrupted'")
+        s = e.get("subject")
+        if s is not None and (not isinstance(s, str) or not s.strip()):
+            raise DatasetError(f"seed entry {i} of {relation!r}: 'subject' must be a non-empty string, got {s!r}")
+    read = _subject_swap_entries(entries)
+    swapped = read is not None
+    if read is None:
+        read = []
         for i, e in enumerate(entries):
-            if not (isinstance(e, Mapping) and isinstance(e.get("clean"), str) and isinstance(e.get("corrupted"), str)):
-                raise DatasetError(f"seed entry {i} of {relation!r} is malformed ({_short(e)}); "
-                                   f"each entry needs string fields 'clean' and 'corrupted'")
-            prompt, answer, cf = split_seed(e["clean"], e["corrupted"])
-            subject = e.get("subject") or guess_subject(prompt)
-            if not subject or subject not in prompt:
-                raise DatasetError(f"seed entry {i} of {relation!r}: cannot find the subject in {prompt!r}; "
-                                   f"add a 'subject' field")
-            template = prompt.replace(subject, "{}", 1)
-            out.append(Fact(relation, subject, prompt, answer, counterfactual=cf, template=template))
-        facts[relation] = out
-    return Dataset(facts)
+            try:
+                prompt, answer, cf = split_seed(e["clean"], e["corrupted"])
+            except DatasetError as err:
+                raise DatasetError(f"seed entry {i} of {relation!r}: {err}") from None
+            read.append(_Entry(i, prompt, answer, cf))
+    for e, raw in zip(read, entries):
+        if raw.get("subject") is not None:
+            e.subject = raw["subject"].strip()
+    _infer_subjects(relation, read, swapped)
+    facts: list[Fact] = []
+    recorded: dict[str, list[str]] = {}
+    for e in read:
+        assert e.span is not None  # _infer_subjects set every span
+        a, b = e.span
+        template = e.prompt[:a] + "{}" + e.prompt[b:]
+        facts.append(Fact(relation, e.prompt[a:b], e.prompt, e.answer, counterfactual=e.counterfactual,
+                          template=template))
+        sources = recorded.setdefault(template, [])
+        if e.source not in sources:
+            sources.append(e.source)
+    templates = tuple(RelationTemplate(t, ", ".join(s)) for t, s in recorded.items())
+    common = templates[0].template if len(templates) == 1 else None
+    return facts, Relation(relation, "", common, True, templates)
+
+
+def _words(text: str) -> list[tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group()) for m in _WORD.finditer(text)]
+
+
+def _common_prefix_len(seqs: Sequence[Sequence[str]]) -> int:
+    n = 0
+    while all(n < len(s) for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n
+
+
+def _subject_swap_entries(entries: Sequence[Mapping[str, Any]]) -> list[_Entry] | None:
+    """The entries read as subject swaps (``prefix {subject} middle {answer}`` with a shared prefix and middle for
+    all clean and corrupted sentences, and differing subjects and answers in every entry), or None."""
+    texts = [t for e in entries for t in (e["clean"], e["corrupted"])]
+    words = [_words(t) for t in texts]
+    tokens = [[w for _, _, w in ws] for ws in words]
+    p = _common_prefix_len(tokens)
+    rest = [t[p:] for t in tokens]
+    if min(len(r) for r in rest) < 3:
+        return None
+    middle = None
+    for n in range(len(rest[0]) - 2, 0, -1):
+        found = []
+        for a in range(1, len(rest[0]) - n):
+            run = tuple(rest[0][a:a + n])
+            if run not in found and all(len(_inner_positions(r, run)) == 1 for r in rest):
+                found.append(run)
+        if len(found) > 1:
+            return None  # two different middles fit equally well
+        if found:
+            middle = found[0]
+            break
+    if middle is None:
+        return None
+    out = []
+    for i in range(len(entries)):
+        parts = []
+        for t in (2 * i, 2 * i + 1):
+            a = p + _inner_positions(rest[t], middle)[0]
+            ws, text = words[t], texts[t]
+            subject, answer = (ws[p][0], ws[a - 1][1]), text[ws[a + len(middle)][0]:]
+            parts.append((text[:ws[a + len(middle) - 1][1]], subject, answer))
+        (prompt, span, answer), (_, (ka, kb), cf) = parts
+        if prompt[span[0]:span[1]] == texts[2 * i + 1][ka:kb] or answer.strip() == cf.strip():
+            return None  # not a subject swap: same subject, or the same answer
+        out.append(_Entry(i, prompt, _space(answer), _space(cf), span=span, source="aligned with corrupted"))
+    _trim_punctuation(out)
+    return out
+
+
+def _inner_positions(seq: Sequence[str], run: tuple[str, ...]) -> list[int]:
+    """Start positions of ``run`` in ``seq`` with at least one word before and after it."""
+    n = len(run)
+    return [a for a in range(1, len(seq) - n) if tuple(seq[a:a + n]) == run]
+
+
+def _infer_subjects(relation: str, entries: list[_Entry], swapped: bool) -> None:
+    """Set ``span`` and ``source`` of every entry (see :func:`infer_seed_relation`)."""
+    fix = f"add a 'subject' field to each entry of relation {relation!r}"
+    explicit: list[tuple[str, str]] = []
+    for e in entries:
+        if e.subject is None:
+            continue
+        a = e.prompt.find(e.subject)
+        if a < 0:
+            raise DatasetError(f"seed entry {e.index} of {relation!r}: subject {e.subject!r} does not occur in the "
+                               f"prompt {e.prompt!r}; give a 'subject' that is part of the prompt")
+        e.span, e.source = (a, a + len(e.subject)), "explicit"
+        explicit.append((e.prompt[:a], e.prompt[a + len(e.subject):]))
+    todo = [e for e in entries if e.span is None]
+    for e in todo:  # an explicit entry's template is reused by the entries that fit it
+        fits = {(len(pre), len(e.prompt) - len(post)) for pre, post in dict.fromkeys(explicit)
+                if e.prompt.startswith(pre) and e.prompt.endswith(post) and len(e.prompt) > len(pre) + len(post)}
+        fits = {(a, b) for a, b in fits if e.prompt[a:b].strip() == e.prompt[a:b]}
+        if len(fits) == 1:
+            e.span, e.source = fits.pop(), "explicit"
+    todo = [e for e in todo if e.span is None]
+    if not todo or swapped:
+        return
+    if len(entries) == 1:
+        e = entries[0]
+        subject = guess_subject(e.prompt)
+        if subject is None:
+            raise DatasetError(f"seed relation {relation!r}: cannot find the subject of its only entry in "
+                               f"{e.prompt!r} (no other entry to align it with); add a 'subject' field to the entry")
+        a = e.prompt.find(subject)
+        e.span, e.source = (a, a + len(subject)), "single-entry heuristic"
+        return
+    prompts = list(dict.fromkeys(e.prompt for e in todo))
+    if len(prompts) == 1:
+        which = "every entry" if len(todo) == len(entries) else "every entry without a 'subject' field"
+        raise DatasetError(f"seed relation {relation!r}: the subject is the same for {which} (all have the prompt "
+                           f"{prompts[0]!r}), so it cannot be inferred by aligning them; {fix}")
+    for group in _group_prompts(prompts):
+        members = [e for e in todo if e.prompt in group]
+        if len(group) == 1:
+            raise DatasetError(f"seed relation {relation!r}: entry {members[0].index} ({group[0]!r}) shares no "
+                               f"sentence template with the other entries, so its subject cannot be inferred; {fix}")
+        toks = [[w for _, _, w in _words(p)] for p in group]
+        pre = _common_prefix_len(toks)
+        post = _common_prefix_len([t[::-1] for t in toks])
+        for e in members:
+            ws = _words(e.prompt)
+            e.span, e.source = (ws[pre][0], ws[len(ws) - post - 1][1]), "aligned"
+        _trim_punctuation(members)
+
+
+def _group_prompts(prompts: Sequence[str]) -> list[list[str]]:
+    """Group distinct prompts by sentence template.
+
+    A group's template is its members' common word prefix and suffix; it must leave at least one word between
+    them in every member. Starting from single prompts, the two groups whose merged template has the most words
+    are merged, as long as that template keeps more than half the template words of the smaller of the two
+    (a single prompt counts all its words but one). So subjects that share words ("The Eiffel Tower", "The
+    Leaning Tower", "The Colosseum") end up in one group whose template is the words all share, while sentence
+    shapes that share only a few edge words ("The capital of {} is" / "The largest city of {} is") stay apart.
+    """
+    toks = [[w for _, _, w in _words(p)] for p in prompts]
+    groups: list[dict | None] = [{"members": [i], "pre": t, "post": t[::-1], "min": len(t), "t": len(t) - 1}
+                                 for i, t in enumerate(toks)]
+
+    def merged(a: dict, b: dict) -> dict | None:
+        pre = a["pre"][:_common_prefix_len([a["pre"], b["pre"]])]
+        post = a["post"][:_common_prefix_len([a["post"], b["post"]])]
+        low, t = min(a["min"], b["min"]), len(pre) + len(post)
+        if t > low - 1 or 2 * t <= min(a["t"], b["t"]):
+            return None  # a member would keep no subject word, or the shared template is too short
+        return {"members": a["members"] + b["members"], "pre": pre, "post": post, "min": low, "t": t}
+
+    candidates: dict[tuple[int, int], dict] = {}
+
+    def consider(i: int, j: int) -> None:
+        gi, gj = groups[i], groups[j]
+        assert gi is not None and gj is not None  # only groups not merged yet are compared
+        m = merged(gi, gj)
+        if m is not None:
+            candidates[(i, j)] = m
+
+    for j in range(len(groups)):
+        for i in range(j):
+            consider(i, j)
+    while candidates:
+        (i, j), m = max(candidates.items(), key=lambda kv: (kv[1]["t"], -kv[0][0], -kv[0][1]))
+        groups[i] = groups[j] = None
+        candidates = {k: v for k, v in candidates.items() if i not in k and j not in k}
+        groups.append(m)
+        for k in range(len(groups) - 1):
+            if groups[k] is not None:
+                consider(k, len(groups) - 1)
+    return [[prompts[k] for k in sorted(g["members"])] for g in groups if g is not None]
+
+
+_OPENING = "\"'“‘([«"
+_CLOSING = re.compile(r"(?:['’]s)?[?!,;:\"'”’)\]»]*\Z")
+
+
+def _trim_punctuation(entries: Sequence[_Entry]) -> None:
+    """Move opening quotes/brackets and ``'s`` or closing punctuation shared by every subject into the template."""
+    if len(entries) < 2:
+        return
+    spans: list[tuple[int, int]] = []
+    for e in entries:
+        assert e.span is not None  # set by _infer_subjects before trimming
+        spans.append(e.span)
+    subjects = [e.prompt[a:b] for e, (a, b) in zip(entries, spans)]
+    lead = 0
+    first = os.path.commonprefix(subjects)
+    while lead < len(first) and first[lead] in _OPENING:
+        lead += 1
+    last = os.path.commonprefix([s[::-1] for s in subjects])[::-1]
+    closing = _CLOSING.search(last)
+    assert closing is not None  # the pattern matches the empty string at the end
+    trail = len(closing.group())
+    trimmed = [s[lead:len(s) - trail] for s in subjects]
+    if all(t and t.strip() == t for t in trimmed):
+        for e, (a, b) in zip(entries, spans):
+            e.span = (a + lead, b - trail)
+
+
+def check_subject_tokens(dataset: Dataset, tokenizer) -> None:
+    """Raise :class:`DatasetError` for the first fact whose subject does not start and end on token boundaries of
+    its prompt (whitespace before the subject may share its first token). Needs a tokenizer with offsets
+    (``return_offsets_mapping``, e.g. a Hugging Face fast tokenizer)."""
+    for f in dataset.facts:
+        t = f.template
+        if t and "{}" in t and t.replace("{}", f.subject, 1) == f.prompt:
+            start = t.index("{}")
+        else:
+            start = f.prompt.find(f.subject)
+        end = start + len(f.subject)
+        try:
+            offsets = tokenizer(f.prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        except (TypeError, KeyError, NotImplementedError, ValueError):
+            raise DatasetError("check_subject_tokens needs a tokenizer with offsets (a Hugging Face fast tokenizer); "
+                               "pass one such as model.tokenizer") from None
+        spans = [(int(a), int(b)) for a, b in offsets if b > a]
+        first = next((a for a, b in spans if b > start), None)
+        last = next((b for a, b in reversed(spans) if a < end), None)
+        if first is None or last is None or f.prompt[first:start].strip() or last != end:
+            raise DatasetError(f"relation {f.relation!r}: subject {f.subject!r} of {f.prompt!r} does not start and end "
+                               f"on token boundaries; give a 'subject' field that covers whole words")
 
 
 def _short(x: Any) -> str:
@@ -284,14 +558,14 @@ def _short(x: Any) -> str:
 
 def load_known_1000(obj: Sequence[Mapping[str, Any]] | str | os.PathLike, *, readable_names: bool = True) -> Dataset:
     """Load ROME's ``known_1000.json`` (list or path). Relation names from :data:`WIKIDATA_RELATIONS`."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = _read_json(obj)
+    items: Sequence[Mapping[str, Any]] = _read_json(obj) if isinstance(obj, (str, os.PathLike)) else obj
     facts = []
-    for i, e in enumerate(obj):
+    for i, e in enumerate(items):
         try:
             subject, attribute, prompt, rid = e["subject"], e["attribute"], e["prompt"], e["relation_id"]
         except (KeyError, TypeError):
-            raise DatasetError(f"known_1000 entry {i} lacks subject/attribute/prompt/relation_id ({_short(e)})") from None
+            raise DatasetError(f"known_1000 entry {i} lacks subject/attribute/prompt/relation_id "
+                               f"({_short(e)})") from None
         if subject not in prompt:
             raise DatasetError(f"known_1000 entry {i}: subject {subject!r} not in prompt {prompt!r}")
         name = WIKIDATA_RELATIONS.get(rid, rid) if readable_names else rid
@@ -301,10 +575,9 @@ def load_known_1000(obj: Sequence[Mapping[str, Any]] | str | os.PathLike, *, rea
 
 def load_counterfact(obj: Sequence[Mapping[str, Any]] | str | os.PathLike, *, readable_names: bool = True) -> Dataset:
     """Load CounterFact records (``requested_rewrite``); ``target_new`` is kept as the counterfactual."""
-    if isinstance(obj, (str, os.PathLike)):
-        obj = _read_json(obj)
+    items: Sequence[Mapping[str, Any]] = _read_json(obj) if isinstance(obj, (str, os.PathLike)) else obj
     facts = []
-    for i, e in enumerate(obj):
+    for i, e in enumerate(items):
         try:
             rw = e["requested_rewrite"]
             template, subject = rw["prompt"], rw["subject"]
@@ -370,6 +643,8 @@ def load_dataset(obj_or_path: Any = "builtin", relations: str | Sequence[str] | 
         if isinstance(obj, (str, os.PathLike)):
             obj = _read_json(obj)
         fmt = detect_format(obj)
-        ds = {"rich": load_rich, "rich_flat": load_rich, "seed": load_seed,
-              "known_1000": load_known_1000, "counterfact": load_counterfact}[fmt](obj)
+        loaders: dict[str, Callable[[Any], Dataset]] = {
+            "rich": load_rich, "rich_flat": load_rich, "seed": load_seed,
+            "known_1000": load_known_1000, "counterfact": load_counterfact}
+        ds = loaders[fmt](obj)
     return ds if relations is None else select_relations(ds, relations)

@@ -1,11 +1,11 @@
 """Core value types of :mod:`circuit_discovery.facts`: facts, fact pairs, relations and datasets."""
 from __future__ import annotations
 
-from circuit_discovery.errors import CircuitDiscoveryError
-
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
+
+from circuit_discovery.errors import CircuitDiscoveryError
 
 ROLES: tuple[str, ...] = (
     "bos", "subject_first", "subject_middle", "subject_last", "relation_first", "relation", "last",
@@ -117,16 +117,41 @@ class FactPair:
         return [i for i, r in enumerate(self.roles) if r == role]
 
 
+TEMPLATE_SOURCES: tuple[str, ...] = ("aligned", "aligned with corrupted", "explicit", "single-entry heuristic",
+                                      "given")
+"""How a relation template was obtained: ``aligned`` (the shared word prefix and suffix of the relation's prompts),
+``aligned with corrupted`` (each clean prompt aligned with its subject-swapped corrupted prompt), ``explicit``
+(an entry's ``subject`` field), ``single-entry heuristic`` (capitalised words of a relation's only entry) and
+``given`` (a template or subjects stated in the dataset file)."""
+
+
+@dataclass(frozen=True)
+class RelationTemplate:
+    """One sentence template of a relation: ``template`` holds ``"{}"`` where the subject goes; ``source`` is
+    one or more of :data:`TEMPLATE_SOURCES` joined by ``", "``."""
+
+    template: str
+    source: str
+
+    @property
+    def display(self) -> str:
+        """The template with ``{subject}`` as the placeholder."""
+        return self.template.replace("{}", "{subject}", 1)
+
+
 @dataclass(frozen=True)
 class Relation:
     """Relation metadata: ``template`` holds ``"{}"`` where the subject goes (None if unknown). ``default``:
     whether :func:`~circuit_discovery.facts.load_builtin` includes the relation when no relations are named
-    (False for built-in relations with fewer than 20 facts the default model knows)."""
+    (False for built-in relations with fewer than 20 facts the default model knows). ``templates``: the
+    templates the loader inferred or read for the relation's facts, with how each was obtained (empty when the
+    loader recorded none; :attr:`Dataset.templates` then derives them from the facts)."""
 
     name: str
     description: str = ""
     template: str | None = None
     default: bool = True
+    templates: tuple[RelationTemplate, ...] = ()
 
 
 class Dataset(Mapping[str, list[Fact]]):
@@ -189,6 +214,25 @@ class Dataset(Mapping[str, list[Fact]]):
     def counts(self) -> dict[str, int]:
         return {k: len(v) for k, v in self._facts.items()}
 
+    @property
+    def templates(self) -> dict[str, tuple[RelationTemplate, ...]]:
+        """Per relation, the templates of its facts and how each was obtained (see :data:`TEMPLATE_SOURCES`).
+
+        Templates the loader recorded come first, in its order; a fact template it did not record (rich data,
+        ROME formats) is listed with source ``given``, and a fact without template as its prompt with the
+        subject replaced. Only templates that some current fact uses are listed."""
+        out: dict[str, tuple[RelationTemplate, ...]] = {}
+        for name, items in self._facts.items():
+            used = list(dict.fromkeys(fact_template(f) for f in items))
+            recorded = {t.template: t for t in self._relations[name].templates}
+            out[name] = tuple(recorded.get(t) or RelationTemplate(t, "given") for t in
+                              [t for t in recorded if t in used] + [t for t in used if t not in recorded])
+        return out
+
+    def template_lines(self) -> list[str]:
+        """Printable lines, one per relation template: ``relation: template  (source, n facts)``."""
+        return template_lines(self)
+
     def select(self, names: str | Sequence[str]) -> Dataset:
         """Only the named relations (see :func:`select_relations`)."""
         return select_relations(self, names)
@@ -223,6 +267,28 @@ class Dataset(Mapping[str, list[Fact]]):
         from circuit_discovery.io import atomic_write_json
 
         atomic_write_json(path, self.to_dict())
+
+
+def fact_template(fact: Fact) -> str:
+    """The fact's template, or its prompt with the first occurrence of its subject replaced by ``"{}"``."""
+    if fact.template and "{}" in fact.template:
+        return fact.template
+    return fact.prompt.replace(fact.subject, "{}", 1)
+
+
+def template_lines(dataset: Dataset) -> list[str]:
+    """One printable line per relation template, e.g.
+    ``country_language: Most people in {subject} speak  (aligned, 3 facts)``."""
+    lines = []
+    for name, templates in dataset.templates.items():
+        counts: dict[str, int] = {}
+        for f in dataset[name]:
+            t = fact_template(f)
+            counts[t] = counts.get(t, 0) + 1
+        for rt in templates:
+            n = counts.get(rt.template, 0)
+            lines.append(f"{name}: {rt.display}  ({rt.source}, {n} fact{'' if n == 1 else 's'})")
+    return lines
 
 
 def _common_template(facts: Sequence[Fact]) -> str | None:
