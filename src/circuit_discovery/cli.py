@@ -7,102 +7,151 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn
 
 import typer
 
-from .errors import CircuitDiscoveryError
-from .pipeline.config import RunConfig as _Defaults
+from circuit_discovery.errors import CircuitDiscoveryError
+from circuit_discovery.models.loading import DEFAULT_MODEL
+from circuit_discovery.pipeline.config import DEVICES
+from circuit_discovery.pipeline.config import RunConfig as _Defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Find and test the circuits with which transformer LMs recall facts.")
 
+#: exit code of an error a user can fix (one line on stderr)
+EXIT_BAD_INPUT = 2
 
-def _fail(msg: str) -> None:
+#: command-line parameters whose RunConfig field has another name (every other parameter of a command that builds
+#: a RunConfig is named like its field, except ``config``; ``tests/unit/test_cli.py`` checks both)
+FIELD_OF = {"no_progress": "progress", "layers": "sae_layers", "training_tokens": "sae_training_tokens",
+            "k": "sae_k", "eval_tokens": "sae_eval_tokens"}
+
+_QUICK_HELP = (f"Small run: {_Defaults.quick_relations} relations, {_Defaults.quick_facts} discovery and "
+               f"{_Defaults.quick_held_out} held-out facts each.")
+
+
+def _fail(msg: str) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(EXIT_BAD_INPUT)
 
 
-def _split(values: Optional[list[str]]) -> Optional[list[str]]:
+def _split(values: list[str] | None) -> list[str] | None:
     if not values:
         return None
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _config(config: Path | None, **overrides):
+    """``--config`` (else the defaults) with the options given on the command line (those not ``None``)."""
+    from circuit_discovery.pipeline import RunConfig
+
+    if config is not None:
+        return RunConfig.from_toml(config, **overrides)
+    return RunConfig(**{k: v for k, v in overrides.items() if v is not None})
+
+
 @app.command()
 def run(
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML file with run options ([run] table)."),
-    quick: bool = typer.Option(False, "--quick", help="Small run: 4 relations, 6 discovery and 4 held-out facts each."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output folder [default: outputs/circuit_discovery_<time>]"),
-    model: Optional[str] = typer.Option(None, "--model", help="Model name, folder or hub id [default: gemma-3-270m]"),
-    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N"),
-    seed: int = typer.Option(0, "--seed", help="Random seed."),
-    relations: Optional[list[str]] = typer.Option(None, "--relations", help="Relations to run (comma-separated or repeated)."),
-    dataset: Optional[Path] = typer.Option(None, "--dataset", help="Facts JSON: seed, rich, known_1000 or CounterFact format."),
-    max_facts: Optional[int] = typer.Option(None, "--max-facts", help=f"Discovery facts per relation [default: {_Defaults.max_facts}]"),
-    held_out_facts: Optional[int] = typer.Option(None, "--held-out-facts", help=f"Held-out facts per relation, split off before pairing [default: {_Defaults.held_out_facts}]"),
-    n_random: Optional[int] = typer.Option(None, "--n-random", help=f"Matched random circuits per baseline [default: {_Defaults.n_random}]"),
-    known_k: Optional[int] = typer.Option(None, "--known-k", help=f"A fact is known when its answer ranks <= k [default: {_Defaults.known_k}]"),
+    config: Path | None = typer.Option(None, "--config", help="TOML file with run options ([run] table)."),
+    quick: bool = typer.Option(False, "--quick", help=_QUICK_HELP),
+    out: Path | None = typer.Option(None, "--out", help="Output folder [default: outputs/circuit_discovery_<time>]"),
+    model: str | None = typer.Option(None, "--model", help=f"Model name, folder or hub id [default: {DEFAULT_MODEL}]"),
+    device: str | None = typer.Option(None, "--device", help=f"{', '.join(DEVICES)} [default: {_Defaults.device}]"),
+    seed: int | None = typer.Option(None, "--seed", help=f"Random seed [default: {_Defaults.seed}]"),
+    sae_seed: int | None = typer.Option(None, "--sae-seed", help=f"Seed of the transcoders' training (independent of "
+                                                                f"--seed) [default: {_Defaults.sae_seed}]"),
+    relations: list[str] | None = typer.Option(None, "--relations",
+                                               help="Relations to run (comma-separated or repeated)."),
+    dataset: Path | None = typer.Option(None, "--dataset",
+                                        help="Facts JSON: seed, rich, known_1000 or CounterFact format."),
+    max_facts: int | None = typer.Option(None, "--max-facts",
+                                         help=f"Discovery facts per relation [default: {_Defaults.max_facts}]"),
+    held_out_facts: int | None = typer.Option(None, "--held-out-facts",
+                                              help=f"Held-out facts per relation, split off before pairing "
+                                                   f"[default: {_Defaults.held_out_facts}]"),
+    n_random: int | None = typer.Option(None, "--n-random",
+                                        help=f"Matched random circuits per baseline [default: {_Defaults.n_random}]"),
+    known_k: int | None = typer.Option(None, "--known-k",
+                                       help=f"A fact is known when its answer ranks <= k "
+                                            f"[default: {_Defaults.known_k}]"),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished stages in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
-    """Run the whole pipeline and write a report folder."""
-    from .pipeline import RunConfig, run_pipeline
+    """Run the whole pipeline and write a report folder. Options given here override --config; the others keep
+    the file's values (else the defaults)."""
+    from circuit_discovery.pipeline import run_pipeline
 
     if dataset is not None and not dataset.exists():
         _fail(f"dataset file {dataset} does not exist; check the path")
     if resume and out is None:
         _fail("--resume needs --out pointing at the run folder to resume")
     overrides = dict(quick=quick or None, out=str(out) if out else None, model=model, device=device, seed=seed,
-                     relations=_split(relations), dataset=str(dataset) if dataset else None, max_facts=max_facts,
-                     held_out_facts=held_out_facts, n_random=n_random, known_k=known_k, resume=resume or None, progress=False if no_progress else None)
-    result = _guarded(lambda: run_pipeline(
-        RunConfig.from_toml(config, **overrides) if config is not None
-        else RunConfig(**{k: v for k, v in overrides.items() if v is not None})))
+                     sae_seed=sae_seed, relations=_split(relations), dataset=str(dataset) if dataset else None,
+                     max_facts=max_facts, held_out_facts=held_out_facts, n_random=n_random, known_k=known_k,
+                     resume=resume or None, progress=False if no_progress else None)
+    cfg = _guarded(lambda: _config(config, **overrides))
+    result = _guarded(lambda: run_pipeline(cfg))
+    if cfg.dataset:
+        _print_templates(Path(result.out_dir))
     _summary_table(result)
     typer.echo(str(result.out_dir))
 
 
+def _print_templates(out_dir: Path) -> None:
+    """The prompt template of each relation of the run's facts and how it was found (``stages/known.json``;
+    seed-format subjects are the part of the prompt that varies between a relation's entries)."""
+    import json
+
+    from rich.console import Console
+
+    known = out_dir / "stages" / "known.json"
+    templates = json.loads(known.read_text()).get("templates", {}) if known.is_file() else {}
+    if templates:
+        lines = [f"  {rel}: {t}" for rel, ts in templates.items() for t in ts]
+        Console(stderr=True).print("Relation templates:\n" + "\n".join(lines), highlight=False, markup=False)
+
+
 def _guarded(fn):
-    """Run ``fn``; errors a user can fix become one line on stderr and exit code 2."""
+    """Run ``fn``; errors a user can fix (every :class:`CircuitDiscoveryError`) become one line on stderr and exit
+    code 2. Anything else is a bug and keeps its traceback."""
     try:
         return fn()
     except CircuitDiscoveryError as e:
         _fail(str(e))
-    except (ValueError, OSError) as e:  # typed input errors from lower layers (DatasetError is a ValueError)
-        if type(e).__module__.startswith("circuit_discovery") or isinstance(e, (FileNotFoundError, PermissionError)):
-            _fail(str(e))
-        raise
 
 
 # ---------------------------------------------------------------------------------------- stage subcommands
 _OUT = typer.Option(..., "--out", help="The run folder (created by the first stage, reused by the later ones).")
 
 
-def _stage_config(out: Path, config: Optional[Path], **overrides):
-    """The folder's saved run configuration (``stages/run_config.json``, written by every stage), else
-    ``--config``, else the defaults; options given on the command line override it. Always resumes."""
-    import dataclasses
+def _read_json(path: Path, remedy: str):
+    """A JSON file of a run folder; a damaged or unreadable one is a :class:`CircuitDiscoveryError`."""
+    from circuit_discovery.io import read_json
 
-    from .io import read_json
-    from .pipeline import RunConfig
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise CircuitDiscoveryError(f"{path} cannot be read ({e}); {remedy}") from None
+
+
+def _stage_config(out: Path, config: Path | None, **overrides):
+    """``--config`` when given, else the folder's saved run configuration (``stages/run_config.json``, written by
+    every stage), else the defaults; options given on the command line override it. Always resumes."""
+    from circuit_discovery.pipeline import RunConfig
 
     saved = out / "stages" / "run_config.json"
     over = {k: v for k, v in overrides.items() if v is not None}
     over.update(out=str(out), resume=True)
     if config is not None:
-        return RunConfig.from_toml(config, **over)
+        return _config(config, **over)
     if saved.is_file():
-        data = read_json(saved)
-        known = {f.name for f in dataclasses.fields(RunConfig)}
-        data = {k: v for k, v in data.items() if k in known}
-        data.update(over)
-        return RunConfig(**data)
+        return RunConfig.from_saved(_read_json(saved, "delete it, or give --config"), **over)
     return RunConfig(**over)
 
 
-def _run_stages(out: Path, only: tuple[str, ...], config: Optional[Path], **overrides):
-    from .pipeline import run_pipeline
+def _run_stages(out: Path, only: tuple[str, ...], config: Path | None, **overrides):
+    from circuit_discovery.pipeline import run_pipeline
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out} is not a folder")
@@ -114,17 +163,17 @@ def _common(model, quick, relations, seed, no_progress):
                 progress=False if no_progress else None)
 
 
-_MODEL = typer.Option(None, "--model", help="Model [default: the folder's saved config, else gemma-3-270m]")
-_QUICK = typer.Option(False, "--quick", help="Small run: 4 relations, 6 discovery and 4 held-out facts each.")
+_MODEL = typer.Option(None, "--model", help=f"Model [default: the folder's saved config, else {DEFAULT_MODEL}]")
+_QUICK = typer.Option(False, "--quick", help=_QUICK_HELP)
 _RELS = typer.Option(None, "--relations", help="Relations (comma-separated or repeated).")
-_SEED = typer.Option(None, "--seed", help="Random seed [default: the folder's saved config, else 0]")
+_SEED = typer.Option(None, "--seed", help=f"Random seed [default: the folder's saved config, else {_Defaults.seed}]")
 _NOPROG = typer.Option(False, "--no-progress", help="Hide progress bars.")
 _CONFIG = typer.Option(None, "--config", help="TOML file with run options ([run] table).")
 
 
 @app.command()
-def attribute(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL, quick: bool = _QUICK,
-              relations: Optional[list[str]] = _RELS, seed: Optional[int] = _SEED, no_progress: bool = _NOPROG) -> None:
+def attribute(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None = _MODEL, quick: bool = _QUICK,
+              relations: list[str] | None = _RELS, seed: int | None = _SEED, no_progress: bool = _NOPROG) -> None:
     """Stages known, attribution (activation patching) and causal tracing into --out."""
     _run_stages(out, ("known", "attribution", "causal_tracing"), config, **_common(model, quick, relations, seed,
                                                                                    no_progress))
@@ -132,29 +181,34 @@ def attribute(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optiona
 
 
 @app.command("train-sae")
-def train_sae(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL,
-              layers: Optional[list[str]] = typer.Option(None, "--layers", help="Layers [default: all]"),
-              training_tokens: Optional[int] = typer.Option(None, "--training-tokens",
-                                                            help=f"Tokens per transcoder [default: {_Defaults.sae_training_tokens}]"),
-              k: Optional[int] = typer.Option(None, "--k", help=f"TopK active latents [default: {_Defaults.sae_k}]"),
-              eval_tokens: Optional[int] = typer.Option(None, "--eval-tokens",
-                                                        help=f"Held-out tokens per layer for metrics [default: {_Defaults.sae_eval_tokens}]"),
+def train_sae(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None = _MODEL,
+              layers: list[str] | None = typer.Option(None, "--layers", help="Layers [default: all]"),
+              training_tokens: int | None = typer.Option(
+                  None, "--training-tokens", help=f"Tokens per transcoder [default: {_Defaults.sae_training_tokens}]"),
+              k: int | None = typer.Option(None, "--k", help=f"TopK active latents [default: {_Defaults.sae_k}]"),
+              eval_tokens: int | None = typer.Option(
+                  None, "--eval-tokens",
+                  help=f"Held-out tokens per layer for metrics [default: {_Defaults.sae_eval_tokens}]"),
+              sae_seed: int | None = typer.Option(None, "--sae-seed", help=f"Seed of the transcoders' training "
+                                                  f"[default: the folder's saved config, else {_Defaults.sae_seed}]"),
               no_progress: bool = _NOPROG) -> None:
     """Train (or reuse from the cache) one transcoder per layer; metrics go to --out/stages/dictionaries.json."""
+    split = _split(layers)
     try:
-        lay = [int(x) for x in _split(layers)] if layers else None
+        lay = [int(x) for x in split] if split is not None else None
     except ValueError:
         _fail(f"--layers must be integers, got {layers}")
     _run_stages(out, ("dictionaries",), config, model=model, sae_layers=lay, sae_training_tokens=training_tokens,
-                sae_k=k, sae_eval_tokens=eval_tokens, progress=False if no_progress else None)
+                sae_k=k, sae_eval_tokens=eval_tokens, sae_seed=sae_seed, progress=False if no_progress else None)
     typer.echo(str(out))
 
 
 @app.command()
-def circuits(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional[str] = _MODEL, quick: bool = _QUICK,
-             relations: Optional[list[str]] = _RELS, seed: Optional[int] = _SEED, no_progress: bool = _NOPROG,
-             features: Optional[bool] = typer.Option(None, "--features/--no-features",
-                                                     help="Also build transcoder feature circuits [default: yes]")) -> None:
+def circuits(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None = _MODEL, quick: bool = _QUICK,
+             relations: list[str] | None = _RELS, seed: int | None = _SEED, no_progress: bool = _NOPROG,
+             features: bool | None = typer.Option(
+                 None, "--features/--no-features", help="Also build transcoder feature circuits [default: yes]")
+             ) -> None:
     """Component circuits (and feature circuits with their validation) per relation into --out."""
     _run_stages(out, ("known", "circuits", "dictionaries", "feature_circuits"), config, features=features,
                 **_common(model, quick, relations, seed, no_progress))
@@ -162,14 +216,14 @@ def circuits(out: Path = _OUT, config: Optional[Path] = _CONFIG, model: Optional
 
 
 @app.command()
-def validate(out: Path = _OUT, config: Optional[Path] = _CONFIG, no_progress: bool = _NOPROG) -> None:
+def validate(out: Path = _OUT, config: Path | None = _CONFIG, no_progress: bool = _NOPROG) -> None:
     """Validate the circuits in --out (faithfulness, baselines, held-out facts) and test the hypotheses."""
     _run_stages(out, ("validation", "hypotheses"), config, progress=False if no_progress else None)
     typer.echo(str(out))
 
 
 @app.command()
-def report(out: Path = _OUT, config: Optional[Path] = _CONFIG) -> None:
+def report(out: Path = _OUT, config: Path | None = _CONFIG) -> None:
     """Write report.md, circuits.json, metrics.json, figures and the viewer from the stages in --out."""
     res = _run_stages(out, ("report",), config)
     _summary_table(res)
@@ -180,13 +234,12 @@ def report(out: Path = _OUT, config: Optional[Path] = _CONFIG) -> None:
 def view(out: Path = _OUT,
          open_browser: bool = typer.Option(False, "--open", help="Open the viewer in the default browser.")) -> None:
     """(Re)write the offline viewer index.html from --out/circuits.json and print its path."""
-    from .io import read_json
-    from .report.viewer import write_viewer
+    from circuit_discovery.report.viewer import write_viewer
 
     cj = out / "circuits.json"
     if not cj.is_file():
         _fail(f"{cj} does not exist; run `frc report --out {out}` (or `frc run`) first")
-    path = _guarded(lambda: write_viewer(out, read_json(cj)))
+    path = _guarded(lambda: write_viewer(out, _read_json(cj, f"rewrite it with `frc report --out {out}`")))
     if open_browser:
         import webbrowser
 
@@ -211,7 +264,7 @@ def _summary_table(result) -> None:
 @app.command("models")
 def models_cmd() -> None:
     """List the built-in models."""
-    from .models import BUILTIN_MODELS, TINY_MODELS
+    from circuit_discovery.models import BUILTIN_MODELS, TINY_MODELS
 
     for b in BUILTIN_MODELS.values():
         typer.echo(f"{b.name:16s} {b.description}")
@@ -222,7 +275,7 @@ def models_cmd() -> None:
 @app.command("relations")
 def relations_cmd() -> None:
     """List the built-in relations and their fact counts (* : not in the default run; name it with --relations)."""
-    from .facts import load_builtin
+    from circuit_discovery.facts import load_builtin
 
     ds = load_builtin(include_non_default=True)
     for name, n in ds.counts().items():
@@ -230,7 +283,7 @@ def relations_cmd() -> None:
         typer.echo(f"{name:24s} {n}{mark}")
 
 
-def main(argv: Optional[list[str]] = None, default_command: Optional[str] = None) -> None:
+def main(argv: list[str] | None = None, default_command: str | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     if default_command and (not args or args[0].startswith("-")) and args[:1] != ["--help"]:

@@ -1,5 +1,7 @@
 """CLI: bad input gives one line on stderr and exit code 2; a tiny-model run writes the report folder."""
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -145,3 +147,196 @@ def test_too_few_draws_or_facts_is_one_line_naming_the_minimum(tmp_path):
         res = runner.invoke(app, ["run", "--model", "tiny-gemma3", "--out", str(tmp_path / "x"), *args])
         one_line_error(res, needle)
         assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------ --config and command-line options
+def _config_commands():
+    """Every command that builds a RunConfig (takes --config), with its click command."""
+    from typer.main import get_command
+
+    cmds = get_command(app).commands
+    return {name: cmd for name, cmd in cmds.items() if any(p.name == "config" for p in cmd.params)}
+
+
+def _options():
+    """(command, parameter) for every option that sets a RunConfig field (the stage commands' required --out is the
+    run folder and is not an override)."""
+    return [(name, p) for name, cmd in sorted(_config_commands().items()) for p in cmd.params
+            if p.name not in ("config", "help") and not (name != "run" and p.name == "out")]
+
+
+OPTIONS = _options()
+
+
+def _field(param) -> str:
+    from circuit_discovery.cli import FIELD_OF
+
+    return FIELD_OF.get(param.name, param.name)
+
+
+def _samples(field, tmp_path):
+    """(value in the file, value on the command line) of a field: both valid and different from its default and
+    from each other."""
+    from circuit_discovery.pipeline.config import RunConfig, _hints
+
+    special = {"device": ("cpu", "cuda:1"), "relations": (["capital_city", "city_country"], ["landmark_country"]),
+               "sae_layers": ([1, 2], [3]), "out": (str(tmp_path / "file_out"), str(tmp_path / "cli_out")),
+               "dataset": (str(tmp_path / "file.json"), str(tmp_path / "cli.json"))}
+    if field in special:
+        return special[field]
+    hint, default = _hints()[field], getattr(RunConfig(), field)
+    args = set(getattr(hint, "__args__", (hint,)))
+    if int in args:
+        return (default or 0) + 3, (default or 0) + 5
+    if float in args:
+        return default / 2, default / 4
+    if str in args:
+        return "from-file", "from-cli"
+    raise AssertionError(f"no sample values for option {field}: add them to _samples")
+
+
+def _toml_value(v) -> str:
+    return json.dumps(v)  # JSON scalars and lists of strings/ints are TOML
+
+
+def _invoke(monkeypatch, tmp_path, command, toml: dict, args):
+    """Run ``command`` with a --config holding ``toml`` and ``args``; return the RunConfig it built (the pipeline
+    is not run)."""
+    import circuit_discovery.pipeline as pipeline
+    from types import SimpleNamespace
+
+    seen = []
+
+    def fake_run_pipeline(cfg, only=None):
+        seen.append(cfg)
+        return SimpleNamespace(circuits=[], out_dir=Path(cfg.out or "x"))
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run_pipeline)
+    cfg = write(tmp_path, "c.toml", "[run]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in toml.items()))
+    stage = [] if command == "run" else ["--out", str(tmp_path / "stage")]
+    res = runner.invoke(app, [command, *stage, "--config", str(cfg), *args])
+    assert res.exit_code == 0, res.output
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_every_option_maps_to_a_run_config_field():
+    from circuit_discovery.pipeline.config import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    assert {"run", "attribute", "train-sae", "circuits", "validate", "report"} <= set(_config_commands())
+    assert {_field(p) for _, p in OPTIONS} <= fields, "name the option like its field or add it to cli.FIELD_OF"
+    assert {"seed", "device", "sae_seed"} <= {_field(p) for c, p in OPTIONS if c == "run"}
+
+
+@pytest.mark.parametrize("command, param", OPTIONS, ids=[f"{c}:{p.opts[0]}" for c, p in OPTIONS])
+def test_config_file_keeps_its_values_unless_the_option_is_given(monkeypatch, tmp_path, command, param):
+    """`frc <command> --config c.toml` keeps the file's value of every option not given on the command line
+    (the CLI's defaults never override it); an option given on the command line overrides the file."""
+    field = _field(param)
+    (tmp_path / "cli.json").write_text("{}")  # --dataset must exist
+    if param.is_flag:
+        flag_args = [param.opts[0]] + (["--out", str(tmp_path / "o")] if field == "resume" and command == "run"
+                                       else [])
+        given = getattr(_invoke(monkeypatch, tmp_path, command, {}, flag_args), field)
+        # the file holds the value the flag gives: it is kept without the flag
+        assert getattr(_invoke(monkeypatch, tmp_path, command, {field: given}, []), field) == given
+        if command != "run" and field == "resume":
+            return
+        # the file holds the other value: the flag overrides it
+        assert getattr(_invoke(monkeypatch, tmp_path, command, {field: not given}, flag_args), field) == given
+        for opt in param.secondary_opts:  # --features/--no-features: both directions
+            assert getattr(_invoke(monkeypatch, tmp_path, command, {field: given}, [opt]), field) == (not given)
+        return
+    in_file, on_cli = _samples(field, tmp_path)
+    assert getattr(_invoke(monkeypatch, tmp_path, command, {field: in_file}, []), field) == in_file
+    arg = ",".join(map(str, on_cli)) if isinstance(on_cli, list) else str(on_cli)
+    got = getattr(_invoke(monkeypatch, tmp_path, command, {field: in_file}, [param.opts[0], arg]), field)
+    assert got == on_cli
+
+
+def test_toml_seed_and_device_survive_frc_run(monkeypatch, tmp_path):
+    """The reported bug: `frc run --config c.toml` ran with seed 0 and device auto whatever the file said."""
+    cfg = _invoke(monkeypatch, tmp_path, "run", {"seed": 7, "device": "cpu", "sae_seed": 3}, [])
+    assert (cfg.seed, cfg.device, cfg.sae_seed) == (7, "cpu", 3)
+    cfg = _invoke(monkeypatch, tmp_path, "run", {"seed": 7, "device": "cpu"}, ["--seed", "0", "--device", "auto"])
+    assert (cfg.seed, cfg.device) == (0, "auto")
+
+
+def test_run_without_config_uses_the_defaults(monkeypatch, tmp_path):
+    import circuit_discovery.pipeline as pipeline
+    from types import SimpleNamespace
+
+    from circuit_discovery.pipeline.config import RunConfig
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline",
+                        lambda cfg, only=None: seen.append(cfg) or SimpleNamespace(circuits=[], out_dir=Path("x")))
+    res = runner.invoke(app, ["run", "--sae-seed", "5"])
+    assert res.exit_code == 0, res.output
+    assert seen[0] == RunConfig(sae_seed=5)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--device", "gpu"], ["device", "'gpu'", "cuda:N"]),
+    (["--seed", "-1"], ["seed", "-1"]),
+    (["--sae-seed", "-2"], ["sae_seed", "-2"]),
+    (["--known-k", "0"], ["known_k", ">= 1"]),
+])
+def test_bad_options_are_one_line_before_any_work(tmp_path, args, needles):
+    res = runner.invoke(app, ["run", "--model", "tiny-gemma3", "--out", str(tmp_path / "x"), *args])
+    one_line_error(res, *needles)
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_closed_set_value_in_config_file_is_one_line(tmp_path):
+    cfg = write(tmp_path, "c.toml", '[run]\nmetric = "logit-diff"\n')
+    one_line_error(runner.invoke(app, ["run", "--config", str(cfg)]), "metric", "'logit-diff'", "logit_diff", "logprob")
+
+
+def test_only_toolkit_errors_become_one_line(monkeypatch):
+    """Errors a user can fix (CircuitDiscoveryError) are one line and exit code 2; anything else is a bug and keeps
+    its traceback."""
+    import circuit_discovery.pipeline as pipeline
+    from circuit_discovery.errors import CircuitDiscoveryError
+
+    def raise_(exc):
+        def fn(cfg, only=None):
+            raise exc
+        return fn
+
+    monkeypatch.setattr(pipeline, "run_pipeline", raise_(CircuitDiscoveryError("bad input; fix it")))
+    one_line_error(runner.invoke(app, ["run"]), "bad input; fix it")
+    monkeypatch.setattr(pipeline, "run_pipeline", raise_(ValueError("a bug")))
+    res = runner.invoke(app, ["run"])
+    assert res.exit_code != 2 and isinstance(res.exception, ValueError)
+
+
+def test_stage_commands_read_old_saved_configs(monkeypatch, tmp_path):
+    """A folder saved before sae_seed existed (with the removed top_nodes and extra) still resumes, with the
+    transcoders' former seed."""
+    import circuit_discovery.pipeline as pipeline
+    from types import SimpleNamespace
+
+    from circuit_discovery.pipeline.config import RunConfig
+
+    out = tmp_path / "run"
+    saved = RunConfig(seed=3).to_dict()
+    del saved["sae_seed"]
+    write(out / "stages" if (out / "stages").mkdir(parents=True) is None else out, "run_config.json",
+          {**saved, "top_nodes": 12, "extra": {}})
+    seen = []
+    monkeypatch.setattr(pipeline, "run_pipeline",
+                        lambda cfg, only=None: seen.append(cfg) or SimpleNamespace(circuits=[], out_dir=out))
+    res = runner.invoke(app, ["validate", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].seed, seen[0].sae_seed, seen[0].resume) == (3, 45, True)
+
+
+def test_damaged_saved_files_are_one_line(tmp_path):
+    out = tmp_path / "run"
+    (out / "stages").mkdir(parents=True)
+    (out / "stages" / "run_config.json").write_text("{damaged")
+    one_line_error(runner.invoke(app, ["validate", "--out", str(out)]), "run_config.json", "--config")
+    (out / "circuits.json").write_text("{damaged")
+    one_line_error(runner.invoke(app, ["view", "--out", str(out)]), "circuits.json", "frc report")
