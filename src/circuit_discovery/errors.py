@@ -27,3 +27,7 @@ class HookError(CircuitDiscoveryError, KeyError):
 
 class InputError(CircuitDiscoveryError, ValueError):
     """Prompts or tensors that the model cannot take (too long, empty, wrong shape)."""
+
+
+class GraphError(CircuitDiscoveryError, ValueError):
+    """An attribution graph (or an operation on it) is malformed."""

@@ -14,11 +14,13 @@ import pytest
 
 from circuit_discovery.facts import build_pairs, filter_known, load_builtin, load_known_1000
 
+from ..conftest import SHARED
+
 pytestmark = pytest.mark.integration
 
 TOKENIZER_DIR = Path(os.environ.get("FRC_GEMMA_TOKENIZER",
                                     Path.home() / ".cache" / "circuit_discovery" / "models" / "gemma-3-270m"))
-KNOWN_1000 = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "known_1000.json"
+KNOWN_1000 = SHARED / "datasets" / "known_1000.json"
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,9 @@ from circuit_discovery.facts import (
     token_roles,
 )
 
-KNOWN_1000 = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "known_1000.json"
+from ..conftest import SHARED
+
+KNOWN_1000 = SHARED / "datasets" / "known_1000.json"
 REQUIRED = ["entity_location", "capital_city", "historical_date", "person_occupation", "country_language",
             "country_currency", "athlete_sport", "landmark_country", "city_country", "element_symbol",
             "book_author", "company_founder"]

@@ -8,30 +8,43 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.graph import (
     AttributionGraph,
     GraphError,
     NodeInfo,
     Supernode,
     combine_graphs,
+    default_schema_path,
+    load_graph_schema,
     prune_graph,
     to_neuronpedia,
     validate_neuronpedia,
     write_neuronpedia_json,
 )
+from circuit_discovery.nodes import Node
+from tests.conftest import REPO, shared_path
 from tests.unit.test_graph_prune import random_dag_graph
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = Path(REPO_ROOT).parent / "shared" / "neuronpedia" / "graph-schema.json"
+SCHEMA_PATH = default_schema_path()  # the copy shipped as package data
 
 
 @pytest.fixture(scope="module")
 def schema():
-    if not SCHEMA_PATH.is_file():
-        pytest.skip(f"{SCHEMA_PATH} is absent: ../shared (Neuronpedia's graph schema) is only present in the "
-                    "project's workspace and CI")
-    return json.loads(SCHEMA_PATH.read_text())
+    return load_graph_schema()
+
+
+def test_schema_is_package_data_identical_to_neuronpedias():
+    """The default schema is the packaged copy (not ``../shared``), is listed as package data, and is the same
+    file as the project's reference copy of Neuronpedia's schema."""
+    import circuit_discovery.graph
+
+    pkg = Path(circuit_discovery.graph.__file__).resolve().parent
+    assert SCHEMA_PATH.resolve() == pkg / "data" / "neuronpedia-graph-schema.json" and SCHEMA_PATH.is_file()
+    assert '"graph/data/*.json"' in (REPO / "pyproject.toml").read_text()
+    assert load_graph_schema() == json.loads(SCHEMA_PATH.read_text()) == load_graph_schema(SCHEMA_PATH)
+    assert load_graph_schema()["title"] == "Anthropic Attribution Graph"
+    reference = shared_path("neuronpedia", "graph-schema.json")
+    assert json.loads(reference.read_text()) == load_graph_schema()
 
 
 FEATURE_ID = re.compile(r"^\d+_\d+_\d+$")

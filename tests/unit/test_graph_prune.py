@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.graph import (
     AttributionGraph,
     GraphError,
@@ -21,6 +20,7 @@ from circuit_discovery.graph import (
     normalize_matrix,
     prune_graph,
 )
+from circuit_discovery.nodes import Node
 
 
 def random_dag_graph(seed: int = 0, n_pos: int = 3, n_layers: int = 3, feats_per_layer: int = 3,

@@ -2,25 +2,25 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.graph import (
     AttributionGraph,
     GraphError,
     NodeInfo,
     find_supernodes,
     label_group,
+    default_schema_path,
     node_distances,
     to_neuronpedia,
     validate_neuronpedia,
 )
+from circuit_discovery.nodes import Node
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "neuronpedia" / "graph-schema.json"
+SCHEMA_PATH = default_schema_path()  # the copy shipped as package data
 N_TARGETS = 30
 
 
@@ -129,8 +129,6 @@ def test_bad_inputs_raise():
 
 
 def test_supernodes_export_to_neuronpedia_qparams():
-    if not SCHEMA_PATH.is_file():
-        pytest.skip(f"{SCHEMA_PATH} is absent: ../shared is only present in the project's workspace and CI")
     graph, groups, _ = planted_graph(0)
     found = find_supernodes(graph)
     data = to_neuronpedia(graph, "planted", "m", node_threshold=1.0, edge_threshold=1.0, supernodes=found)

@@ -165,3 +165,84 @@ def test_block_attention(tiny_models, name):
     with m.block_attention(range(m.cfg.n_layers), block):
         _, c1 = m.run_with_cache(toks, names=["blocks.1.hook_resid_post"])
     assert torch.allclose(c0["blocks.1.hook_resid_post"][:, :-1], c1["blocks.1.hook_resid_post"][:, :-1], atol=1e-5)
+
+
+def test_transformer_lens_style_hook_reads_hook_name(tiny_models):
+    """``fn(act, hook)`` with ``hook.name`` (TransformerLens's HookPoint signature) works, and gives the same
+    intervention as the string form ``fn(act, name)``."""
+    m = tiny_models["tiny-gemma3"]
+    toks = m.to_tokens(PROMPTS[0])
+    names = ["blocks.1.hook_mlp_out", "blocks.2.attn.hook_z"]
+    seen = []
+
+    def tl_ablate(act, hook):
+        seen.append(hook.name)
+        assert type(hook.name) is str
+        return torch.zeros_like(act) if hook.name.endswith("hook_mlp_out") else None
+
+    def str_ablate(act, name):
+        return torch.zeros_like(act) if name.endswith("hook_mlp_out") else None
+
+    with m.hooks([(n, tl_ablate) for n in names]):
+        tl = m.last_logits(toks)
+    with m.hooks([(n, str_ablate) for n in names]):
+        old = m.last_logits(toks)
+    assert seen == names
+    assert torch.equal(tl, old)
+    assert not torch.allclose(tl, m.last_logits(toks), atol=1e-4)
+
+
+def test_hook_argument_is_still_the_name_string(tiny_models):
+    """Old code that treats the second argument as the hook-name string keeps working, and caches use plain
+    string keys."""
+    m = tiny_models["tiny-gemma3"]
+    toks = m.to_tokens(PROMPTS[1])
+    got = {}
+
+    def grab(act, name):
+        assert isinstance(name, str) and name == "blocks.0.hook_resid_post" and name.name == name
+        got[name] = act
+    with m.hooks([("blocks.0.hook_resid_post", grab)]):
+        m.last_logits(toks)
+    assert list(got) == ["blocks.0.hook_resid_post"] and f"{list(got)[0]}" == "blocks.0.hook_resid_post"
+    _, cache = m.run_with_cache(toks, names=["blocks.0.hook_resid_post"])
+    assert [type(k) for k in cache] == [str]
+    assert torch.equal(cache["blocks.0.hook_resid_post"], got["blocks.0.hook_resid_post"])
+
+
+def test_folder_that_does_not_load_raises_model_load_error(tmp_path):
+    """A local folder that is not a loadable causal LM (here: a damaged weights file, which safetensors reports
+    with its own exception type) gives a ModelLoadError that says what the folder needs."""
+    from circuit_discovery.models.loading import build_tiny
+
+    model, tok = build_tiny("tiny-gemma3")
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="could not load a causal LM from folder .*save_pretrained"):
+        load_model(str(tmp_path), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="could not load a causal LM from folder"):
+        load_model(str(empty), device="cpu")
+
+
+def test_damaged_builtin_cache_is_rebuilt_once_then_reported(monkeypatch, tmp_path):
+    from safetensors import SafetensorError
+
+    from circuit_discovery.models import loading
+
+    tiny = loading.build_tiny("tiny-gemma3")
+    monkeypatch.setattr(loading, "builtin_folder", lambda name, cache_dir=None: tmp_path / name)
+    failures = [SafetensorError("Error while deserializing header"), OSError("truncated")]
+
+    def load_folder(folder, dt):
+        if failures:
+            raise failures.pop(0)
+        return tiny
+    monkeypatch.setattr(loading, "_load_folder", load_folder)
+    with pytest.raises(ModelLoadError, match="rebuilt cache of 'gemma-3-270m'.*does not load either"):
+        loading.load_model("gemma-3-270m", device="cpu", cache_dir=tmp_path)
+    failures[:] = [SafetensorError("Error while deserializing header")]  # fails once: the rebuild loads
+    assert loading.load_model("gemma-3-270m", device="cpu", cache_dir=tmp_path).cfg.n_layers == 4

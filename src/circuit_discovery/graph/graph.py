@@ -15,14 +15,17 @@ kind               components                  role in pruning
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import networkx as nx
 import numpy as np
 import torch
 
-from circuit_discovery.attribution.nodes import Node
+from circuit_discovery.errors import GraphError
+from circuit_discovery.graph.influence import compute_node_influence
+from circuit_discovery.nodes import Node
 
 #: Neuronpedia ``feature_type`` per component (the first four are the strings circuit-tracer writes).
 FEATURE_TYPES = {
@@ -40,10 +43,6 @@ FEATURE_TYPES = {
 }
 
 _KIND = {"embed": "embedding", "error": "error", "logit": "logit"}
-
-
-class GraphError(ValueError):
-    """An attribution graph (or an operation on it) is malformed."""
 
 
 def node_kind(node: Node) -> str:
@@ -109,7 +108,7 @@ class NodeInfo:
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         t = x.detach().cpu()
-    elif isinstance(x, np.ndarray) or isinstance(x, (list, tuple)):
+    elif isinstance(x, (np.ndarray, list, tuple)):
         t = torch.as_tensor(np.asarray(x, dtype=np.float64))
     else:
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
@@ -205,7 +204,7 @@ class AttributionGraph:
     # ---------------------------------------------------------- construction
     @classmethod
     def from_edges(cls, nodes: Sequence[NodeInfo], edges: Iterable[tuple[str, str, float]],
-                   logit_probabilities: dict[str, float] | None = None, **kwargs: Any) -> "AttributionGraph":
+                   logit_probabilities: dict[str, float] | None = None, **kwargs: Any) -> AttributionGraph:
         """Build a graph from ``(source_id, target_id, weight)`` triples.
 
         ``logit_probabilities`` maps logit node ids to weights; by default every logit node gets
@@ -230,18 +229,10 @@ class AttributionGraph:
 
     # ----------------------------------------------------------- operations
     def influence(self) -> torch.Tensor:
-        """``[n]`` indirect influence of every node on the logits (see :func:`prune.compute_node_influence`)."""
-        from circuit_discovery.graph.prune import compute_node_influence
-
+        """``[n]`` indirect influence of every node on the logits (see :func:`influence.compute_node_influence`)."""
         return compute_node_influence(self.adjacency, self.logit_weights())
 
-    def prune(self, **kwargs: Any):
-        """Shorthand for :func:`circuit_discovery.graph.prune.prune_graph` on this graph."""
-        from circuit_discovery.graph.prune import prune_graph
-
-        return prune_graph(self, **kwargs)
-
-    def subgraph(self, node_mask: torch.Tensor, edge_mask: torch.Tensor | None = None) -> "AttributionGraph":
+    def subgraph(self, node_mask: torch.Tensor, edge_mask: torch.Tensor | None = None) -> AttributionGraph:
         """A new graph with only the nodes in ``node_mask`` (``[n]`` bool) and, when given, only the
         edges in ``edge_mask`` (``[n, n]`` bool). Logit nodes must all be kept."""
         node_mask = torch.as_tensor(node_mask, dtype=torch.bool)

@@ -33,12 +33,15 @@ node_threshold``); ``activation`` is the node's activation; ``clerp`` its label.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
+from collections.abc import Mapping, Sequence
 from importlib import metadata as _md
+from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import jsonschema
 import torch
@@ -60,15 +63,20 @@ def _version() -> str:
         return "unknown"
 
 
+_SCHEMA_RESOURCE = ("data", "neuronpedia-graph-schema.json")
+
+
 def default_schema_path() -> Path:
-    """``<repo>/../shared/neuronpedia/graph-schema.json`` (the project ships no copy of the schema)."""
-    repo_root = Path(__file__).resolve().parents[3]
-    return repo_root.parent / "shared" / "neuronpedia" / "graph-schema.json"
+    """The copy of Neuronpedia's graph JSON schema shipped as package data
+    (``circuit_discovery/graph/data/neuronpedia-graph-schema.json``)."""
+    return Path(str(resources.files("circuit_discovery.graph").joinpath(*_SCHEMA_RESOURCE)))
 
 
 def load_graph_schema(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Load Neuronpedia's graph JSON schema from ``path`` (default :func:`default_schema_path`)."""
-    p = Path(path) if path is not None else default_schema_path()
+    """Load Neuronpedia's graph JSON schema from ``path`` (default: the packaged copy, :func:`default_schema_path`)."""
+    if path is None:
+        return json.loads(resources.files("circuit_discovery.graph").joinpath(*_SCHEMA_RESOURCE).read_text("utf-8"))
+    p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"Neuronpedia graph schema not found at {p}")
     return read_json(p)

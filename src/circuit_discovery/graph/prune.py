@@ -12,6 +12,8 @@
    ``edge_threshold`` of the total score (optional absolute ``min_edge_score``).
 5. Repeatedly drop intermediate and error nodes with no kept outgoing edge and intermediate nodes
    with no kept incoming edge, and the edges touching them, until nothing changes.
+
+The tensor-only steps 1, 2 and 4's edge score live in :mod:`circuit_discovery.graph.influence`.
 """
 from __future__ import annotations
 
@@ -20,73 +22,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from circuit_discovery.graph.graph import AttributionGraph, GraphError
-
-
-def normalize_matrix(adjacency: torch.Tensor) -> torch.Tensor:
-    """Row-normalised absolute adjacency: ``[n, n] -> [n, n]``, rows (targets) sum to 1 or are 0."""
-    a = torch.as_tensor(adjacency).to(torch.float64).abs()
-    return a / a.sum(dim=1, keepdim=True).clamp(min=1e-300)
-
-
-def compute_influence(a_norm: torch.Tensor, weights: torch.Tensor, method: str = "series",
-                      max_iter: int | None = None) -> torch.Tensor:
-    """Total (all-path) influence of every source on the weighted targets.
-
-    Args:
-        a_norm: ``[n, n]`` normalised adjacency (rows = targets).
-        weights: ``[n]`` weight of each node as a target (logit probabilities).
-        method: ``"series"`` sums ``w A + w A^2 + ...`` until it vanishes (exact for a DAG, where
-            ``A`` is nilpotent); ``"solve"`` solves ``x (I - A) = w`` and returns ``x - w``.
-        max_iter: series length limit (default ``n``); a DAG needs at most ``n - 1`` terms.
-
-    Returns:
-        ``[n]`` float64 influence ``w @ ((I - A)^-1 - I)``.
-
-    Raises:
-        GraphError: the series does not terminate (the graph has a cycle) or the solve fails.
-    """
-    a = torch.as_tensor(a_norm).to(torch.float64)
-    w = torch.as_tensor(weights).to(torch.float64).reshape(-1)
-    n = a.shape[0]
-    if a.shape != (n, n) or w.shape != (n,):
-        raise GraphError(f"shapes do not match: a_norm {tuple(a.shape)}, weights {tuple(w.shape)}")
-    if method == "solve":
-        eye = torch.eye(n, dtype=torch.float64)
-        try:
-            x = torch.linalg.solve((eye - a).T, w)
-        except RuntimeError as exc:  # singular: a cycle of weight-1 shares
-            raise GraphError(f"influence system is singular (the graph has a cycle): {exc}") from exc
-        if not torch.isfinite(x).all():
-            raise GraphError("influence diverged (the graph has a cycle)")
-        return x - w
-    if method != "series":
-        raise ValueError(f"method must be 'series' or 'solve', got {method!r}")
-    limit = n + 1 if max_iter is None else max_iter
-    current = w @ a
-    total = current.clone()
-    for _ in range(limit):
-        if not current.any():
-            return total
-        current = current @ a
-        total += current
-    if current.any():
-        raise GraphError(f"influence series did not terminate after {limit} terms: the graph is not "
-                         "acyclic; use method='solve' for graphs with damped cycles")
-    return total
-
-
-def compute_node_influence(adjacency: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[n]`` influence of each node on the weighted logits through all paths (normalised first)."""
-    return compute_influence(normalize_matrix(adjacency), weights)
-
-
-def compute_edge_influence(pruned_adjacency: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``[n, n]`` edge scores ``A_norm[t, s] * (influence[t] + w[t])`` on a (node-pruned) adjacency."""
-    a_norm = normalize_matrix(pruned_adjacency)
-    w = torch.as_tensor(weights).to(torch.float64)
-    target_total = compute_influence(a_norm, w) + w
-    return a_norm * target_total[:, None]
+from circuit_discovery.graph.graph import AttributionGraph
+from circuit_discovery.graph.influence import compute_edge_influence, compute_node_influence
 
 
 def find_threshold(scores: torch.Tensor, threshold: float) -> float:

@@ -63,7 +63,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def arch_for(model_type: str) -> ArchSpec:
-    from ..errors import ModelLoadError
+    from circuit_discovery.errors import ModelLoadError
 
     try:
         return ARCHITECTURES[model_type]

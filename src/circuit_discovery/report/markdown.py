@@ -26,12 +26,14 @@ Missing values (``None``, NaN, absent) are shown as an em dash "—"; table cell
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_text
 
 __all__ = ["ReportInputError", "write_report", "format_value", "escape_cell", "markdown_table"]
@@ -58,7 +60,7 @@ HYPOTHESIS_PREFERRED = [
 ]
 
 
-class ReportInputError(ValueError):
+class ReportInputError(CircuitDiscoveryError, ValueError):
     """The summary passed to :func:`write_report` is not usable."""
 
 
@@ -70,10 +72,8 @@ def format_value(v: Any, digits: int = 3) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # numpy scalar
-        try:
+        with contextlib.suppress(TypeError, ValueError):
             v = v.item()
-        except (TypeError, ValueError):
-            pass
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
@@ -141,10 +141,8 @@ def _verdicts(v: Any) -> Any:
 def _rel_path(p: Any, out_dir: Path) -> str:
     p = os.fspath(p)
     if os.path.isabs(p):
-        try:
+        with contextlib.suppress(ValueError):  # different drive on Windows
             p = os.path.relpath(p, out_dir)
-        except ValueError:  # different drive on Windows
-            pass
     return PurePosixPath(Path(p).as_posix()).as_posix()
 
 
@@ -210,7 +208,7 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
 
     relations = summary.get("relations")
     if isinstance(relations, Sequence) and not isinstance(relations, str) and relations:
-        rows = []
+        rel_rows: list[list[Any]] = []
         for r in relations:
             if not isinstance(r, Mapping):
                 raise ReportInputError(f"each relations row must be a mapping, got {type(r).__name__}")
@@ -222,9 +220,9 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
                 elif key == "verdicts":
                     v = _verdicts(v)
                 row.append(v)
-            rows.append(row)
+            rel_rows.append(row)
         align = ["l", "r", "r", "r", "r", "r", "r", "l", "r", "r", "l", "l"]
-        lines += ["## Relations", "", markdown_table([h for _, h in RELATION_COLUMNS], rows, align), ""]
+        lines += ["## Relations", "", markdown_table([h for _, h in RELATION_COLUMNS], rel_rows, align), ""]
         definitions = summary.get("definitions")
         if definitions:
             lines += [f"- {d}" for d in ([definitions] if isinstance(definitions, str) else definitions)] + [""]

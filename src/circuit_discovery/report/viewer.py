@@ -16,6 +16,7 @@ Security model: prompts, labels and contexts are untrusted text.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -26,6 +27,7 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_text
 
 __all__ = ["ViewerInputError", "write_viewer", "render_viewer", "embed_json"]
@@ -36,7 +38,7 @@ _HASH_PLACEHOLDER = "__SCRIPT_HASH__"
 _SCRIPT_RE = re.compile(r'<script id="viewer-js">(.*?)</script>', re.S)
 
 
-class ViewerInputError(ValueError):
+class ViewerInputError(CircuitDiscoveryError, ValueError):
     """The circuits dict given to the viewer does not follow the circuits.json format."""
 
 
@@ -73,10 +75,8 @@ def embed_json(payload: Any) -> str:
 def _rel(p: Any, out_dir: Path) -> str:
     s = os.fspath(p) if isinstance(p, os.PathLike) else str(p)
     if os.path.isabs(s):
-        try:
+        with contextlib.suppress(ValueError):
             s = os.path.relpath(s, out_dir)
-        except ValueError:
-            pass
     return PurePosixPath(Path(s).as_posix()).as_posix()
 
 
