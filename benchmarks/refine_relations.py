@@ -24,7 +24,7 @@ for rel in rels:
     pairs = relation_pairs(m, list(known[rel]), cfg)
     found = circuit_for_relation(m, rel, pairs, cfg, None)
     t1 = time.time() - t
-    v = validate_relation(m, pairs, found, cfg, 0)
+    v = validate_relation(m, pairs, found, cfg)
     h = v["held_out"]
     out[rel] = {"circuit_seconds": round(t1, 1), "validate_seconds": round(time.time() - t - t1, 1),
                 "held_out_faithfulness": h["faithfulness"], "held_out_ci": h["ci"], "node_share": h["node_share"],

@@ -8,14 +8,11 @@
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CircuitDiscoveryError
-from .pipeline.config import RunConfig
-
-log = logging.getLogger(__name__)
+from circuit_discovery.errors import CircuitDiscoveryError
+from circuit_discovery.pipeline.config import RunConfig
 
 
 class CircuitDiscovery:
@@ -30,11 +27,13 @@ class CircuitDiscovery:
                  cache_dir: str | None = None, **options: Any):
         self.cfg = RunConfig(model=model_name, device=device, seed=seed, cache_dir=cache_dir, **options)
         self._model = None
+        self._dicts = None
+        self.known_report = None  # the known-fact filter's report of the last discover_all_circuits call
 
     @property
     def model(self):
         if self._model is None:
-            from .models import load_model
+            from circuit_discovery.models import load_model
 
             self._model = load_model(self.cfg.model, device=self.cfg.device, cache_dir=self.cfg.cache_dir,
                                      seed=self.cfg.seed)
@@ -43,25 +42,25 @@ class CircuitDiscovery:
     def transcoders(self):
         """The per-layer transcoders (:class:`~circuit_discovery.sae.dictionaries.DictionarySet`): trained on the
         built-in corpus with this configuration's ``sae_*`` options the first time, then loaded from the cache."""
-        if getattr(self, "_dicts", None) is None:
-            from .pipeline.feature_stage import dictionaries
+        if self._dicts is None:
+            from circuit_discovery.pipeline.feature_stage import dictionaries
 
             self._dicts = dictionaries(self.model, self.cfg)[0]
         return self._dicts
 
     def attribution_graph(self, prompt: str, *, max_feature_nodes: int | None = None, extra_logits=(), **kwargs):
         """The transcoder attribution graph of one prompt
-        (:func:`~circuit_discovery.graph.features.feature_graph`; trains or loads the transcoders first).
-        Returns a :class:`~circuit_discovery.graph.features.FeatureGraphResult` whose ``.graph`` exports with
+        (:func:`~circuit_discovery.attribution.feature_graph.feature_graph`; trains or loads the transcoders first).
+        Returns a :class:`~circuit_discovery.attribution.feature_graph.FeatureGraphResult` whose ``.graph`` exports with
         :func:`~circuit_discovery.graph.to_neuronpedia`."""
-        from .graph.features import feature_graph
+        from circuit_discovery.attribution.feature_graph import feature_graph
 
         return feature_graph(self.model, self.transcoders().transcoders, prompt,
                              max_feature_nodes=max_feature_nodes or self.cfg.feature_nodes,
                              extra_logits=extra_logits, batch_size=self.cfg.batch_size, **kwargs)
 
     def _dataset(self, dataset):
-        from .facts import Dataset, load_builtin, load_dataset
+        from circuit_discovery.facts import Dataset, load_builtin, load_dataset
 
         if dataset is None:
             return load_builtin()
@@ -71,7 +70,7 @@ class CircuitDiscovery:
 
     def discover(self, facts: Sequence, relation: str | None = None, train_sae: bool = False):
         """One relation's circuit from its facts (a list of :class:`~circuit_discovery.facts.Fact`)."""
-        from .facts import Dataset
+        from circuit_discovery.facts import Dataset
 
         facts = list(facts)
         if not facts:
@@ -85,29 +84,35 @@ class CircuitDiscovery:
     def discover_all_circuits(self, dataset: Any = None, train_sae: bool = False,
                               relations: Sequence[str] | None = None, validate: bool = True):
         """One circuit per relation with known facts (``.name``, ``.nodes``, ``.edges``, ``.attribution_score``,
-        ``.faithfulness``).
+        ``.faithfulness``, ``.validation``): the circuits ``frc run`` writes to ``circuits.json`` for the same
+        facts and options (the same per-relation functions, :func:`~circuit_discovery.pipeline.run.discover_relation`).
 
         ``train_sae=False``: component circuits -- EAP edge scores over heads, MLPs and embeddings, combined over
         the relation's facts by token role and pruned by influence. ``train_sae=True``: feature circuits --
         per-layer transcoders are trained on the built-in corpus (or reused from the cache; the first time takes
         about 10 minutes for Gemma 3 270M on 2 CPU cores), each fact's transcoder attribution graph is built with
         attention and norms frozen, and the graphs are combined by role and pruned; node ids are
-        ``feature/L{layer}/I{feature}/{role}``, ``error/L{layer}/{role}`` and ``embed/L-1/{role}``. ``validate``
-        fills ``.faithfulness`` (and ``.extra["validation"]``).
+        ``feature/L{layer}/I{feature}/{role}``, ``error/L{layer}/{role}`` and ``embed/L-1/{role}``; feature circuits
+        are named ``<relation>/features``. ``validate`` fills ``.validation``
+        (:class:`~circuit_discovery.graph.circuit.CircuitValidation`: in-sample and held-out faithfulness, held-out
+        node share, CPR and matched random p) and ``.faithfulness``, the held-out faithfulness (``None`` without
+        held-out facts, e.g. for the seed README's two facts: then ``.validation.faithfulness`` is the in-sample
+        one).
 
         Each relation's known facts are split into discovery and held-out facts *before* pairing
         (:func:`~circuit_discovery.pipeline.attribution_stage.relation_pairs`): counterfactual subjects come from the
         same split only, only subject-swap pairs are used (a relation without any uses ROME-noise pairs
         for all its facts instead), and at most ``max_facts`` discovery and ``held_out_facts`` held-out pairs are
-        kept.
+        kept. Relations are skipped for the reasons ``frc run`` skips them (no known fact, no discovery pair);
+        the one difference is the noise fallback above, which ``frc run`` does not use. With ``quick`` and no
+        ``relations``, the first ``quick_relations`` relations are used, as in ``frc run --quick``.
 
         ``dataset``: None (built-in facts), the seed's dict format, our rich format, a ROME list, a path, or a
         :class:`~circuit_discovery.facts.Dataset`.
         """
-        from .facts import filter_known, load_builtin, select_relations
-        from .graph import Circuit
-        from .pipeline.attribution_stage import relation_pairs
-        from .pipeline.circuit_stage import circuit_for_relation, validate_relation
+        from circuit_discovery.facts import load_builtin, select_relations
+        from circuit_discovery.pipeline.attribution_stage import pairs_by_relation
+        from circuit_discovery.pipeline.run import discover_relation, find_known, known_facts_by_relation
 
         if dataset is None and relations:
             ds = load_builtin(list(relations))  # named built-in relations, default selection or not
@@ -115,55 +120,13 @@ class CircuitDiscovery:
             ds = self._dataset(dataset)
             if relations:
                 ds = select_relations(ds, relations)
-        known, report = filter_known(self.model, ds, k=self.cfg.known_k, batch_size=self.cfg.batch_size,
-                                     progress=self.cfg.progress)
-        self.known_report = report
-        circuits = []
+            elif self.cfg.quick:
+                ds = ds.select(ds.relation_names[: self.cfg.quick_relations])
+        self.known_report = find_known(self.model, ds, self.cfg)
+        facts = known_facts_by_relation(ds, self.known_report)
+        # a relation without any subject-swap pair (e.g. the seed README's two facts) falls back to ROME-noise
+        # pairs for all of its facts: one corruption type per relation, never mixed
+        pairs, _ = pairs_by_relation(self.model, facts, self.cfg, noise_fallback=True)
         tcs = self.transcoders().transcoders if train_sae else None
-        for rel in ds.relation_names:
-            # every known fact of the relation: relation_pairs splits them into discovery and held-out facts
-            # first and draws counterfactual partners inside each split only (then caps each split)
-            facts = list(known[rel]) if rel in known else []
-            # a relation without any subject-swap pair (e.g. the seed README's two facts) falls back to ROME-noise
-            # pairs for all of its facts: one corruption type per relation, never mixed
-            pairs = relation_pairs(self.model, facts, self.cfg, noise_fallback=True)
-            if not pairs["discovery"]:
-                log.warning("relation %s: no known discovery fact with a usable subject-swap partner; skipped", rel)
-                continue
-            if not pairs["held_out"]:
-                log.warning("relation %s: no held-out subject-swap pair; held-out validation is skipped", rel)
-            if train_sae:
-                from .pipeline.feature_stage import feature_circuit_for_relation
-
-                found = feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, self.cfg.seed,
-                                                     validate=validate)
-                circuit = Circuit.from_dict(found["circuit"])
-                if validate:
-                    v = found["validation"]
-                    circuit.faithfulness, circuit.extra["validation"] = _headline(v, v.get("held_out"), extra=(
-                        "feature_ablation_drop", "steering_flips", "faithfulness_live", "held_out_faithfulness_live"))
-                circuits.append(circuit)
-                continue
-            found = circuit_for_relation(self.model, rel, pairs, self.cfg)
-            circuit = Circuit.from_dict(found["circuit"])
-            if validate:
-                v = validate_relation(self.model, pairs, found, self.cfg, self.cfg.seed)
-                circuit.faithfulness, circuit.extra["validation"] = _headline(v.get("in_sample", v), v.get("held_out"),
-                                                                              extra=("validated",), top=v)
-            circuits.append(circuit)
-        return circuits
-
-
-def _headline(in_sample: dict, held_out: dict | None, extra=(), top: dict | None = None) -> tuple:
-    """``(faithfulness, validation dict)`` of one circuit: the held-out numbers where held-out facts exist (the
-    headline), else the in-sample ones, labelled by ``split``."""
-    head = held_out if held_out else in_sample
-    top = top if top is not None else in_sample
-    out = {"split": "held_out" if held_out else "in_sample",
-           "faithfulness_ci": head.get("ci"), "degenerate": head.get("degenerate"),
-           **{k: head.get(k) for k in ("node_share", "cpr", "cmd", "random_p", "faithfulness_at")},
-           "held_out_faithfulness": held_out.get("faithfulness") if held_out else None,
-           "in_sample_faithfulness": in_sample.get("faithfulness"),
-           "n_discovery": top.get("n_discovery"), "n_held_out": top.get("n_held_out", 0)}
-    out.update({k: (top.get(k) if k in top else in_sample.get(k)) for k in extra})
-    return head.get("faithfulness"), out
+        return [discover_relation(self.model, rel, p, self.cfg, transcoders=tcs, validate=validate)
+                for rel, p in pairs.items()]

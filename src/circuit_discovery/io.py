@@ -4,10 +4,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def safe_name(text: str, max_len: int = 80) -> str:
+    """A file-name-safe version of user text (relation names): never escapes the output folder."""
+    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._") or "unnamed"
+    return s[:max_len]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -25,10 +32,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     return path
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from circuit_discovery import load_model
+from circuit_discovery.attribution.feature_graph import feature_graph, graph_scores
 from circuit_discovery.errors import InputError
-from circuit_discovery.graph.features import feature_graph, graph_scores
 from circuit_discovery.sae import SAEConfig, create_sae
 from circuit_discovery.validation.features import FeatureCircuitEvaluator
 
@@ -115,7 +115,7 @@ def test_replacement_and_completeness_scores(exact, noisy):
 
 def test_graph_scores_follow_circuit_tracer_definition():
     """Hand-built graph: token t -> feature f -> logit, token t -> error e -> logit (weights 3 and 1)."""
-    from circuit_discovery.attribution.nodes import Node
+    from circuit_discovery.nodes import Node
     from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
 
     nodes = [NodeInfo(node=Node("feature", 0, 1, 0)), NodeInfo(node=Node("error", 0, 1)),
@@ -292,7 +292,7 @@ def test_feature_stage_validation_outputs():
     cfg = RunConfig(model="tiny-gemma3", node_threshold=0.99, edge_threshold=0.999, min_metric_gap=0.0,
                     feature_nodes=20, feature_facts=3, steer_features=3, steer_random=4, n_random=19)
     out = feature_circuit_for_relation(m, tcs, "capital_city", {"discovery": pairs[:3], "held_out": pairs[3:]},
-                                       cfg, seed=0)
+                                       cfg)
     v = out["validation"]
     assert out["n_discovery"] == 3 and out["n_held_out"] == 3 and v["n_prompts"] == 3
     for key in ("replacement_score", "completeness_score", "error_influence_share"):
@@ -333,7 +333,7 @@ def test_evaluated_metric_equals_the_graphs_linear_prediction(noisy, errors):
     (error nodes, which hold the capped features, and feature nodes) changes the logit difference by exactly minus
     the sum of their graph edges to the answer and counterfactual logits: the evaluator's ids are the graph's
     nodes."""
-    from circuit_discovery.graph.features import FrozenReplay, _prompt_state
+    from circuit_discovery.attribution.feature_graph import FrozenReplay, _prompt_state
 
     m, tcs, pairs = noisy
     p = pairs[0]

@@ -80,6 +80,32 @@ class KnownReport:
                 "per_relation": {k: v.to_dict() for k, v in self.per_relation.items()},
                 "facts": [asdict(s) for s in self.scores]}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> KnownReport:
+        """Inverse of :meth:`to_dict` (the derived ``n``, ``n_known`` and ``accuracy`` are recomputed)."""
+        return cls(k=int(d["k"]),
+                   per_relation={r: RelationAccuracy(int(a["n"]), int(a["n_known"]))
+                                 for r, a in d.get("per_relation", {}).items()},
+                   scores=[FactScore(**s) for s in d.get("facts", [])])
+
+    def kept(self, facts: Dataset | Iterable[Fact]) -> Dataset | list[Fact]:
+        """The known facts of ``facts`` (the facts this report was made from), each with its best-ranked answer
+        (the old answer moves to the aliases), in their order: what :func:`filter_known` returns, rebuilt from
+        the report (the i-th score belongs to the i-th fact when they match one to one; else a fact is matched by
+        relation, subject and prompt, and facts the report lacks are dropped)."""
+        flat = facts.facts if isinstance(facts, Dataset) else list(facts)
+        keys = [(f.relation, f.subject, f.prompt) for f in flat]
+        scores: Sequence[FactScore | None]
+        if keys == [(s.relation, s.subject, s.prompt) for s in self.scores]:
+            scores = self.scores
+        else:
+            best = {(s.relation, s.subject, s.prompt): s for s in self.scores}
+            scores = [best.get(key) for key in keys]
+        kept = [with_answer(f, s.answer) for f, s in zip(flat, scores) if s is not None and s.known]
+        if isinstance(facts, Dataset):
+            return Dataset(kept, facts.relations, allow_empty=True)
+        return kept
+
 
 def _attention_mask(model, tokens: torch.Tensor) -> torch.Tensor:
     pad = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
@@ -134,15 +160,15 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     is_ds = isinstance(facts, Dataset)
-    flat = facts.facts if is_ds else list(facts)
+    flat = facts.facts if isinstance(facts, Dataset) else list(facts)
     if not flat:
         raise DatasetError("no facts to filter; give a non-empty dataset")
     tok = model.tokenizer
 
-    items = []  # (prompt, [(answer_text, first_token_id)])
+    items: list[tuple[str, list[tuple[str, list[int]]]]] = []  # (prompt, [(answer_text, answer_token_ids)])
     for f in flat:
         cands = []
-        prompt = None
+        prompt: str | None = None
         for a in (f.answers if use_aliases else (f.answer,)):
             p, aligned = align_answer(tok, f.prompt, a)
             if prompt is None:
@@ -150,6 +176,7 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
             elif p != prompt:  # alias tokenizes differently around the prompt end: score it on the main prompt
                 aligned = a
             cands.append((a, answer_tokens(tok, aligned)))
+        assert prompt is not None  # f.answers always holds f.answer
         items.append((prompt, cands))
 
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]))  # similar lengths -> less padding
@@ -178,7 +205,8 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
                 best_ids[i] = cands[j][1]
         # multi-token answers (years split into digits, two-word names): every token must rank <= k when the
         # answer is teacher-forced, else the first token alone (e.g. "1" of "1789") would decide
-        multi = [i for i in best if best[i][1] <= k and len(best_ids[i]) > 1] if all_tokens and hasattr(model, "final_hidden") else []
+        multi = ([i for i in best if best[i][1] <= k and len(best_ids[i]) > 1]
+                 if all_tokens and hasattr(model, "final_hidden") else [])
         for start in range(0, len(multi), batch_size):
             idx = multi[start:start + batch_size]
             worst = _teacher_forced_worst_rank(model, [items[i][0] for i in idx], [best_ids[i] for i in idx])
@@ -186,7 +214,6 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
                 best[i] = (best[i][0], max(best[i][1], r))
 
     report = KnownReport(k=k)
-    kept: list[Fact] = []
     for i, f in enumerate(flat):
         answer, rank = best[i]
         known = rank <= k
@@ -194,8 +221,4 @@ def filter_known(model, facts: Dataset | Iterable[Fact], k: int = 1, batch_size:
         acc.n += 1
         acc.n_known += known
         report.scores.append(FactScore(f.relation, f.subject, f.prompt, answer, rank, known))
-        if known:
-            kept.append(with_answer(f, answer))
-    if is_ds:
-        return Dataset(kept, facts.relations, allow_empty=True), report
-    return kept, report
+    return report.kept(facts if is_ds else flat), report

