@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from circuit_discovery import load_model  # noqa: E402
 from circuit_discovery.attribution import (PairInputs, activation_patching, attribution_patching,  # noqa: E402
                                            layer_integrated_gradients)
-from circuit_discovery.attribution._common import frozen  # noqa: E402
+from circuit_discovery.models import frozen  # noqa: E402
 from circuit_discovery.facts import build_pairs, filter_known, group_by_length, load_builtin  # noqa: E402
 from circuit_discovery.io import atomic_write_json  # noqa: E402
 from circuit_discovery.metrics import logit_diff  # noqa: E402
@@ -221,7 +221,7 @@ def run_causal_tracing(args) -> dict:
 
 
 def _sel(batch, idx):
-    from circuit_discovery.attribution._common import select
+    from circuit_discovery.attribution.inputs import select
 
     return select(batch, idx)
 

@@ -6,8 +6,9 @@ paired on its own (``pipeline.attribution_stage.relation_pairs``: subject-swap p
 ``--held-out`` facts). Every method ranks the component nodes (heads, MLPs, embeddings at each token role) using
 the discovery pairs only:
 
-* ``eap`` / ``eap-ig``: ``graph.component.component_circuit(method=...)`` node scores (|score|, combined by role);
-* ``exact``: ``graph.refine.exact_patching_ranking`` (each node ablated alone from the clean run, exact);
+* ``eap`` / ``eap-ig``: ``attribution.component_graph.component_circuit(method=...)`` node scores (|score|, combined
+  by role);
+* ``exact``: ``validation.exact_ranking.exact_patching_ranking`` (each node ablated alone from the clean run, exact);
 * ``greedy`` / ``greedy-dist``: ``graph.refine.refine_circuit`` on the discovery evaluator (objective: maximise f /
   minimise |1 - f|), seeded with ``--greedy-base``'s ranking, up to ``--budget`` of the non-inert nodes (the rest of
   the base ranking appended).
@@ -61,9 +62,10 @@ def _score(ev, ranked, mf, me) -> dict:
 
 
 def run_relation(model, rel, facts, args) -> dict:
-    from circuit_discovery.graph.component import component_circuit
-    from circuit_discovery.graph.refine import exact_patching_ranking, refine_circuit
+    from circuit_discovery.attribution.component_graph import component_circuit
+    from circuit_discovery.graph.refine import refine_circuit
     from circuit_discovery.validation.ablation import CircuitEvaluator
+    from circuit_discovery.validation.exact_ranking import exact_patching_ranking
 
     disc, held = _pairs(model, facts, args.discovery, args.held_out, args.seed)
     res = {"n_discovery": len(disc), "n_held_out": len(held)}

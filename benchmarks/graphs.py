@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     from circuit_discovery.facts import build_pairs, load_builtin
-    from circuit_discovery.graph.component import component_circuit
+    from circuit_discovery.attribution.component_graph import component_circuit
     from circuit_discovery.models import load_model
     from circuit_discovery.validation.ablation import CircuitEvaluator
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
 def feature_benchmark(model, pair, args) -> dict:
     """Time one per-prompt transcoder feature graph (transcoders from the cache) and prune it."""
     from circuit_discovery.graph import prune_graph
-    from circuit_discovery.graph.features import feature_graph
+    from circuit_discovery.attribution.feature_graph import feature_graph
     from circuit_discovery.sae.dictionaries import transcoder_configs, train_transcoders
 
     if not args.train:

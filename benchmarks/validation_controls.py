@@ -217,7 +217,7 @@ def control_identical_prompts(model, pairs_by_rel: Mapping[str, Sequence], *, se
                               n_samples: int = 100) -> dict:
     """(b) Pairs whose corrupted prompt is the clean prompt: every check must say "degenerate". Counts the
     checks (``tests``) and those that reported anything else (``supported``; must be 0)."""
-    from circuit_discovery.graph.component import component_circuit
+    from circuit_discovery.attribution.component_graph import component_circuit
     from circuit_discovery.validation.ablation import CircuitEvaluator
 
     try:
@@ -329,7 +329,7 @@ def control_permuted_relations(model, pairs_by_rel: Mapping[str, Sequence], seed
     power check), split-half circuits per pseudo-relation from per-prompt EAP graphs (computed once), then
     H2's ``shared_mechanism`` hypothesis (rows ``shared_mechanism`` and ``relation_specificity``). Returns the
     entries ``permuted_relations_specificity`` and ``permuted_relations_shared`` (informative: false)."""
-    from circuit_discovery.graph.component import component_graphs
+    from circuit_discovery.attribution.component_graph import component_graphs
     from circuit_discovery.validation.ablation import CircuitEvaluator
     from circuit_discovery.validation.hypotheses import run_hypotheses
 
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 controls["identical_prompts"]["model"] = real.cfg.model_name
                 seconds["b"] = round(time.time() - t0, 1)
             if "d" in only:
-                from circuit_discovery.graph.component import component_graphs
+                from circuit_discovery.attribution.component_graph import component_graphs
 
                 t0 = time.time()
                 flat = [p for ps in pairs.values() for p in ps]

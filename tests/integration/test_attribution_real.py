@@ -23,7 +23,7 @@ def test_ig_completeness_and_captum_agreement(real_model, inputs):
     from captum.attr import LayerIntegratedGradients
 
     from circuit_discovery.attribution import integrated_gradients, layer_integrated_gradients
-    from circuit_discovery.attribution._common import frozen
+    from circuit_discovery.models import frozen
 
     m = real_model
     L = m.cfg.n_layers // 2

@@ -8,7 +8,7 @@ pytestmark = pytest.mark.integration
 
 def test_component_circuit_real(real_model):
     from circuit_discovery.facts import build_pairs, load_builtin
-    from circuit_discovery.graph.component import component_circuit
+    from circuit_discovery.attribution.component_graph import component_circuit
     from circuit_discovery.validation.ablation import CircuitEvaluator
 
     m = real_model

@@ -6,14 +6,14 @@ quality of the default-budget transcoders is measured by ``frc train-sae`` (the 
 Tolerances (float32): sums of incoming edges + bias reproduce every node's input to 1e-4 of the largest input;
 a performed intervention changes each downstream input by its edge weight to 1e-4 of the largest edge.
 """
-from pathlib import Path
-
 import pytest
 import torch
 
+from circuit_discovery.graph.neuronpedia import default_schema_path
+
 pytestmark = pytest.mark.integration
 
-SCHEMA = Path(__file__).resolve().parents[2].parent / "shared" / "neuronpedia" / "graph-schema.json"
+SCHEMA = default_schema_path()  # the copy shipped as package data
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def pairs(real_model):
 
 
 def test_feature_graph_is_exact_and_interventions_match(real_model, transcoders, pairs):
-    from circuit_discovery.graph.features import FrozenReplay, _prompt_state, feature_graph, replacement_inputs
+    from circuit_discovery.attribution.feature_graph import (FrozenReplay, _prompt_state, feature_graph,
+                                                             replacement_inputs)
 
     m, p = real_model, pairs[0]
     res = feature_graph(m, transcoders, list(p.clean_tokens), max_feature_nodes=96, batch_size=32,
@@ -82,7 +83,7 @@ def test_feature_graph_is_exact_and_interventions_match(real_model, transcoders,
 
 
 def test_feature_circuit_evaluator_references(real_model, transcoders, pairs):
-    from circuit_discovery.graph.features import feature_circuit
+    from circuit_discovery.attribution.feature_graph import feature_circuit
     from circuit_discovery.metrics import batch_from_pairs, get_metric
     from circuit_discovery.validation.features import FeatureCircuitEvaluator
 

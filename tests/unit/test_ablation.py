@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from circuit_discovery import load_model
+from circuit_discovery.attribution.component_graph import component_circuit
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts import build_pairs, load_builtin
-from circuit_discovery.graph.component import component_circuit
 from circuit_discovery.metrics import batch_from_pairs, evaluate
 from circuit_discovery.validation.ablation import CircuitEvaluator, parse_component_id
 from circuit_discovery.validation.curves import faithfulness

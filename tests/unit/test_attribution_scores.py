@@ -56,18 +56,34 @@ def test_table_save_load_and_normalize(tmp_path):
         Scores([Node("mlp_out", 0, 0)], torch.zeros(2, 3))
 
 
-def test_heatmaps_have_token_and_head_axes():
+def test_heatmaps_are_drawn_by_the_report_figures(tmp_path, monkeypatch):
+    """Scores.heatmap hands the layer x position (or layer x head) table and its labels to report.figures."""
+    from circuit_discovery.report import figures as F
+
+    calls = []
+
+    def spy(name):
+        real = getattr(F, name)
+
+        def fn(data, *args, **kw):
+            calls.append((name, np.asarray(data), args[0] if name == "patching_heatmap" else None))
+            return real(data, *args, **kw)
+        monkeypatch.setattr(F, name, fn)
+
+    spy("patching_heatmap")
+    spy("head_heatmap")
     s = _scores()
-    fig = s.heatmap("mlp_out", prompt=0)
-    ax = fig.axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["'<bos>'", "'A'", "'B'", "'C'"]
-    assert ax.images[0].get_array().shape == (2, 4)
-    fig = s.by_role().heatmap("mlp_out")
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()][-1] == "last"
+    assert s.heatmap("mlp_out", prompt=0, path=tmp_path / "a.png").stat().st_size > 1000
+    name, data, labels = calls[-1]
+    assert name == "patching_heatmap" and data.shape == (2, 4)
+    assert labels == ["'<bos>'", "'A'", "'B'", "'C'"]
+    s.by_role().heatmap("mlp_out", path=tmp_path / "b.png")
+    assert calls[-1][2][-1] == "last"
     with pytest.raises(InputError, match="by_role"):
-        s.heatmap("mlp_out")
-    fig = s.heatmap("head", prompt=1)
-    assert fig.axes[0].get_xlabel() == "head"
+        s.heatmap("mlp_out", path=tmp_path / "c.png")
+    s.heatmap("head", prompt=1, path=tmp_path / "d.png")
+    assert calls[-1][0] == "head_heatmap" and calls[-1][1].shape == (1, 2)
+    assert (tmp_path / "d.png").stat().st_size > 1000
     assert s.per_prompt_array("head").shape == (2, 1, 2)
 
 
@@ -100,5 +116,10 @@ def test_causal_tracing_on_tiny_model(tmp_path):
     summ = t.summary()
     assert set(summ) >= {"states", "mlp", "attn", "total_effect"}
     assert np.asarray(summ["mlp"]["table"]).shape == (6, m.cfg.n_layers)
-    t.figure(tmp_path / "ct.png")
-    assert (tmp_path / "ct.png").stat().st_size > 1000
+    assert t.figure(tmp_path / "ct.png").stat().st_size > 1000
+    # the figure is the report's causal-tracing figure of the by_class tables, byte for byte
+    from circuit_discovery.report.figures import causal_tracing_figure
+
+    causal_tracing_figure(*(t.by_class(k) for k in ("states", "mlp", "attn")), summ["classes"], tmp_path / "r.png",
+                          title="Causal tracing (ROME), mean over 2 facts")
+    assert (tmp_path / "ct.png").read_bytes() == (tmp_path / "r.png").read_bytes()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuit_discovery import load_model
-from circuit_discovery.attribution._common import PairInputs, embedding_std, subject_embedding_std
+from circuit_discovery.attribution import PairInputs, embedding_std, subject_embedding_std
 from circuit_discovery.attribution.causal_tracing import answer_prob, causal_tracing, subject_noise
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts import Fact, build_pairs

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from circuit_discovery import load_model
-from circuit_discovery.errors import InputError
-from circuit_discovery.facts import build_pairs, load_builtin
-from circuit_discovery.graph import prune_graph
-from circuit_discovery.graph.component import (
+from circuit_discovery.attribution.component_graph import (
     component_circuit,
     component_edge_scores,
     component_graphs,
     head_outputs,
     ig_points,
 )
+from circuit_discovery.errors import InputError
+from circuit_discovery.facts import build_pairs, load_builtin
+from circuit_discovery.graph import prune_graph
 from circuit_discovery.metrics import batch_from_pairs, get_metric
 
 
@@ -150,7 +150,7 @@ def test_per_query_attention_gradients_sum_to_full_gradient(gemma3, granularity)
 def test_vmapped_attention_vjps_equal_one_pass_per_query(gemma3, granularity, alpha):
     """The one-forward, vmapped-backward per-query attention gradients equal the reference (a forward cut after
     each query position and one backward per query)."""
-    from circuit_discovery.graph.component import ComponentLayout, _attention_vjps, _attention_vjps_all
+    from circuit_discovery.attribution.component_graph import ComponentLayout, _attention_vjps, _attention_vjps_all
 
     pairs = _pairs(gemma3)
     batch = batch_from_pairs(gemma3, pairs)

@@ -4,20 +4,20 @@ under frozen attention and norms, the feature-node cap, and the Neuronpedia expo
 Tolerances: float32 models; sums of edges reproduce each node's input to 1e-5 of the largest input, and an
 intervention changes each downstream input by its edge weight to 1e-5 of the largest edge.
 """
-from pathlib import Path
+import importlib
 
 import jsonschema
 import pytest
 import torch
 
 from circuit_discovery import load_model
+from circuit_discovery.attribution.feature_graph import FrozenReplay, _prompt_state, feature_graph, replacement_inputs
 from circuit_discovery.errors import InputError
-from circuit_discovery.graph.features import FrozenReplay, _prompt_state, feature_graph, replacement_inputs
-from circuit_discovery.graph.neuronpedia import to_neuronpedia, validate_neuronpedia
+from circuit_discovery.graph.neuronpedia import default_schema_path, to_neuronpedia, validate_neuronpedia
 from circuit_discovery.sae import SAEConfig, create_sae
 
 PROMPT = "The Eiffel Tower is in the city of"
-SCHEMA = Path(__file__).resolve().parents[2].parent / "shared" / "neuronpedia" / "graph-schema.json"
+SCHEMA = default_schema_path()  # the copy shipped as package data
 
 
 def _transcoders(model, skip=()):
@@ -159,6 +159,23 @@ def test_cap_visits_features_by_influence_and_logit_nodes():
     assert full.n_active_features > res.n_active_features
 
 
+def test_promoted_token_labels_are_cached_outside_the_transcoder(monkeypatch):
+    features = importlib.import_module(feature_graph.__module__)  # the module; the package exports the function
+
+    m = load_model("tiny-gemma3", device="cpu")
+    tcs = _transcoders(m)
+    first = [nd.label for nd in feature_graph(m, tcs, PROMPT, max_feature_nodes=6, batch_size=3).graph.nodes]
+    assert all("_frc_promoted" not in vars(tc) for tc in tcs.values())
+    assert any(tc in features._PROMOTED for tc in tcs.values())
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("promoted tokens were recomputed")
+
+    monkeypatch.setattr(features, "direction_logit_effects", no_call)  # the second graph reads the cache
+    again = [nd.label for nd in feature_graph(m, tcs, PROMPT, max_feature_nodes=6, batch_size=3).graph.nodes]
+    assert again == first and any("→" in lab for lab in first)
+
+
 def test_bad_dictionaries_raise_typed_errors():
     m = load_model("tiny-gemma3", device="cpu")
     with pytest.raises(InputError, match="transcoder"):
@@ -171,9 +188,6 @@ def test_bad_dictionaries_raise_typed_errors():
 
 
 def test_feature_graph_exports_to_neuronpedia():
-    if not SCHEMA.is_file():
-        pytest.skip(f"{SCHEMA} is absent: ../shared (Neuronpedia's graph schema) is only present in the project "
-                    "workspace")
     import json
 
     schema = json.loads(SCHEMA.read_text())
@@ -214,7 +228,7 @@ def _relation_setup():
 
 
 def test_feature_circuit_combines_prompts_by_role():
-    from circuit_discovery.graph.features import decoder_directions, feature_circuit
+    from circuit_discovery.attribution.feature_graph import decoder_directions, feature_circuit
     from circuit_discovery.graph import find_supernodes
 
     m, tcs, pairs = _relation_setup()

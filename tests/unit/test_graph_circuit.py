@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.graph import (
     AttributionGraph,
     Circuit,
@@ -21,6 +20,7 @@ from circuit_discovery.graph import (
     read_circuits_json,
     write_circuits_json,
 )
+from circuit_discovery.nodes import Node
 
 EXAMPLE = {  # the circuits.json entry of docs/ARCHITECTURE.md
     "name": "capital_city", "relation": "capital_city", "n_facts": 20, "attribution_score": 0.83,

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from circuit_discovery.attribution.component_graph import component_circuit, head_outputs
 from circuit_discovery.facts import build_pairs, load_builtin
-from circuit_discovery.graph.component import component_circuit, head_outputs
 from circuit_discovery.metrics import batch_from_pairs, get_metric
 from circuit_discovery.models.arch import arch_for, get_module
 from circuit_discovery.models.hooked import HookedModel
@@ -328,7 +328,8 @@ def test_default_pruning_keeps_every_carrier(planted_seed2):
 def test_threshold_over_non_forced_nodes_keeps_every_carrier(planted_seed2):
     """The same 0.8 share taken over the nodes pruning may drop (not the always-kept embeddings and logits)
     recovers the known answer exactly."""
-    from circuit_discovery.graph.prune import compute_node_influence, find_threshold, prune_graph
+    from circuit_discovery.graph.influence import compute_node_influence
+    from circuit_discovery.graph.prune import find_threshold, prune_graph
 
     model, pairs, res = planted_seed2
     g = res.combined

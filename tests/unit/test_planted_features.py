@@ -27,7 +27,7 @@ import contextlib
 import pytest
 import torch
 
-from circuit_discovery.graph.features import feature_circuit
+from circuit_discovery.attribution.feature_graph import feature_circuit
 from circuit_discovery.models.arch import arch_for, get_module
 from circuit_discovery.models.hooked import HookedModel
 from circuit_discovery.sae import SAEConfig, create_sae

@@ -11,8 +11,9 @@ import torch
 from circuit_discovery import load_model
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts import Fact, build_pairs
-from circuit_discovery.graph.refine import exact_patching_ranking, greedy_refine, node_effects, refine_circuit
+from circuit_discovery.graph.refine import greedy_refine, refine_circuit
 from circuit_discovery.validation.ablation import CircuitEvaluator
+from circuit_discovery.validation.exact_ranking import exact_patching_ranking, node_effects
 
 U = [f"n{i}" for i in range(30)]
 

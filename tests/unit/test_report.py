@@ -102,6 +102,17 @@ def test_patching_heatmap_colours_follow_sign(tmp_path):
     assert middle.min() > 0.9  # zero maps to (near) white: the scale is centred at 0
 
 
+def test_sae_metrics_per_layer_takes_layers_or_hook_names(tmp_path):
+    """Hook-name keys (the pipeline's ``{hook: metrics}``) in any order draw the same PNG as sorted layer keys."""
+    rows = {l: {"explained_variance": 0.7 + 0.05 * l, "ce_loss_score": 0.9, "dead_fraction": 0.02 * l, "l0": 20 + l}
+            for l in range(3)}
+    hooks = {f"blocks.{l}.ln2.hook_normalized->blocks.{l}.hook_mlp_out": rows[l] for l in (2, 0, 1)}
+    a = F.sae_metrics_per_layer(hooks, tmp_path / "a.png", title="t")
+    b = F.sae_metrics_per_layer(rows, tmp_path / "b.png", title="t")
+    assert a.read_bytes() == b.read_bytes()
+    assert imread(a).shape[:2] == (300, 1280)  # 4 panels of 3.2 x 3 inches at 100 dpi, not cropped
+
+
 def test_circuit_roles_ordered_by_prompt():
     nodes = [{"id": "a", "role": "last"}, {"id": "b", "role": "subject_last"}, {"id": "c", "position": 3},
              {"id": "d", "role": "bos"}, {"id": "e"}, {"id": "f", "position": 1}]

@@ -301,3 +301,14 @@ def test_reconstruction_metrics_dead_fraction():
     m = reconstruction_metrics(sae, x)
     assert m["dead_fraction"] == pytest.approx(0.5) and m["dead_fraction_n_tokens"] == 50
     assert m["explained_variance"] == pytest.approx(1.0) and m["l0"] == pytest.approx(3.0)
+
+
+def test_plot_layer_metrics_is_the_report_figure(tmp_path):
+    from circuit_discovery.report.figures import sae_metrics_per_layer
+    from circuit_discovery.sae import plot_layer_metrics
+
+    layers = {f"blocks.{l}.hook_resid_pre": {"explained_variance": 0.8, "ce_loss_score": 0.9, "dead_fraction": 0.0,
+                                             "l0": 10.0 + l} for l in (1, 0)}
+    plot_layer_metrics(layers, str(tmp_path / "a.png"), title="t")
+    sae_metrics_per_layer(layers, tmp_path / "b.png", title="t")
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()

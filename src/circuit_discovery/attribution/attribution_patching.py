@@ -16,11 +16,20 @@ from collections.abc import Sequence
 
 import torch
 
-from ..errors import InputError
-from ..metrics import get_metric
-from ._common import (POSITIONAL, as_inputs, cached_run, check_direction, frozen, hook_for, metric_name,
-                      noise_hook, reduce_to_nodes)
-from .scores import Scores
+from circuit_discovery.attribution.inputs import (
+    POSITIONAL,
+    as_inputs,
+    cached_run,
+    check_direction,
+    hook_for,
+    metric_name,
+    noise_hook,
+    reduce_to_nodes,
+)
+from circuit_discovery.attribution.scores import Scores
+from circuit_discovery.errors import InputError
+from circuit_discovery.metrics import get_metric
+from circuit_discovery.models.hooked import frozen
 
 AP_COMPONENTS = POSITIONAL + ("head", "neuron", "embed")
 

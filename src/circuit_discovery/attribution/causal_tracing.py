@@ -4,7 +4,7 @@ For each fact: the clean run gives ``p_clean``, the probability of the answer's 
 position. The corrupted run adds Gaussian noise with standard deviation ``noise_scale`` x sigma_subj to the
 subject tokens' embeddings, where sigma_subj is the std of the embeddings of the subject tokens of the traced
 facts (as ``hook_embed`` sees them; ROME's ``collect_embedding_std`` with ``noise_level = 3 x std``,
-:func:`~._common.subject_embedding_std`) — not of the whole vocabulary. ``noise_std`` gives the absolute noise
+:func:`~.inputs.subject_embedding_std`) — not of the whole vocabulary. ``noise_std`` gives the absolute noise
 std instead (e.g. sigma computed once over every relation's subjects when tracing relation by relation).
 ``n_samples`` (default 10, as ROME) seeded noise draws give ``p_corrupted`` (their mean). Then, in each noised
 run, one node is restored to its clean value:
@@ -29,17 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..metrics import PromptBatch, make_batch
-from ._common import PairInputs, _check_noise_std, cached_run, subject_embedding_std
-from .nodes import Node
-from .patching import Patch, patch_runs, window_layers
-from .scores import Scores
+from circuit_discovery.attribution.inputs import PairInputs, _check_noise_std, cached_run, subject_embedding_std
+from circuit_discovery.attribution.patching import Patch, patch_runs, window_layers
+from circuit_discovery.attribution.scores import Scores
+from circuit_discovery.errors import InputError
+from circuit_discovery.metrics import PromptBatch, make_batch
+from circuit_discovery.nodes import Node
 
 TOKEN_CLASSES = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
-CLASS_LABELS = {"first_subject": "First subject token", "middle_subject": "Middle subject tokens",
-                "last_subject": "Last subject token", "first_subsequent": "First subsequent token",
-                "further": "Further tokens", "last": "Last token"}
 KINDS = {"states": "resid_post", "mlp": "mlp_out", "attn": "attn_out"}
 
 
@@ -130,9 +127,16 @@ class CausalTrace:
                                                        "indirect_effect": float(t[c, l])}}
         return out
 
-    def figure(self, path: str | os.PathLike | None = None, title: str | None = None):
-        """ROME-style figure (states, MLP, attention); saved atomically as PNG when ``path`` is given."""
-        return plot_causal_trace(self, path, title)
+    def figure(self, path: str | os.PathLike, title: str | None = None) -> Path:
+        """ROME-style PNG of the :meth:`by_class` tables (states, MLP, attention; a kind not traced is left
+        blank), drawn by :func:`circuit_discovery.report.figures.causal_tracing_figure` as in the report."""
+        from circuit_discovery.report.figures import causal_tracing_figure  # lazy: report sits above attribution
+
+        tables = {k: self.by_class(k) for k in KINDS if KINDS[k] in self.scores.components()}
+        blank = np.full(next(iter(tables.values())).shape, np.nan)
+        states, mlp, attn = (tables.get(k, blank) for k in KINDS)
+        return causal_tracing_figure(states, mlp, attn, list(TOKEN_CLASSES), path,
+                                     title=title or f"Causal tracing (ROME), mean over {self.p_clean.shape[0]} facts")
 
 
 def subject_noise(pairs, n_samples: int, d_model: int, sigma: float, seed: int = 0,
@@ -161,7 +165,7 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
     x n_pos x n_layers x len(kinds)`` restored rows, each starting at its lowest restored layer. ``roles`` (e.g.
     ``["subject_last"]``) restricts the restored positions to those token roles of each pair (the others are
     NaN), which divides the cost by about the prompt length. ``noise_std``: absolute std of the subject noise
-    (default ``noise_scale`` x :func:`~._common.subject_embedding_std` of ``pairs``). Noise draws depend only on
+    (default ``noise_scale`` x :func:`~.inputs.subject_embedding_std` of ``pairs``). Noise draws depend only on
     ``seed`` and the pairs (same seed, same pairs: same result).
     """
     pairs = list(pairs)
@@ -196,12 +200,11 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
     for kind in kinds:
         comp = KINDS[kind]
         for l in layers:
+            # the hooks restored for a node at (kind, l); one Patch per hook at the node's position
             if kind == "states":
-                ps_of = (lambda p, l=l: [Patch(f"blocks.{l + 1}.hook_resid_pre", p)] if l + 1 < n_layers
-                         else [Patch(f"blocks.{l}.hook_resid_post", p)])
+                restored = [f"blocks.{l + 1}.hook_resid_pre" if l + 1 < n_layers else f"blocks.{l}.hook_resid_post"]
             else:
-                wl = window_layers(l, window, n_layers, "center")
-                ps_of = (lambda p, wl=wl, comp=comp: [Patch(f"blocks.{x}.hook_{comp}", p) for x in wl])
+                restored = [f"blocks.{x}.hook_{comp}" for x in window_layers(l, window, n_layers, "center")]
             for pos in range(n_pos):
                 j = len(nodes)
                 nodes.append(Node(comp, l, pos))
@@ -209,7 +212,7 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
                     if pos >= len(pr.clean_tokens) or (roles is not None and pr.roles[pos] not in roles):
                         continue
                     for k in range(n_samples):
-                        variants.append((f * n_samples + k, ps_of(pos)))
+                        variants.append((f * n_samples + k, [Patch(h, pos) for h in restored]))
                         where.append((f, j))
     # one clean and one noised run give both the unrestored probabilities and the caches of the restored runs
     hooks = sorted({p.hook for _, ps in variants for p in ps})
@@ -235,40 +238,3 @@ def causal_tracing(model, pairs, *, kinds: Sequence[str] = ("states", "mlp", "at
                           "seed": seed, "states_hook": "resid_post", "window_align": "center"})
     return CausalTrace(scores, p_clean, p_corr, [tuple(p.subject_span) for p in pairs], window, n_samples,
                        sigma, [p.clean_prompt for p in pairs])
-
-
-def plot_causal_trace(trace: CausalTrace, path: str | os.PathLike | None = None, title: str | None = None):
-    """Three heatmaps (token class x layer): restoring hidden states, MLP outputs, attention outputs."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    panels = [(k, c, lbl) for k, c, lbl in (("states", "Purples", "single restored layer"),
-                                            ("mlp", "Greens", f"center of {trace.window} restored MLP layers"),
-                                            ("attn", "Reds", f"center of {trace.window} restored attn layers"))
-              if KINDS[k] in trace.scores.components()]
-    fig = Figure(figsize=(5.2 * len(panels), 3.6), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    names = {"states": "hidden state", "mlp": "MLP output", "attn": "attention output"}
-    for j, (ax, (kind, cmap, xlabel)) in enumerate(zip(axes, panels)):
-        t = trace.by_class(kind)
-        im = ax.imshow(np.ma.masked_invalid(t), aspect="auto", cmap=cmap, interpolation="nearest",
-                       vmin=min(0.0, float(np.nanmin(t))))
-        ax.set_title(f"Impact of restoring {names[kind]}", fontsize=10)
-        ax.set_xlabel(xlabel)
-        ax.set_yticks(range(len(TOKEN_CLASSES)), [CLASS_LABELS[c] for c in TOKEN_CLASSES] if j == 0 else
-                      [""] * len(TOKEN_CLASSES), fontsize=8)
-        fig.colorbar(im, ax=ax, label="AIE (answer prob.)", shrink=0.9)
-    fig.suptitle(title or f"Causal tracing: {trace.p_clean.shape[0]} facts, {trace.n_samples} noise samples, "
-                          f"AIE averaged over facts (total effect {float(trace.total_effect.mean()):.3f})",
-                 fontsize=10)
-    if path is not None:
-        from ..io import atomic_write_bytes
-
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=130)
-        atomic_write_bytes(Path(path), buf.getvalue())
-    return fig

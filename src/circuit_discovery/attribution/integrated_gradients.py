@@ -25,10 +25,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..metrics import get_metric
-from ._common import PairInputs, as_inputs, cached_run, frozen, metric_name, parse_hook, reduce_to_nodes, select
-from .scores import Scores
+from circuit_discovery.attribution.inputs import (
+    PairInputs,
+    as_inputs,
+    cached_run,
+    metric_name,
+    parse_hook,
+    reduce_to_nodes,
+    select,
+)
+from circuit_discovery.attribution.scores import Scores
+from circuit_discovery.errors import InputError
+from circuit_discovery.metrics import get_metric
+from circuit_discovery.models.hooked import frozen
 
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 

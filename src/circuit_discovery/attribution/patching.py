@@ -29,12 +29,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..metrics import get_metric
-from ._common import (POSITIONAL, PairInputs, as_inputs, cached_run, check_direction, hook_for, metric_name,
-                      select)
-from .nodes import Node
-from .scores import Scores
+from circuit_discovery.attribution.inputs import (
+    POSITIONAL,
+    PairInputs,
+    as_inputs,
+    cached_run,
+    check_direction,
+    hook_for,
+    metric_name,
+    select,
+)
+from circuit_discovery.attribution.scores import Scores
+from circuit_discovery.errors import InputError
+from circuit_discovery.metrics import get_metric
+from circuit_discovery.nodes import Node
 
 PATCHABLE = POSITIONAL + ("head",)
 
@@ -149,11 +157,11 @@ def patch_runs(model, inputs: PairInputs, variants: Sequence[tuple[int, Sequence
 def _chunk_hooks(patch_lists: Sequence[Sequence[Patch]], rows: Tensor, src_cache: dict) -> list:
     """Hook functions applying each row's patches: row r takes the source activation of prompt rows[r]."""
     per_hook: dict[str, dict[str, list]] = {}
-    for r, ps in enumerate(patch_lists):
-        for p in ps:
-            d = per_hook.setdefault(p.hook, defaultdict(list))
-            kind = ("all" if p.position is None else "pos") + ("" if p.head is None else "_head")
-            d[kind].append((r, p.position, p.head))
+    for row, patches in enumerate(patch_lists):
+        for patch in patches:
+            d = per_hook.setdefault(patch.hook, defaultdict(list))
+            kind = ("all" if patch.position is None else "pos") + ("" if patch.head is None else "_head")
+            d[kind].append((row, patch.position, patch.head))
     hooks = []
     for name, kinds in per_hook.items():
         if name not in src_cache:
@@ -213,9 +221,10 @@ def activation_patching(model, pairs, components: Sequence[str] = ("resid_pre", 
     elif isinstance(positions, str):
         raise InputError(f"positions must be None, 'all' or a list of ints, got {positions!r}")
     else:
-        pos_list = list(positions)
-        if any(not 0 <= p < n_pos for p in pos_list):
-            raise InputError(f"positions {pos_list} out of range 0..{n_pos - 1}")
+        given = list(positions)
+        if any(not 0 <= p < n_pos for p in given):
+            raise InputError(f"positions {given} out of range 0..{n_pos - 1}")
+        pos_list = list(given)
     nodes: list[Node] = []
     for comp in components:
         for l in layers:

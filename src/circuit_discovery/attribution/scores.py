@@ -23,14 +23,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..io import atomic_write_bytes, atomic_write_json, read_json
-from .nodes import Node
+from circuit_discovery.errors import InputError
+from circuit_discovery.io import atomic_write_bytes, atomic_write_json, read_json
+from circuit_discovery.nodes import Node
 
 ROLE_ORDER = ("bos", "subject_first", "subject_middle", "subject_last", "relation_first", "relation", "last")
 FORMAT = "circuit_discovery.scores/v1"
@@ -93,15 +94,15 @@ class Scores:
         """Mean over prompts, ignoring NaN [n_nodes]."""
         return torch.nanmean(self.values, dim=0)
 
-    def normalized(self) -> "Scores":
+    def normalized(self) -> Scores:
         """Values divided by the metric difference ``clean - corrupted`` of each prompt (1 = whole effect)."""
         if self.clean_metric is None or self.corrupted_metric is None:
             raise InputError("normalized() needs clean_metric and corrupted_metric")
         d = (self.clean_metric - self.corrupted_metric)[:, None]
         return self._replace(values=self.values / d, meta={**self.meta, "normalized": True})
 
-    def _replace(self, **kw) -> "Scores":
-        base = dict(nodes=self.nodes, values=self.values, tokens=self.tokens, roles=self.roles,
+    def _replace(self, **kw: Any) -> Scores:
+        base: dict[str, Any] = dict(nodes=self.nodes, values=self.values, tokens=self.tokens, roles=self.roles,
                     clean_metric=self.clean_metric, corrupted_metric=self.corrupted_metric, method=self.method,
                     metric=self.metric, meta=dict(self.meta), position_names=self.position_names)
         base.update(kw)
@@ -131,16 +132,19 @@ class Scores:
             raise InputError(f"no {component!r} nodes in these scores (have {', '.join(self.components())})")
         layers = sorted({n.layer for _, n in sel})
         positional = any(n.position is not None for _, n in sel)
-        if component == "head" and not positional:
-            cols = sorted({n.index for _, n in sel})
-            key = lambda n: n.index  # noqa: E731
-        else:
+        by_index = component == "head" and not positional
+        if not by_index:
             if any(n.position is None for _, n in sel):
                 raise InputError(f"{component!r} mixes all-position and per-position nodes; pick one")
-            cols = sorted({n.position for _, n in sel})
-            key = lambda n: n.position  # noqa: E731
             if component == "head" and index is None and len({n.index for _, n in sel}) > 1:
                 raise InputError("per-position head scores: pass index=<head> to per_prompt_array")
+
+        def key(n: Node) -> int:
+            col = n.index if by_index else n.position
+            assert col is not None, f"{n.key} has no {'index' if by_index else 'position'}"
+            return col
+
+        cols = sorted({key(n) for _, n in sel})
         out = np.full((self.n_prompts, max(layers) + 1, max(cols) + 1), np.nan)
         v = self.values.numpy()
         for i, n in sel:
@@ -148,7 +152,7 @@ class Scores:
         return out
 
     # ------------------------------------------------------------------ role alignment
-    def by_role(self, reduce: str = "mean") -> "Scores":
+    def by_role(self, reduce: str = "mean") -> Scores:
         """Scores aligned by position role: node positions index :attr:`position_names`.
 
         Per prompt, the values of the positions sharing a role (e.g. several middle subject tokens or several
@@ -260,7 +264,7 @@ class Scores:
         return folder
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Scores":
+    def load(cls, path: str | os.PathLike) -> Scores:
         from safetensors.torch import load_file
 
         folder = Path(path)
@@ -277,17 +281,18 @@ class Scores:
                    meta=info["meta"], position_names=info["position_names"])
 
     # ------------------------------------------------------------------ plots
-    def heatmap(self, component: str | None = None, prompt: int | None = None, ax=None, title: str | None = None,
-                cmap: str = "RdBu_r", index: int | None = None):
-        """Heatmap of one component: layer x position (token or role labels), or layer x head for heads.
+    def heatmap(self, component: str | None = None, prompt: int | None = None, *, path: str | os.PathLike,
+                title: str | None = None, cmap: str = "RdBu_r", index: int | None = None) -> Path:
+        """PNG heatmap of one component: layer x position (token or role labels), or layer x head for heads,
+        drawn by :func:`circuit_discovery.report.figures.patching_heatmap` / ``head_heatmap`` as in the report.
 
         ``prompt`` picks one prompt; None averages over prompts (positions must then be aligned: call
-        :meth:`by_role` first when prompts differ). Returns the matplotlib Figure.
+        :meth:`by_role` first when prompts differ). Returns the written path.
         """
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        from matplotlib.figure import Figure
+        from circuit_discovery.report.figures import (  # lazy: report sits above attribution
+            head_heatmap,
+            patching_heatmap,
+        )
 
         component = component or self.components()[0]
         arr = self.per_prompt_array(component, index=index)
@@ -298,28 +303,14 @@ class Scores:
                 data = np.nanmean(arr, axis=0)
         else:
             data = arr[prompt]
-        is_heads = component == "head" and all(n.position is None for n in self.nodes if n.component == "head")
-        if is_heads:
-            xlabels = [str(h) for h in range(data.shape[1])]
-        else:
-            xlabels = [self.position_label(0 if prompt is None else prompt, p) for p in range(data.shape[1])]
-        if ax is None:
-            fig = Figure(figsize=(max(5.0, 0.5 * data.shape[1] + 2.5), max(3.5, 0.25 * data.shape[0] + 1.8)))
-            ax = fig.add_subplot()
-        else:
-            fig = ax.figure
-        lim = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
-        im = ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=-lim or -1, vmax=lim or 1,
-                       interpolation="nearest", origin="upper")
-        ax.set_xticks(range(len(xlabels)), [repr(x) if not is_heads and self.position_names is None else x
-                                            for x in xlabels], rotation=60 if not is_heads else 0,
-                      ha="right" if not is_heads else "center", fontsize=8)
-        ax.set_yticks(range(data.shape[0]))
-        ax.set_xlabel("head" if is_heads else ("role" if self.position_names else "token"))
-        ax.set_ylabel("layer")
-        ax.set_title(title or f"{self.method} {component} ({self.metric})")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-        return fig
+        title = title or f"{self.method} {component} ({self.metric})"
+        label = f"score ({self.metric})"
+        if component == "head" and all(n.position is None for n in self.nodes if n.component == "head"):
+            return head_heatmap(data, title, path, cmap=cmap, colorbar_label=label)
+        xlabels = [self.position_label(0 if prompt is None else prompt, p) for p in range(data.shape[1])]
+        if self.position_names is None:
+            xlabels = [repr(x) for x in xlabels]
+        return patching_heatmap(data, xlabels, title, path, cmap=cmap, colorbar_label=label)
 
 
 def _jsonable(obj):

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,8 +22,10 @@ from scipy.spatial.distance import squareform
 
 from circuit_discovery.graph.graph import AttributionGraph, GraphError
 
-_STOPWORDS = frozenset("a an the of in on at to for and or is are was be by with as from that this it its "
-                       "l f p feature features token tokens".split())
+_STOPWORDS = frozenset([
+    "a", "an", "the", "of", "in", "on", "at", "to", "for", "and", "or", "is", "are", "was", "be", "by", "with",
+    "as", "from", "that", "this", "it", "its", "l", "f", "p", "feature", "features", "token", "tokens",
+])
 
 
 @dataclass

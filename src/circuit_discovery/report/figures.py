@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
 
+from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_bytes
 
 __all__ = [
@@ -63,18 +65,19 @@ _NAN_COLOUR = "#d9d9d9"
 _DPI = 120
 
 
-class FigureInputError(ValueError):
+class FigureInputError(CircuitDiscoveryError, ValueError):
     """A figure function got data of the wrong shape, type or range."""
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Render ``fig`` to PNG bytes with the Agg canvas and write them atomically."""
+def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI, tight: bool = True) -> Path:
+    """Render ``fig`` to PNG bytes with the Agg canvas and write them atomically (``tight``: crop to the
+    drawn area)."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
     return atomic_write_bytes(path, buf.getvalue())
 
 
@@ -369,50 +372,62 @@ def faithfulness_curves(
     return _save(fig, path)
 
 
+#: The transcoder / SAE quality bar drawn as dashed lines by :func:`sae_metrics_per_layer`.
+SAE_QUALITY_BAR = {"explained_variance": 0.8, "ce_loss_score": 0.85, "dead_fraction": 0.1, "l0": 64}
+
+
 def sae_metrics_per_layer(
     metrics: Mapping[Any, Mapping[str, Any]],
     path: str | os.PathLike,
     *,
-    title: str = "SAE metrics per layer",
+    title: str | None = None,
+    names: Sequence[str] = ("explained_variance", "ce_loss_score", "dead_fraction", "l0"),
 ) -> Path:
-    """One small line plot per metric (SAELens names such as ``l0``, ``explained_variance``,
-    ``ce_loss_score``, ``mse``), x = layer.
+    """One panel per metric (SAELens names such as ``l0``, ``explained_variance``, ``ce_loss_score``,
+    ``dead_fraction``), x = layer; :data:`SAE_QUALITY_BAR` is drawn as a dashed line.
 
     Args:
-        metrics: ``{layer: {metric_name: value}}``; a metric missing for a layer is drawn as a gap.
+        metrics: ``{layer: {metric_name: value}}``; a layer is an int or a hook name ``blocks.{l}.…``
+            (e.g. ``sae.evaluate_dictionaries``'s ``layers``). A metric missing for a layer is drawn as a gap.
+        names: the metrics to draw, one panel each.
     """
     if not metrics:
         raise FigureInputError("metrics is empty")
-    try:
-        layers = sorted(metrics, key=lambda k: int(k))
-    except (TypeError, ValueError) as exc:
-        raise FigureInputError(f"metrics keys must be layer numbers, got {list(metrics)!r}") from exc
-    names: list[str] = []
-    for layer in layers:
-        if not isinstance(metrics[layer], Mapping):
-            raise FigureInputError(f"metrics[{layer!r}] must be a mapping of metric name to value")
-        for k in metrics[layer]:
-            if k not in names:
-                names.append(k)
     if not names:
-        raise FigureInputError("metrics has no metric values")
-    x = np.array([int(layer) for layer in layers])
-    ncols = min(3, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(4.0 * ncols, 2.9 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        raise FigureInputError("names is empty: pass the metrics to draw")
+    layer_of = {}
+    for key, row in metrics.items():
+        layer_of[key] = _layer_number(key)
+        if not isinstance(row, Mapping):
+            raise FigureInputError(f"metrics[{key!r}] must be a mapping of metric name to value")
+    keys = sorted(metrics, key=layer_of.__getitem__)
+    x = [layer_of[k] for k in keys]
+    fig = Figure(figsize=(3.2 * len(names), 3))
+    FigureCanvasAgg(fig)  # tight_layout needs the canvas's renderer
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
-        y = np.array([_to_float(metrics[layer].get(name)) for layer in layers])
-        ax.plot(x, y, marker="o", color="#4c72b0")
-        ax.set_title(name, fontsize=10)
+        ax.plot(x, [_to_float(metrics[k].get(name)) for k in keys], "o-")
+        if name in SAE_QUALITY_BAR:
+            ax.axhline(SAE_QUALITY_BAR[name], ls="--", color="gray", lw=1)
+        ax.set_title(name)
         ax.set_xlabel("layer")
-        ax.set_ylabel(name)
-        ax.set_xticks(x if len(x) <= 20 else x[:: _tick_step(len(x), 20)])
-        ax.grid(True, alpha=0.3)
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    return _save(fig, path)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi=100, tight=False)
+
+
+def _layer_number(key: Any) -> int:
+    """A layer key: an int, a numeric string or a hook name ``blocks.{l}.…``."""
+    if isinstance(key, str):
+        m = re.match(r"blocks\.(\d+)\.", key)
+        if m:
+            return int(m.group(1))
+    try:
+        return int(key)
+    except (TypeError, ValueError) as exc:
+        raise FigureInputError(f"metrics keys must be layer numbers or hook names blocks.{{l}}.…, got {key!r}") \
+            from exc
 
 
 def metric_bars(

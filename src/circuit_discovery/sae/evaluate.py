@@ -99,6 +99,7 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: Tensor, target: Tensor | N
     """Reconstruction metrics of ``sae`` on activations ``x`` [n, d_in] (``target`` [n, d_out] for transcoders)."""
     target = x if target is None else target
     sae = sae.eval()
+    assert sae.cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
     feats_nz, fires = [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     recons = []
     for s in range(0, x.shape[0], chunk):
@@ -161,6 +162,7 @@ def evaluate_sae(
     dev = sae.W_enc.device
 
     ys, recons = [], []
+    assert sae.cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
     fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     l0s: list[Tensor] = []
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
@@ -234,14 +236,15 @@ def evaluate_sae(
         raise ValueError("no evaluation tokens: texts are empty")
     n_sparsity = n_seen
     more = ((t, m, token_mask(model, t, m)) for t, m in batches)
-    for tokens, mask, keep in chain(rest, more) if sparsity_tokens and sparsity_tokens > n_seen else ():
-        keep = _first_tokens(keep, sparsity_tokens - n_sparsity)
+    sparsity_target = sparsity_tokens or 0
+    for tokens, mask, keep in chain(rest, more) if sparsity_target > n_seen else ():
+        keep = _first_tokens(keep, sparsity_target - n_sparsity)
         x = collect_hook_activations(model, tokens, mask, [hook_name])[hook_name][keep]
         f = sae.encode(x.to(dev))  # (evaluate_sae runs without gradients)
         fires += (f != 0).sum(0).cpu()
         l0s.append((f != 0).sum(-1).cpu())
         n_sparsity += int(keep.sum())
-        if n_sparsity >= sparsity_tokens:
+        if n_sparsity >= sparsity_target:
             break
     y, recon = torch.cat(ys), torch.cat(recons)
     ce_clean, ce_spl, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
@@ -266,47 +269,8 @@ def evaluate_sae(
 
 def plot_layer_metrics(layers: dict[str, dict], path: str, title: str | None = None,
                        metrics: Sequence[str] = ("explained_variance", "ce_loss_score", "dead_fraction", "l0")) -> None:
-    """Plot ``metrics`` of each hook in ``layers`` ({hook name: metrics dict}) against the layer -> PNG ``path``.
+    """Plot ``metrics`` of each hook in ``layers`` ({hook name: metrics dict}) against the layer -> PNG ``path``,
+    with the quality bar dashed: :func:`circuit_discovery.report.figures.sae_metrics_per_layer`."""
+    from circuit_discovery.report.figures import sae_metrics_per_layer  # lazy: report sits above sae
 
-    One panel per metric; the issue's quality bar (EV >= 0.8, CE score >= 0.85, dead <= 0.1, L0 <= 64) is
-    drawn as a dashed line. Written atomically.
-    """
-    import os
-    import re
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not layers:
-        raise ValueError("no layers to plot")
-    bar = {"explained_variance": 0.8, "ce_loss_score": 0.85, "dead_fraction": 0.1, "l0": 64}
-
-    def layer_of(h: str) -> int:
-        m = re.match(r"blocks\.(\d+)\.", h)
-        return int(m.group(1)) if m else -1
-
-    hooks = sorted(layers, key=layer_of)
-    xs = [layer_of(h) for h in hooks]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
-    for ax, name in zip(axes[0], metrics):
-        ax.plot(xs, [layers[h][name] for h in hooks], "o-")
-        if name in bar:
-            ax.axhline(bar[name], ls="--", color="gray", lw=1)
-        ax.set_title(name)
-        ax.set_xlabel("layer")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    sae_metrics_per_layer(layers, path, title=title, names=metrics)

@@ -43,11 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, check_pairs, noise_hook
+from circuit_discovery.attribution import PairInputs, check_pairs, noise_hook
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
-from circuit_discovery.metrics import batch_from_pairs, get_metric
+from circuit_discovery.metrics import MetricFn, PromptBatch, batch_from_pairs, get_metric
+from circuit_discovery.models.hooked import HookedModel
 from circuit_discovery.validation import curves
+from circuit_discovery.validation.stats import Alternative
 
 __all__ = ["ABLATIONS", "parse_component_id", "node_stratum", "CircuitEvaluator", "EvaluatorMethods"]
 
@@ -103,6 +105,9 @@ _STRATA = {
 class _Group:
     """Equal-length pairs with cached clean tokens and ablation values."""
 
+    batch: PromptBatch
+    values: dict[str, Tensor] | None  # hook name -> ablation value (None: zero ablation)
+
     def __init__(self, pairs, idx):
         self.pairs = [pairs[i] for i in idx]
         self.idx = idx
@@ -113,6 +118,8 @@ class EvaluatorMethods:
     ``_universe`` and ``_components_only``; shared by the component and the feature circuit evaluators."""
 
     _universe: list[str]
+    model: HookedModel
+    metric_fn: MetricFn
 
     def metric_per_prompt(self, node_sets: Sequence[Iterable[str]]) -> Tensor:  # pragma: no cover - abstract
         """``[len(node_sets), n_pairs]`` metric of each prompt (in ``pairs`` order) with each node set."""
@@ -259,7 +266,7 @@ class EvaluatorMethods:
     def matched_random_baseline(self, circuit: Sequence[str], *, forced: Sequence[str] | None = None,
                                 n_samples: int = 100, seed: int = 0, m_full: float | None = None,
                                 m_empty: float | None = None, stratum: Any = "component_layer_role",
-                                alternative: str = "greater") -> curves.RandomBaselineResult:
+                                alternative: Alternative = "greater") -> curves.RandomBaselineResult:
         """Random circuits = the circuit's ``forced`` nodes (default: its embedding nodes; its inert nodes are
         always added) + for each stratum as many nodes as the circuit has there, drawn uniformly from the
         relevant universe's nodes of that stratum.
@@ -283,7 +290,7 @@ class EvaluatorMethods:
     def topm_random_baseline(self, circuit: Sequence[str], ranked: Sequence[str], *, m_factor: float = 2,
                              n_samples: int = 100, seed: int = 0, forced: Sequence[str] | None = None,
                              m_full: float | None = None, m_empty: float | None = None,
-                             alternative: str = "greater") -> curves.RandomBaselineResult:
+                             alternative: Alternative = "greater") -> curves.RandomBaselineResult:
         """Random circuits = ``forced`` (as in :meth:`matched_random_baseline`) + random subsets, of the circuit's
         non-forced size, of the top ``M = m_factor * |circuit|`` ranked relevant non-forced nodes."""
         C = list(dict.fromkeys(self._components_only(circuit)))
@@ -382,7 +389,7 @@ class CircuitEvaluator(EvaluatorMethods):
         cfg = self.model.cfg
         if self.keyed_by == "role":
             present = [r for r in ROLES if any(r in p.roles for p in self.pairs)]
-            places = present
+            places: Sequence[str | int] = present
             fmt = lambda place: place  # noqa: E731
         else:
             n_max = max(len(p.clean_tokens) for p in self.pairs)
@@ -414,7 +421,7 @@ class CircuitEvaluator(EvaluatorMethods):
                 _, clean = self.model.run_with_cache(b.tokens, names=self.hook_names, attention_mask=b.mask,
                                                      return_logits=False)
             eq: dict[str, Tensor] = {}
-            pos_all = None
+            pos_all: Tensor | None = None
             for name in self.hook_names:
                 x = clean[name]
                 v = torch.zeros_like(x) if g.values is None else g.values[name].to(x.device, x.dtype).expand_as(x)
@@ -422,12 +429,15 @@ class CircuitEvaluator(EvaluatorMethods):
                 eq[name] = e
                 ep = e.all(-1) if e.ndim == 3 else e
                 pos_all = ep if pos_all is None else pos_all & ep
+            assert pos_all is not None  # hook_names is never empty
             prefix = torch.cumprod(pos_all.to(torch.int64), dim=1).bool()  # [b, pos]: every hook equal up to here
             eq_by_group.append((eq, prefix))
         out = []
         for node in self._universe:
             inert = True
-            for (hook, m), (eq, prefix) in zip(self._node_masks(node), eq_by_group):
+            masks = self._node_masks(node)
+            assert masks is not None  # the universe holds no logit nodes
+            for (hook, m), (eq, prefix) in zip(masks, eq_by_group):
                 if not bool(eq[hook][m].all()):
                     inert = False
                 elif not node.startswith("embed/"):
@@ -456,7 +466,8 @@ class CircuitEvaluator(EvaluatorMethods):
         elif not 0 <= layer < L:
             raise InputError(f"node {node_id!r}: layer {layer} out of range 0..{L - 1}")
         else:
-            hook = f"blocks.{layer}.{self._attn_hook}" if comp in ("head", "attn_out") else f"blocks.{layer}.hook_mlp_out"
+            hook = (f"blocks.{layer}.{self._attn_hook}" if comp in ("head", "attn_out")
+                    else f"blocks.{layer}.hook_mlp_out")
         if comp == "head" and (index is None or not 0 <= index < self.model.cfg.n_heads):
             raise InputError(f"node {node_id!r}: head index missing or out of range")
         if (role is None) == (position is None):
@@ -468,7 +479,7 @@ class CircuitEvaluator(EvaluatorMethods):
             if role is not None:
                 for i, p in enumerate(g.pairs):
                     m[i] = torch.tensor([r == role for r in p.roles], dtype=torch.bool)
-            elif position < n:
+            elif position is not None and position < n:  # not None: exactly one of role, position (checked)
                 m[:, position] = True
             if comp == "head":
                 mh = torch.zeros(b, n, self.model.cfg.n_heads, dtype=torch.bool)

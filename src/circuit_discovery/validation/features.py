@@ -14,8 +14,8 @@ prompt's attribution graph visited). The **error node** of ``(l, p)`` is everyth
 
 i.e. the transcoder's reconstruction error *plus* the contribution of every feature that is not a node (features
 not visited by the graph's cap, BOS features). This is the error node of
-:func:`circuit_discovery.graph.features.feature_graph` (``FeatureGraphResult.errors``), so the same id means the
-same vector in the graph and here. A layer without a transcoder has only its error node, the whole MLP output.
+:func:`circuit_discovery.attribution.feature_graph.feature_graph` (``FeatureGraphResult.errors``), so the same id
+means the same vector in the graph and here. A layer without a transcoder has only its error node, the whole MLP output.
 
 **Two evaluation modes** (``errors=``):
 
@@ -52,10 +52,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, check_pairs, noise_hook
+from circuit_discovery.attribution import PairInputs, check_pairs, noise_hook
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
-from circuit_discovery.metrics import batch_from_pairs, get_metric
+from circuit_discovery.metrics import PromptBatch, batch_from_pairs, get_metric
 from circuit_discovery.validation import curves
 from circuit_discovery.validation.ablation import EvaluatorMethods, parse_component_id
 
@@ -67,6 +67,19 @@ _ROLE_INDEX = {r: i for i, r in enumerate(ROLES)}
 
 
 class _FGroup:
+    """Equal-length pairs with their cached clean and ablation values (filled by FeatureCircuitEvaluator)."""
+
+    batch: PromptBatch
+    role_masks: dict[str, Tensor]  # role -> [b, n] bool
+    role_stack: Tensor  # [R, b, n] float
+    node_mask: dict[int, Tensor]  # layer -> [b, n, d_sae] bool: the features that are nodes
+    clean_emb: Tensor
+    clean_acts: dict[int, Tensor]  # layer -> transcoder activations [b, n, d_sae]
+    clean_err: dict[int, Tensor]  # layer -> error node value [b, n, d_model]
+    abl_emb: Tensor
+    abl_acts: dict[int, Tensor]
+    abl_err: dict[int, Tensor]
+
     def __init__(self, pairs, idx):
         self.pairs = [pairs[i] for i in idx]
         self.idx = idx
@@ -214,12 +227,13 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         """The error node's value: ``mlp_out - b_dec - sum over feature nodes of a_f W_dec[f]``."""
         if l not in self.tcs:
             return mlp_out
+        assert acts is not None  # a transcoder layer has activations
         return mlp_out - self.tcs[l].decode(acts * node_mask[l]).to(mlp_out.dtype)
 
     @classmethod
     def from_graphs(cls, model, transcoders: Mapping[int, Any], pairs: Sequence, graphs: Sequence, **kwargs):
         """An evaluator whose feature nodes on each pair are exactly the features its attribution graph visited
-        (``graphs[i]``: a :class:`~circuit_discovery.graph.features.FeatureGraphResult` or its ``graph`` for
+        (``graphs[i]``: a :class:`~circuit_discovery.attribution.feature_graph.FeatureGraphResult` or its ``graph`` for
         ``pairs[i]``), so error nodes mean the same vectors as in the graphs."""
         if len(graphs) != len(pairs):
             raise InputError(f"from_graphs: one graph per pair ({len(pairs)} pairs, {len(graphs)} graphs)")
@@ -230,7 +244,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                           if nd.node.component == "feature"])
         return cls(model, transcoders, pairs, feature_nodes=nodes, **kwargs)
 
-    def with_errors(self, errors: str) -> "FeatureCircuitEvaluator":
+    def with_errors(self, errors: str) -> FeatureCircuitEvaluator:
         """The same evaluator (shared caches) in the other error mode (``"frozen"`` or ``"live"``)."""
         if errors not in ERROR_MODES:
             raise InputError(f"errors must be one of {ERROR_MODES}, got {errors!r}")
@@ -442,10 +456,9 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                 acts_live = tc.encode(live.pop(l))
                 kf = k_feat[l].reshape(V * b, n, -1)
                 acts = torch.where(kf, acts_live, rep(g.abl_acts[l])) * nm
-                if live_mode:  # the real MLP output minus its own feature-node part: the live error
-                    kept = x.to(acts.dtype) - tc.decode(acts_live * nm)
-                else:
-                    kept = rep(g.clean_err[l]).to(acts.dtype)
+                # live mode: the real MLP output minus its own feature-node part, i.e. the live error
+                kept = (x.to(acts.dtype) - tc.decode(acts_live * nm) if live_mode
+                        else rep(g.clean_err[l]).to(acts.dtype))
                 err = torch.where(ke, kept, rep(g.abl_err[l]).to(acts.dtype))
                 return (tc.decode(acts) + err).to(x.dtype)
             return fn

@@ -65,7 +65,7 @@ class Node:
         return "/".join(parts)
 
     @classmethod
-    def from_key(cls, key: str) -> "Node":
+    def from_key(cls, key: str) -> Node:
         comp, *rest = key.split("/")
         layer = position = index = None
         for part in rest:

@@ -1,7 +1,6 @@
 """Shared plumbing of the attribution methods: clean/corrupted inputs, cached runs, hook-to-node mapping."""
 from __future__ import annotations
 
-import contextlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..errors import InputError
-from ..metrics import PromptBatch, batch_from_pairs, get_metric, make_batch
-from .nodes import Node
+from circuit_discovery.errors import InputError
+from circuit_discovery.metrics import PromptBatch, batch_from_pairs, get_metric, make_batch
+from circuit_discovery.nodes import Node
 
 POSITIONAL = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 DIRECTIONS = ("denoising", "noising")
@@ -40,7 +39,7 @@ class PairInputs:
 
     @classmethod
     def from_pairs(cls, model, pairs, noise_scale: float = 3.0, seed: int = 0,
-                   noise_std: float | None = None) -> "PairInputs":
+                   noise_std: float | None = None) -> PairInputs:
         """Batches of ``pairs``. Pairs with ``corruption="noise"`` get Gaussian noise on their subject embeddings
         with standard deviation ``noise_std`` (absolute) or, by default, ``noise_scale`` x the std of the subject
         tokens' embeddings of ``pairs`` (ROME; :func:`subject_embedding_std`)."""
@@ -69,7 +68,7 @@ class PairInputs:
     @classmethod
     def from_tokens(cls, model, clean_tokens: Sequence[Sequence[int]], corrupted_tokens: Sequence[Sequence[int]],
                     answer_ids: Sequence[Sequence[int]], cf_ids: Sequence[Sequence[int]] | None = None,
-                    noise: Tensor | None = None) -> "PairInputs":
+                    noise: Tensor | None = None) -> PairInputs:
         """Inputs from token-id lists (BOS included); roles are unknown (``relation`` everywhere)."""
         if len(clean_tokens) != len(corrupted_tokens):
             raise InputError("clean and corrupted token lists must have the same number of prompts")
@@ -201,19 +200,6 @@ def cached_run(model, inputs: PairInputs, which: str, names: Sequence[str], metr
         h = model.final_hidden(b.tokens, b.mask)
         m = get_metric(metric)(model, h, inputs.clean)
     return m.detach(), cache
-
-
-@contextlib.contextmanager
-def frozen(model):
-    """Parameters do not require grad inside the block (gradients go to activations only)."""
-    params = [p for p in model.hf_model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 _HOOK_RE = [

@@ -54,14 +54,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from circuit_discovery.attribution._common import PairInputs, check_pairs, frozen, noise_hook
-from circuit_discovery.attribution.nodes import Node
+from circuit_discovery.attribution.inputs import PairInputs, check_pairs, noise_hook
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.circuit import Circuit, combine_graphs
 from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
 from circuit_discovery.graph.prune import prune_graph
 from circuit_discovery.metrics import batch_from_pairs, get_metric
 from circuit_discovery.models.arch import get_module
+from circuit_discovery.models.hooked import frozen
+from circuit_discovery.nodes import Node
 
 __all__ = [
     "GRANULARITIES", "METHODS", "IG_RULES", "ComponentLayout", "ComponentCircuitResult", "ig_points",
@@ -294,7 +295,7 @@ def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layou
     hooks, leaves, outs = _cut_attention_hooks(ec, er, alpha, layout)
     with torch.enable_grad(), model.hooks(hooks):
         model.final_hidden(toks, torch.ones_like(toks))
-        total = 0.0
+        total: float | Tensor = 0.0
         rows = torch.arange(toks.shape[0], device=toks.device)
         for l in range(L):
             g = g_attn[l][:, q].repeat_interleave(A, 0)  # [rows, (H, dh) | d]
@@ -303,9 +304,10 @@ def _attention_vjps(model, tokens, e_clean, e_corr, alpha, g_attn, q: int, layou
                 total = total + (o[rows, head_idx] * g[rows, head_idx]).sum()
             else:
                 total = total + (o * g).sum()
+    assert isinstance(total, Tensor)  # n_layers >= 1
     grads = torch.autograd.grad(total, [leaves[l] for l in range(L)], allow_unused=True)
-    grads = [torch.zeros_like(leaves[l]) if gr is None else gr for l, gr in enumerate(grads)]
-    G = torch.stack(grads, 1)  # [rows, L, q+1, d]
+    filled = [torch.zeros_like(leaves[l]) if gr is None else gr for l, gr in enumerate(grads)]
+    G = torch.stack(filled, 1)  # [rows, L, q+1, d]
     return G.reshape(b, A, L, q + 1, -1).permute(0, 2, 1, 3, 4)
 
 
@@ -319,16 +321,17 @@ def _attention_vjps_all(model, tokens, e_clean, e_corr, alpha, g_attn, layout) -
     hooks, leaves, outs = _cut_attention_hooks(e_clean, e_corr, alpha, layout)
     with torch.enable_grad(), model.hooks(hooks):
         model.final_hidden(tokens, torch.ones_like(tokens))
-        total = 0.0
+        total: float | Tensor = 0.0
         for l in range(L):
             prod = (outs[l] * g_attn[l]).sum(-1)  # [b, n, H] (head) or [b, n] (layer)
             total = total + (prod if layout.granularity == "head" else prod[..., None]).sum(0)  # [n, A]
+    assert isinstance(total, Tensor)  # n_layers >= 1
     y = total.reshape(n * A)
     grads = torch.autograd.grad(y, [leaves[l] for l in range(L)], grad_outputs=torch.eye(n * A, dtype=y.dtype),
                                 allow_unused=True, is_grads_batched=True)
-    grads = [torch.zeros(n * A, *leaves[l].shape, dtype=leaves[l].dtype) if gr is None else gr
-             for l, gr in enumerate(grads)]
-    G = torch.stack(grads, 2).reshape(n, A, b, L, n, -1)  # [q, h, b, L, p, d]
+    filled = [torch.zeros(n * A, *leaves[l].shape, dtype=leaves[l].dtype) if gr is None else gr
+              for l, gr in enumerate(grads)]
+    G = torch.stack(filled, 2).reshape(n, A, b, L, n, -1)  # [q, h, b, L, p, d]
     return [G[q, :, :, :, : q + 1].permute(1, 2, 0, 3, 4) for q in range(n)]
 
 

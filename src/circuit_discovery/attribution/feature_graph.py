@@ -38,18 +38,19 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from circuit_discovery.attribution._common import frozen
-from circuit_discovery.attribution.nodes import Node
 from circuit_discovery.errors import InputError
 from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
 from circuit_discovery.models.arch import get_module
+from circuit_discovery.models.hooked import frozen
+from circuit_discovery.nodes import Node
 from circuit_discovery.sae.labels import direction_logit_effects
 
 __all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "decoder_directions", "feature_circuit",
@@ -274,6 +275,297 @@ def _logit_targets(model, state: _PromptState, max_n_logits: int, desired_logit_
     return toks, probs[toks].float()
 
 
+def _checked_transcoders(model, transcoders: Mapping[int, Any], max_feature_nodes: int,
+                         batch_size: int) -> dict[int, Any]:
+    """``transcoders`` keyed by int layer in layer order, after checking layers, kinds and the search limits."""
+    if not transcoders:
+        raise InputError("feature graphs need at least one transcoder; train them with "
+                         "circuit_discovery.sae.train_transcoders(model)")
+    L = model.cfg.n_layers
+    for l, tc in transcoders.items():
+        if not 0 <= int(l) < L:
+            raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
+        if not getattr(tc.cfg, "transcoder", False):
+            raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
+                             "transcoders (ln2.hook_normalized -> hook_mlp_out)")
+    if max_feature_nodes < 0 or batch_size <= 0:
+        raise InputError("max_feature_nodes must be >= 0 and batch_size > 0")
+    return {int(l): tc for l, tc in sorted(transcoders.items())}
+
+
+def _prompt_tokens(model, prompt: str | Sequence[int] | Tensor) -> tuple[Tensor, str]:
+    """``prompt`` as token ids [1, n] on the model's device (BOS prepended to text), and its text."""
+    if isinstance(prompt, str):
+        tokens = model.to_tokens(prompt)
+        text = prompt
+    else:
+        tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
+        text = model.tokenizer.decode(tokens[0].tolist())
+    return tokens.to(model.device), text
+
+
+def _feature_input(x: Tensor, tc, f: int) -> Tensor:
+    """Feature ``f``'s input (pre-activation minus ``b_enc``) from its transcoder input ``x`` [d_in]."""
+    return x.float() @ tc.W_enc[:, f].detach().float()
+
+
+def _logit_input(h: Tensor, W_U: Tensor, u_mean: Tensor, t: int) -> Tensor:
+    """Token ``t``'s logit input from the final-normed residual ``h`` [d]: ``h . (W_U[t] - mean W_U)``."""
+    return h.float() @ (W_U[t] - u_mean)
+
+
+@dataclass
+class _Sources:
+    """The candidate source columns of one prompt: active features, then error nodes (layer-major, ``L x n``),
+    then embeddings (``n``).
+
+    ``layer``/``pos``/``feat``/``act`` list the active features (also as tensors ``*_t``); ``errors`` [L, n, d]
+    is each error node's vector: the MLP output minus the transcoder's reconstruction (all active features and
+    ``b_dec``), or the whole MLP output where a layer has no transcoder; BOS features are in the BOS error node
+    unless ``include_bos``. Unvisited features are folded in later (:func:`_assemble`).
+    """
+    layer: list[int]
+    pos: list[int]
+    feat: list[int]
+    act: list[float]
+    errors: Tensor
+    n_layers: int
+    n: int
+    layer_t: Tensor = field(init=False)
+    pos_t: Tensor = field(init=False)
+    feat_t: Tensor = field(init=False)
+    act_t: Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.layer_t, self.pos_t, self.feat_t = (torch.tensor(v) for v in (self.layer, self.pos, self.feat))
+        self.act_t = torch.tensor(self.act, dtype=torch.float32)
+
+    @property
+    def n_feat(self) -> int:
+        return len(self.layer)
+
+    @property
+    def err_off(self) -> int:
+        """Column of the first error node."""
+        return self.n_feat
+
+    @property
+    def emb_off(self) -> int:
+        """Column of the first embedding."""
+        return self.n_feat + self.n_layers * self.n
+
+    @property
+    def n_cols(self) -> int:
+        return self.emb_off + self.n
+
+
+def _active_sources(st: _PromptState, transcoders: Mapping[int, Any], n_layers: int, include_bos: bool) -> _Sources:
+    """Phase 1: the active features of every transcoder layer (BOS excluded unless ``include_bos``) and the error
+    vectors."""
+    feat_l, feat_p, feat_f, feat_a = [], [], [], []
+    first = 0 if include_bos else 1
+    for l, a in st.acts.items():
+        pp, ff = (a[first:] != 0).nonzero(as_tuple=True)
+        feat_l += [l] * len(pp)
+        feat_p += (pp + first).tolist()
+        feat_f += ff.tolist()
+        feat_a += a[pp + first, ff].tolist()
+    recon = {l: st.acts[l] @ tc.W_dec.detach().float() + tc.b_dec.detach().float()  # all active features + b_dec
+             for l, tc in transcoders.items()}
+    errors = torch.stack([st.mlp_out[l] - recon[l] if l in transcoders else st.mlp_out[l]
+                          for l in range(n_layers)])  # [L, n, d] true reconstruction errors
+    if not include_bos:  # BOS features are folded into the BOS error node
+        for l, tc in transcoders.items():
+            errors[l, 0] = st.mlp_out[l][0] - tc.b_dec.detach().float()
+    return _Sources(feat_l, feat_p, feat_f, feat_a, errors, n_layers, st.n)
+
+
+class _RowComputer:
+    """Rows of the adjacency matrix (direct effects of every source on a target) from one kept forward pass.
+
+    One forward pass of the frozen replacement model (batch 1) with zero-valued leaves at the sources; its
+    graph is kept, and each batch of targets is one vmapped backward (``is_grads_batched``) through it. The
+    network is affine in the sources under the replay, so every target's row comes from the same forward
+    (3-4x faster than a forward of B copies of the prompt per batch).
+    """
+
+    def __init__(self, model, st: _PromptState, src: _Sources, transcoders: Mapping[int, Any], replay: FrozenReplay):
+        L, n, d = model.cfg.n_layers, st.n, model.cfg.d_model
+        self.st, self.src, self.transcoders, self.d = st, src, transcoders, d
+        self.W_U = model.W_U.detach().float()
+        self.u_mean = self.W_U.mean(0)
+        d_e = torch.zeros(1, n, d, requires_grad=True)
+        d_m = {l: torch.zeros(1, n, d, requires_grad=True) for l in range(L)}
+        self.x_in, self.final = replacement_inputs(model, st.tokens, replay, st.emb[None] + d_e,
+                                                   {l: st.mlp_out[l][None] + d_m[l] for l in range(L)},
+                                                   transcoders, requires_grad=True)
+        self.leaves = [d_e] + [d_m[l] for l in range(L)]
+        self.sel_of = {l: (src.layer_t == l).nonzero().flatten() for l in transcoders}  # active-feature columns
+        self.dec_rows = {l: tc.W_dec.detach().float()[src.feat_t[self.sel_of[l]]]  # [S, d] their decoder rows
+                         for l, tc in transcoders.items()}
+
+    def _target_input(self, kind: str, j: int) -> Tensor:
+        if kind == "logit":
+            return _logit_input(self.final[0, -1], self.W_U, self.u_mean, j)
+        l, p, f = self.src.layer[j], self.src.pos[j], self.src.feat[j]
+        return _feature_input(self.x_in[l][0, p], self.transcoders[l], f)
+
+    def rows(self, targets: list[tuple[str, int]]) -> Tensor:
+        """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
+        src, st = self.src, self.st
+        B, n, d = len(targets), st.n, self.d
+        outs = [self._target_input(kind, j) for kind, j in targets]
+        grads = torch.autograd.grad(torch.stack(outs), self.leaves, grad_outputs=torch.eye(B), retain_graph=True,
+                                    allow_unused=True, is_grads_batched=True)
+        g_e = grads[0][:, 0] if grads[0] is not None else torch.zeros(B, n, d)
+        g_m = [g[:, 0] if g is not None else torch.zeros(B, n, d) for g in grads[1:]]
+        rows = torch.zeros(B, src.n_cols, dtype=torch.float32)
+        rows[:, src.emb_off:] = (g_e * st.emb[None]).sum(-1)
+        for l in range(src.n_layers):
+            rows[:, src.err_off + l * n: src.err_off + (l + 1) * n] = (g_m[l] * src.errors[l][None]).sum(-1)
+        for l in self.transcoders:
+            sel = self.sel_of[l]
+            if len(sel) == 0:
+                continue
+            # gradient . decoder row of the active features only ([B, n, S]), read at each one's position
+            proj = g_m[l] @ self.dec_rows[l].T
+            rows[:, sel] = proj[:, src.pos_t[sel], torch.arange(len(sel))] * src.act_t[sel][None]
+        return rows.detach()
+
+
+def _visit_features(rc: _RowComputer, logit_toks: list[int], logit_probs: Tensor, max_feature_nodes: int,
+                    batch_size: int, progress: bool) -> tuple[Tensor, list[int], list[Tensor]]:
+    """Phase 3: the logit nodes' rows, then the rows of the active features in order of their estimated influence
+    on the logits through the rows computed so far, ``batch_size`` at a time, up to ``max_feature_nodes``.
+
+    Returns ``(logit_rows, visited, feat_rows)``: ``visited`` the feature indices in visiting order and
+    ``feat_rows`` their rows, one tensor per batch."""
+    n_feat = rc.src.n_feat
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=min(max_feature_nodes, n_feat) + len(logit_toks), desc="feature graph", unit="node",
+                   dynamic_ncols=True)
+    logit_rows = rc.rows([("logit", t) for t in logit_toks])
+    if bar:
+        bar.update(len(logit_toks))
+    visited: list[int] = []
+    feat_rows: list[Tensor] = []
+    is_visited = torch.zeros(n_feat, dtype=torch.bool)
+    w_logit = logit_probs.double()
+    while len(visited) < min(max_feature_nodes, n_feat):
+        infl = _column_influence(logit_rows, w_logit, torch.cat(feat_rows) if feat_rows else None, visited)
+        cand = infl[:n_feat].clone()
+        cand[is_visited] = -1.0
+        k = min(batch_size, max_feature_nodes - len(visited), int((~is_visited).sum()))
+        top = torch.topk(cand, k).indices.tolist()
+        feat_rows.append(rc.rows([("feat", j) for j in top]))
+        visited += top
+        is_visited[top] = True
+        if bar:
+            bar.update(len(top))
+    if bar:
+        bar.close()
+    return logit_rows, visited, feat_rows
+
+
+def _assemble(src: _Sources, transcoders: Mapping[int, Any], logit_rows: Tensor, visited: list[int],
+              feat_rows: list[Tensor]) -> Tensor:
+    """Phase 4: the adjacency [n_nodes, n_nodes] (rows are targets) in node order: visited features, error nodes,
+    embeddings, logits.
+
+    Each unvisited feature is folded into its (layer, position) error node -- its column is added to the error
+    node's column and its decoder contribution to the error vector (``src.errors``, updated in place) -- which
+    keeps the graph exact."""
+    L, n = src.n_layers, src.n
+    is_visited = torch.zeros(src.n_feat, dtype=torch.bool)
+    is_visited[visited] = True
+    R_all = torch.cat(feat_rows + [logit_rows], 0)  # targets: visited features, then logits
+    rest = (~is_visited).nonzero().flatten()
+    if len(rest):
+        err_cols = src.err_off + src.layer_t[rest] * n + src.pos_t[rest]
+        R_all.index_add_(1, err_cols, R_all[:, rest])
+        # the error node's vector: reconstruction error + the decoder contributions of the folded features
+        for l, tc in transcoders.items():
+            sel = rest[src.layer_t[rest] == l]
+            if len(sel):
+                contrib = src.act_t[sel][:, None] * tc.W_dec.detach().float()[src.feat_t[sel]]
+                src.errors[l].index_add_(0, src.pos_t[sel], contrib)
+    n_vis, n_logits = len(visited), logit_rows.shape[0]
+    vis = torch.tensor(visited, dtype=torch.long)
+    src_cols = torch.cat([vis, torch.arange(src.err_off, src.n_cols)])  # visited features, errors, embeddings
+    n_nodes = n_vis + L * n + n + n_logits
+    A = torch.zeros(n_nodes, n_nodes, dtype=torch.float32)
+    tgt_rows = list(range(n_vis)) + list(range(n_nodes - n_logits, n_nodes))
+    A[tgt_rows, : n_vis + L * n + n] = R_all[:, src_cols]
+    return A
+
+
+def _node_infos(model, transcoders: Mapping[int, Any], st: _PromptState, src: _Sources, visited: list[int],
+                logit_toks: list[int], logit_probs: Tensor, str_tokens: list[str], *,
+                labels: Mapping[tuple[int, int], str] | None, roles: Sequence[str] | None,
+                auto_labels: bool) -> list[NodeInfo]:
+    """Phase 5: the nodes in adjacency order (visited features, error nodes, embeddings, logits), labelled."""
+    L, n = src.n_layers, src.n
+    roles = list(roles) if roles is not None else None
+
+    def role(p):
+        return roles[p] if roles is not None and p < len(roles) else None
+
+    nodes: list[NodeInfo] = []
+    promoted = _promoted_tokens(model, transcoders, [(src.layer[j], src.feat[j]) for j in visited
+                                                     if (src.layer[j], src.feat[j]) not in (labels or {})]) \
+        if auto_labels else {}
+    for j in visited:
+        l, p, f = src.layer[j], src.pos[j], src.feat[j]
+        lab = (labels or {}).get((l, f), "")
+        if not lab:
+            lab = f"L{l} F{f} @{str_tokens[p]!r}" + (f" → {promoted[(l, f)]}" if (l, f) in promoted else "")
+        nodes.append(NodeInfo(node=Node("feature", l, p, f), label=lab, activation=float(src.act[j]), role=role(p),
+                              token=str_tokens[p]))
+    for l in range(L):
+        for p in range(n):
+            nodes.append(NodeInfo(node=Node("error", l, p), label=f"L{l} error @ {str_tokens[p]!r}",
+                                  activation=float(src.errors[l, p].norm()), role=role(p), token=str_tokens[p]))
+    for p in range(n):
+        nodes.append(NodeInfo(node=Node("embed", -1, p), label=str_tokens[p], role=role(p), token=str_tokens[p],
+                              token_id=int(st.tokens[0, p])))
+    for t, pr in zip(logit_toks, logit_probs.tolist()):
+        tok = model.tokenizer.decode([t])
+        nodes.append(NodeInfo(node=Node("logit", L, n - 1, t), label=f"Output {tok!r} (p={pr:.3f})",
+                              activation=float(st.logits_last[t]), token=tok, token_id=t,
+                              role=role(n - 1)))
+    return nodes
+
+
+def _target_inputs(rc: _RowComputer, visited: list[int], logit_toks: list[int], n_nodes: int,
+                   x_in: Mapping[int, Tensor], h_last: Tensor) -> Tensor:
+    """[n_nodes] float64: the input of every target node -- visited features (pre-activation minus ``b_enc``) and
+    logits -- from the transcoder inputs ``x_in[l]`` [n, d_in] and the final-normed last residual ``h_last`` [d];
+    0 for the sources."""
+    src = rc.src
+    out = torch.zeros(n_nodes, dtype=torch.float64)
+    for i, j in enumerate(visited):
+        l = src.layer[j]
+        out[i] = float(_feature_input(x_in[l][src.pos[j]], rc.transcoders[l], src.feat[j]))
+    for i, t in enumerate(logit_toks, start=n_nodes - len(logit_toks)):
+        out[i] = float(_logit_input(h_last, rc.W_U, rc.u_mean, t))
+    return out
+
+
+def _biases(model, rc: _RowComputer, replay: FrozenReplay, visited: list[int], logit_toks: list[int],
+            n_nodes: int) -> Tensor:
+    """Phase 5: each target's input with every source at zero -- embeddings 0, MLP outputs ``b_dec``
+    (transcoder layers) or 0 -- through the frozen replacement model."""
+    L, n, d = model.cfg.n_layers, rc.st.n, model.cfg.d_model
+    with torch.no_grad():
+        zero_mlp = {l: (rc.transcoders[l].b_dec.detach().float().expand(1, n, d) if l in rc.transcoders
+                        else torch.zeros(1, n, d)) for l in range(L)}
+        x0, f0 = replacement_inputs(model, rc.st.tokens, replay, torch.zeros(1, n, d), zero_mlp, rc.transcoders)
+    return _target_inputs(rc, visited, logit_toks, n_nodes, {l: x[0] for l, x in x0.items()}, f0[0, -1])
+
+
 def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[int] | Tensor, *,
                   extra_logits: Sequence[int] = (), max_n_logits: int = 10, desired_logit_prob: float = 0.95,
                   max_feature_nodes: int = 512, batch_size: int = 32, include_bos: bool = False,
@@ -294,225 +586,66 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
             is active and the two tokens its decoder direction promotes most through the unembedding.
         roles: per-position role names stored on the nodes (for relation-level combination).
     """
-    if not transcoders:
-        raise InputError("feature graphs need at least one transcoder; train them with "
-                         "circuit_discovery.sae.train_transcoders(model)")
+    transcoders = _checked_transcoders(model, transcoders, max_feature_nodes, batch_size)
+    tokens, text = _prompt_tokens(model, prompt)
     L = model.cfg.n_layers
-    for l, tc in transcoders.items():
-        if not 0 <= int(l) < L:
-            raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
-        if not getattr(tc.cfg, "transcoder", False):
-            raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
-                             "transcoders (ln2.hook_normalized -> hook_mlp_out)")
-    if max_feature_nodes < 0 or batch_size <= 0:
-        raise InputError("max_feature_nodes must be >= 0 and batch_size > 0")
-    transcoders = {int(l): tc for l, tc in sorted(transcoders.items())}
-    if isinstance(prompt, str):
-        tokens = model.to_tokens(prompt)
-        text = prompt
-    else:
-        tokens = torch.as_tensor(prompt, dtype=torch.long).reshape(1, -1)
-        text = model.tokenizer.decode(tokens[0].tolist())
-    tokens = tokens.to(model.device)
+
+    # Phase 0: the ordinary forward pass (the prompt's state) and the recording of norm scales and attention
     replay = FrozenReplay(model)
     st = _prompt_state(model, tokens, transcoders, replay)
-    n, d = st.n, model.cfg.d_model
-    str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-
-    # ---- candidate sources: active features, then errors (L x n), then embeddings (n)
-    feat_l, feat_p, feat_f, feat_a = [], [], [], []
-    first = 0 if include_bos else 1
-    for l, a in st.acts.items():
-        pp, ff = (a[first:] != 0).nonzero(as_tuple=True)
-        feat_l += [l] * len(pp)
-        feat_p += (pp + first).tolist()
-        feat_f += ff.tolist()
-        feat_a += a[pp + first, ff].tolist()
-    n_feat = len(feat_l)
-    feat_l_t, feat_p_t, feat_f_t = torch.tensor(feat_l), torch.tensor(feat_p), torch.tensor(feat_f)
-    feat_a_t = torch.tensor(feat_a, dtype=torch.float32)
-    err_off, emb_off = n_feat, n_feat + L * n
-    n_cols = emb_off + n
-    recon = {l: st.acts[l] @ tc.W_dec.detach().float() + tc.b_dec.detach().float()  # all active features + b_dec
-             for l, tc in transcoders.items()}
-    errors = torch.stack([st.mlp_out[l] - recon[l] if l in transcoders else st.mlp_out[l]
-                          for l in range(L)])  # [L, n, d] true reconstruction errors
-    if not include_bos:  # BOS features are folded into the BOS error node
-        for l, tc in transcoders.items():
-            errors[l, 0] = st.mlp_out[l][0] - tc.b_dec.detach().float()
-
-    # ---- logit targets
+    # Phase 1: candidate sources -- active features, error nodes, embeddings
+    src = _active_sources(st, transcoders, L, include_bos)
+    # Phase 2: logit targets, and the kept forward pass of the frozen replacement model that gives every row
     logit_toks, logit_probs = _logit_targets(model, st, max_n_logits, desired_logit_prob, extra_logits)
-    W_U = model.W_U.detach().float()
-    u_mean = W_U.mean(0)
-
-    # One forward pass of the frozen replacement model (batch 1) with zero-valued leaves at the sources; its
-    # graph is kept, and each batch of targets is one vmapped backward (``is_grads_batched``) through it. The
-    # network is affine in the sources under the replay, so every target's row comes from the same forward
-    # (3-4x faster than a forward of B copies of the prompt per batch).
-    d_e = torch.zeros(1, n, d, requires_grad=True)
-    d_m = {l: torch.zeros(1, n, d, requires_grad=True) for l in range(L)}
-    x_in1, final1 = replacement_inputs(model, tokens, replay, st.emb[None] + d_e,
-                                       {l: st.mlp_out[l][None] + d_m[l] for l in range(L)}, transcoders,
-                                       requires_grad=True)
-    leaves = [d_e] + [d_m[l] for l in range(L)]
-    sel_of = {l: (feat_l_t == l).nonzero().flatten() for l in transcoders}  # active-feature columns per layer
-    dec_rows = {l: tc.W_dec.detach().float()[feat_f_t[sel_of[l]]] for l, tc in transcoders.items()}  # [S, d]
-
-    def rows_for(targets: list[tuple[str, int]]) -> Tensor:
-        """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
-        B = len(targets)
-        outs = []
-        for kind, j in targets:
-            if kind == "logit":
-                outs.append(final1[0, -1].float() @ (W_U[j] - u_mean))
-            else:
-                l, p, f = feat_l[j], feat_p[j], feat_f[j]
-                outs.append(x_in1[l][0, p].float() @ transcoders[l].W_enc[:, f].detach().float())
-        grads = torch.autograd.grad(torch.stack(outs), leaves, grad_outputs=torch.eye(B), retain_graph=True,
-                                    allow_unused=True, is_grads_batched=True)
-        g_e = grads[0][:, 0] if grads[0] is not None else torch.zeros(B, n, d)
-        g_m = [g[:, 0] if g is not None else torch.zeros(B, n, d) for g in grads[1:]]
-        rows = torch.zeros(B, n_cols, dtype=torch.float32)
-        rows[:, emb_off:] = (g_e * st.emb[None]).sum(-1)
-        for l in range(L):
-            rows[:, err_off + l * n: err_off + (l + 1) * n] = (g_m[l] * errors[l][None]).sum(-1)
-        for l in transcoders:
-            sel = sel_of[l]
-            if len(sel) == 0:
-                continue
-            # gradient . decoder row of the active features only ([B, n, S]), read at each one's position
-            proj = g_m[l] @ dec_rows[l].T
-            rows[:, sel] = proj[:, feat_p_t[sel], torch.arange(len(sel))] * feat_a_t[sel][None]
-        return rows.detach()
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=min(max_feature_nodes, n_feat) + len(logit_toks), desc="feature graph", unit="node",
-                   dynamic_ncols=True)
-    logit_rows = rows_for([("logit", t) for t in logit_toks])
-    if bar:
-        bar.update(len(logit_toks))
-    visited: list[int] = []
-    feat_rows: list[Tensor] = []
-    is_visited = torch.zeros(n_feat, dtype=torch.bool)
-    w_logit = logit_probs.double()
-    while len(visited) < min(max_feature_nodes, n_feat):
-        infl = _column_influence(logit_rows, w_logit, torch.cat(feat_rows) if feat_rows else None, visited)
-        cand = infl[:n_feat].clone()
-        cand[is_visited] = -1.0
-        k = min(batch_size, max_feature_nodes - len(visited), int((~is_visited).sum()))
-        top = torch.topk(cand, k).indices.tolist()
-        feat_rows.append(rows_for([("feat", j) for j in top]))
-        visited += top
-        is_visited[top] = True
-        if bar:
-            bar.update(len(top))
-    if bar:
-        bar.close()
-
-    # ---- fold non-visited features into their error nodes (keeps the graph exact)
-    R_all = torch.cat(feat_rows + [logit_rows], 0)  # targets: visited features, then logits
-    rest = (~is_visited).nonzero().flatten()
-    if len(rest):
-        err_cols = err_off + feat_l_t[rest] * n + feat_p_t[rest]
-        R_all.index_add_(1, err_cols, R_all[:, rest])
-        # the error node's vector: reconstruction error + the decoder contributions of the folded features
-        for l, tc in transcoders.items():
-            sel = rest[feat_l_t[rest] == l]
-            if len(sel):
-                contrib = feat_a_t[sel][:, None] * tc.W_dec.detach().float()[feat_f_t[sel]]
-                errors[l].index_add_(0, feat_p_t[sel], contrib)
-    vis = torch.tensor(visited, dtype=torch.long)
-    n_vis = len(visited)
-    src_cols = torch.cat([vis, torch.arange(err_off, n_cols)])  # visited features, errors, embeddings
-    # node order: visited features, errors, embeddings, logits
-    n_nodes = n_vis + L * n + n + len(logit_toks)
-    A = torch.zeros(n_nodes, n_nodes, dtype=torch.float32)
-    tgt_rows = list(range(n_vis)) + list(range(n_nodes - len(logit_toks), n_nodes))
-    A[tgt_rows, : n_vis + L * n + n] = R_all[:, src_cols]
-
-    # ---- node infos, inputs and biases
-    roles = list(roles) if roles is not None else None
-
-    def role(p):
-        return roles[p] if roles is not None and p < len(roles) else None
-
-    nodes: list[NodeInfo] = []
-    node_input = torch.zeros(n_nodes, dtype=torch.float64)
-    promoted = _promoted_tokens(model, transcoders, [(feat_l[j], feat_f[j]) for j in visited
-                                                     if (feat_l[j], feat_f[j]) not in (labels or {})]) \
-        if auto_labels else {}
-    for i, j in enumerate(visited):
-        l, p, f = feat_l[j], feat_p[j], feat_f[j]
-        lab = (labels or {}).get((l, f), "")
-        if not lab:
-            lab = f"L{l} F{f} @{str_tokens[p]!r}" + (f" → {promoted[(l, f)]}" if (l, f) in promoted else "")
-        nodes.append(NodeInfo(node=Node("feature", l, p, f), label=lab, activation=float(feat_a[j]), role=role(p),
-                              token=str_tokens[p]))
-        node_input[i] = float(st.x_in[l][p].float() @ transcoders[l].W_enc[:, f].detach().float())
-    for l in range(L):
-        for p in range(n):
-            nodes.append(NodeInfo(node=Node("error", l, p), label=f"L{l} error @ {str_tokens[p]!r}",
-                                  activation=float(errors[l, p].norm()), role=role(p), token=str_tokens[p]))
-    for p in range(n):
-        nodes.append(NodeInfo(node=Node("embed", -1, p), label=str_tokens[p], role=role(p), token=str_tokens[p],
-                              token_id=int(tokens[0, p])))
-    logit_idx = []
-    for t, pr in zip(logit_toks, logit_probs.tolist()):
-        logit_idx.append(len(nodes))
-        tok = model.tokenizer.decode([t])
-        nodes.append(NodeInfo(node=Node("logit", L, n - 1, t), label=f"Output {tok!r} (p={pr:.3f})",
-                              activation=float(st.logits_last[t]), token=tok, token_id=t,
-                              role=role(n - 1)))
-        node_input[len(nodes) - 1] = float(st.normed_last @ (W_U[t] - u_mean))
-
-    # bias: every source at zero -> embeddings 0, MLP outputs = b_dec (transcoder layers) or 0
-    with torch.no_grad():
-        zero_mlp = {l: (transcoders[l].b_dec.detach().float().expand(1, n, d) if l in transcoders
-                        else torch.zeros(1, n, d)) for l in range(L)}
-        x0, f0 = replacement_inputs(model, tokens, replay, torch.zeros(1, n, d), zero_mlp, transcoders)
-    bias = torch.zeros(n_nodes, dtype=torch.float64)
-    for i, j in enumerate(visited):
-        l, p, f = feat_l[j], feat_p[j], feat_f[j]
-        bias[i] = float(x0[l][0, p].float() @ transcoders[l].W_enc[:, f].detach().float())
-    for i, t in zip(logit_idx, logit_toks):
-        bias[i] = float(f0[0, -1].float() @ (W_U[t] - u_mean))
+    rc = _RowComputer(model, st, src, transcoders, replay)
+    # Phase 3: logit rows, then feature rows in order of estimated influence
+    logit_rows, visited, feat_rows = _visit_features(rc, logit_toks, logit_probs, max_feature_nodes, batch_size,
+                                                     progress)
+    # Phase 4: unvisited features folded into the error nodes; the adjacency matrix
+    A = _assemble(src, transcoders, logit_rows, visited, feat_rows)
+    # Phase 5: nodes, their actual inputs and their biases
+    n_nodes = A.shape[0]
+    str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
+    nodes = _node_infos(model, transcoders, st, src, visited, logit_toks, logit_probs, str_tokens, labels=labels,
+                        roles=roles, auto_labels=auto_labels)
+    node_input = _target_inputs(rc, visited, logit_toks, n_nodes, st.x_in, st.normed_last)
+    bias = _biases(model, rc, replay, visited, logit_toks, n_nodes)
 
     graph = AttributionGraph(
-        nodes=nodes, adjacency=A.double(), logit_indices=logit_idx, logit_probabilities=logit_probs.double(),
-        prompt=text, prompt_tokens=str_tokens, prompt_token_ids=tokens[0].tolist(), n_layers=L,
+        nodes=nodes, adjacency=A.double(), logit_indices=list(range(n_nodes - len(logit_toks), n_nodes)),
+        logit_probabilities=logit_probs.double(), prompt=text, prompt_tokens=str_tokens,
+        prompt_token_ids=tokens[0].tolist(), n_layers=L,
         metadata={"kind": "feature", "model": model.cfg.model_name, "transcoder_layers": sorted(transcoders),
-                  "n_active_features": n_feat, "max_feature_nodes": max_feature_nodes,
+                  "n_active_features": src.n_feat, "max_feature_nodes": max_feature_nodes,
                   "include_bos": include_bos})
-    return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=n_feat,
-                              n_visited=n_vis, logit_tokens=logit_toks, errors=errors)
+    return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=src.n_feat,
+                              n_visited=len(visited), logit_tokens=logit_toks, errors=src.errors)
+
+
+#: ``{transcoder: {(feature, top_n): "'a'/'b'"}}``: features recur across the prompts of a relation.
+_PROMOTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
 def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tuple[int, int]], top_n: int = 2,
                      chunk: int = 64) -> dict[tuple[int, int], str]:
     """``{(layer, feature): "'a'/'b'"}``: the tokens each decoder direction promotes most (final norm, unembedding,
-    demeaned over the vocabulary)."""
+    demeaned over the vocabulary); cached per transcoder in :data:`_PROMOTED`."""
     out: dict[tuple[int, int], str] = {}
-    feats = list(dict.fromkeys(feats))
     todo = []
-    for l, f in feats:  # cached on the transcoder: features recur across the prompts of a relation
-        hit = transcoders[l].__dict__.setdefault("_frc_promoted", {}).get((f, top_n))
+    for l, f in dict.fromkeys(feats):
+        hit = _PROMOTED.get(transcoders[l], {}).get((f, top_n))
         if hit is None:
             todo.append((l, f))
         else:
             out[(l, f)] = hit
-    feats = todo
-    for s in range(0, len(feats), chunk):
-        part = feats[s: s + chunk]
+    for s in range(0, len(todo), chunk):
+        part = todo[s: s + chunk]
         # directions of several layers stacked: one unembedding call per chunk
         _, top, _, _ = direction_logit_effects(model, torch.stack([transcoders[l].W_dec[f] for l, f in part]), top_n)
-        for key, ids in zip(part, top.tolist()):
-            out[key] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
-            transcoders[key[0]].__dict__["_frc_promoted"][(key[1], top_n)] = out[key]
+        for (l, f), ids in zip(part, top.tolist()):
+            out[(l, f)] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
+            _PROMOTED.setdefault(transcoders[l], {})[(f, top_n)] = out[(l, f)]
     return out
 
 
@@ -560,7 +693,7 @@ def graph_scores(graph: AttributionGraph) -> dict[str, float | None]:
     both scores: they measure how much of the computation the graph's own feature nodes explain. ``None`` where
     a denominator is 0.
     """
-    from circuit_discovery.graph.prune import compute_influence, normalize_matrix
+    from circuit_discovery.graph.influence import compute_influence, normalize_matrix
 
     a = normalize_matrix(graph.adjacency)
     w = graph.logit_weights()
@@ -602,7 +735,7 @@ def feature_circuit(model, transcoders: Mapping[int, Any], pairs: Sequence, *, n
     pruned by influence into a :class:`Circuit`."""
     import time
 
-    from circuit_discovery.attribution._common import check_pairs
+    from circuit_discovery.attribution.inputs import check_pairs
     from circuit_discovery.graph.circuit import combine_graphs
 
     check_pairs(pairs)
