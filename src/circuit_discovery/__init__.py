@@ -3,13 +3,20 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import CircuitDiscoveryError, DeviceError, HookError, InputError, ModelLoadError, ModelNotAvailableError
-from .models import HookedModel, load_model
+from circuit_discovery.errors import (
+    CircuitDiscoveryError,
+    DeviceError,
+    HookError,
+    InputError,
+    ModelLoadError,
+    ModelNotAvailableError,
+)
+from circuit_discovery.models import HookedModel, load_model
 
 
 def __getattr__(name: str):  # lazy: the seed API pulls in the whole pipeline
     if name in ("CircuitDiscovery",):
-        from .api import CircuitDiscovery
+        from circuit_discovery.api import CircuitDiscovery
 
         return CircuitDiscovery
     raise AttributeError(name)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from circuit_discovery.errors import InputError
 
 METRICS = ("logit_diff", "logprob", "prob")
 
@@ -105,9 +105,8 @@ def logprob(model, hidden: Tensor, batch: PromptBatch) -> Tensor:
     for i, ans in enumerate(batch.answer_ids):
         k = len(ans)
         pos = batch.last[i] + torch.arange(k, device=hidden.device)
-        if pos[-1] >= hidden.shape[1]:
-            if k > 1:
-                raise InputError("multi-token answers need a teacher-forced batch (make_batch(teacher_force=True))")
+        if pos[-1] >= hidden.shape[1] and k > 1:
+            raise InputError("multi-token answers need a teacher-forced batch (make_batch(teacher_force=True))")
         lp = torch.log_softmax(model.unembed(hidden[i, pos]).float(), dim=-1)  # [k, vocab]
         out.append(lp[torch.arange(k, device=hidden.device), torch.tensor(ans, device=hidden.device)].sum())
     return torch.stack(out)

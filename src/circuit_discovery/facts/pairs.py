@@ -93,7 +93,8 @@ def _span_from_offsets(tokenizer, prompt: str, start: int, end: int, prepend_bos
         raise PairError(f"subject at chars {start}:{end} of {prompt!r} does not fall on token boundaries and the "
                         f"tokenizer gives no offsets; use a fast tokenizer or rephrase the prompt") from None
     shift = n_full - len(offsets)
-    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start and prompt[max(a, start):min(b, end)].strip()]
+    hit = [i for i, (a, b) in enumerate(offsets)
+           if b > a and a < end and b > start and prompt[max(a, start):min(b, end)].strip()]
     if not hit:
         raise PairError(f"no token of {prompt!r} covers the subject at chars {start}:{end}")
     return hit[0] + shift, hit[-1] + 1 + shift
@@ -183,7 +184,7 @@ def build_pairs(facts: Dataset | Mapping[str, Iterable[Fact]] | Iterable[Fact], 
     if not flat:
         raise DatasetError("no facts to build pairs from; give a non-empty dataset")
     prepared = [prepare_fact(tokenizer, f, prepend_bos) for f in flat]
-    groups: dict[tuple[str, tuple[str, ...]], list[_Prepared]] = defaultdict(list)
+    groups: dict[tuple[str, tuple[str, ...] | str], list[_Prepared]] = defaultdict(list)  # key: roles or subject
     by_relation: dict[str, list[_Prepared]] = defaultdict(list)
     for p in prepared:
         groups[(p.fact.relation, p.roles if partners == "within" else p.fact.subject)].append(p)
@@ -212,12 +213,12 @@ def _make_pair(p: _Prepared, group: list[_Prepared], relation: list[_Prepared], 
         return FactPair(p.fact.relation, p.prompt, q.prompt, p.answer, cf, p.fact.subject, q.fact.subject,
                         "subject_swap", p.tokens, q.tokens, p.answer_tokens,
                         tuple(answer_tokens(tokenizer, cf)), p.span, list(p.roles))
-    cf = given_cf
-    if cf is None:
-        others = sorted({q.answer for q in relation if q.answer_tokens[0] != first})
-        cf = rng.choice(others) if others else None
-    cf_tokens = tuple(answer_tokens(tokenizer, cf)) if cf is not None else ()
-    return FactPair(p.fact.relation, p.prompt, p.prompt, p.answer, cf, p.fact.subject, None, "noise",
+    noise_cf = given_cf
+    if noise_cf is None:
+        other_answers = sorted({q.answer for q in relation if q.answer_tokens[0] != first})
+        noise_cf = rng.choice(other_answers) if other_answers else None
+    cf_tokens = tuple(answer_tokens(tokenizer, noise_cf)) if noise_cf is not None else ()
+    return FactPair(p.fact.relation, p.prompt, p.prompt, p.answer, noise_cf, p.fact.subject, None, "noise",
                     p.tokens, p.tokens, p.answer_tokens, cf_tokens, p.span, list(p.roles))
 
 

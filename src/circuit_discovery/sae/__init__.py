@@ -5,7 +5,8 @@ Typical use::
     from circuit_discovery.sae import SAETrainConfig, build_corpus, evaluate_sae, split_heldout, train_saes_on_model
     corpus = build_corpus(model)                      # built-in: model-sampled text + fact sentences (cached)
     train, held = split_heldout(corpus.texts, 0.1)
-    results = train_saes_on_model(model, train, [SAETrainConfig("blocks.6.hook_resid_post")], corpus_id=corpus.corpus_id)
+    results = train_saes_on_model(model, train, [SAETrainConfig("blocks.6.hook_resid_post")],
+                                  corpus_id=corpus.corpus_id)
     sae = results["blocks.6.hook_resid_post"].sae
     metrics = evaluate_sae(model, sae, "blocks.6.hook_resid_post", held)
 """
@@ -21,15 +22,16 @@ from circuit_discovery.sae.architectures import (
     geometric_median,
     register_sae,
 )
-from circuit_discovery.sae.io import (
-    load_cached_sae,
-    load_sae,
-    sae_cache_key,
-    save_cached_sae,
-    save_sae,
+from circuit_discovery.sae.corpus import (
+    Corpus,
+    build_corpus,
+    builtin_fact_sentences,
+    load_hf_dataset,
+    load_text_files,
+    model_sampled_texts,
+    sample_token_batch,
+    split_heldout,
 )
-from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes, train_saes_on_model
-from circuit_discovery.sae.harvest import collect_hook_activations, harvest_activations, stream_activations
 from circuit_discovery.sae.evaluate import (
     ce_loss_score,
     cossim,
@@ -42,17 +44,22 @@ from circuit_discovery.sae.evaluate import (
     plot_layer_metrics,
     reconstruction_metrics,
 )
-from circuit_discovery.sae.corpus import (
-    Corpus,
-    build_corpus,
-    builtin_fact_sentences,
-    load_hf_dataset,
-    load_text_files,
-    model_sampled_texts,
-    sample_token_batch,
-    split_heldout,
+from circuit_discovery.sae.harvest import collect_hook_activations, harvest_activations, stream_activations
+from circuit_discovery.sae.io import (
+    load_cached_sae,
+    load_sae,
+    sae_cache_key,
+    save_cached_sae,
+    save_sae,
 )
-from circuit_discovery.sae.labels import FeatureLabel, auto_label, feature_logit_effects, label_features, top_activating_contexts
+from circuit_discovery.sae.labels import (
+    FeatureLabel,
+    auto_label,
+    feature_logit_effects,
+    label_features,
+    top_activating_contexts,
+)
+from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes, train_saes_on_model
 
 __all__ = [
     "SAE_REGISTRY",

@@ -26,8 +26,9 @@ New architectures are added with :func:`register_sae`::
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -45,12 +46,12 @@ __all__ = [
     "geometric_median",
 ]
 
-SAE_REGISTRY: dict[str, type["SparseAutoencoder"]] = {}
+SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def register_sae(name: str) -> Callable[[type["SparseAutoencoder"]], type["SparseAutoencoder"]]:
+def register_sae(name: str) -> Callable[[type[SparseAutoencoder]], type[SparseAutoencoder]]:
     """Class decorator adding an architecture to :data:`SAE_REGISTRY` under ``name``."""
 
     def deco(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
@@ -158,6 +159,7 @@ class SparseAutoencoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        assert d_sae is not None and d_out is not None  # filled in by SAEConfig.__post_init__
         dt = cfg.torch_dtype
         # Decoder rows: random directions of norm decoder_init_norm; encoder = decoder transpose
         # when the spaces coincide (Anthropic's April 2024 initialisation).
@@ -287,6 +289,7 @@ class TopKSAE(SparseAutoencoder):
     """
 
     def activation(self, hidden_pre: Tensor) -> Tensor:
+        assert self.cfg.k is not None  # filled in by SAEConfig.__post_init__ (topk)
         k = int(self.cfg.k)
         vals, idx = hidden_pre.topk(k, dim=-1)
         return torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
@@ -355,6 +358,7 @@ class JumpReLUSAE(SparseAutoencoder):
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
         super().__init__(cfg, generator)
+        assert cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
         init = torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold), dtype=cfg.torch_dtype)
         self.log_threshold = nn.Parameter(init.log())
 

@@ -1,6 +1,6 @@
 """Per-layer dictionaries for feature circuits: train (or reuse from the cache) one transcoder per layer.
 
-Feature graphs (``circuit_discovery.graph.features``) replace each MLP by a transcoder that reads the MLP's
+Feature graphs (``circuit_discovery.attribution.feature_graph``) replace each MLP by a transcoder that reads the MLP's
 normalised input ``blocks.{l}.ln2.hook_normalized`` and predicts ``blocks.{l}.hook_mlp_out``. This module
 builds those transcoders for a model from the built-in offline corpus (``build_corpus``) with one harvesting
 pass for all layers, caches them (keyed by model, hook, training config and corpus) and optionally evaluates
@@ -96,7 +96,8 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
         tcs[layer] = r.eval()
     out = DictionarySet(transcoders=tcs, corpus_id=corpus.corpus_id, trained=trained,
                         settings={"architecture": architecture, "k": k, "training_tokens": training_tokens,
-                                  "seed": seed, "corpus_tokens": corpus.n_tokens, "eval_tokens": eval_tokens, "sparsity_tokens": sparsity_tokens})
+                                  "seed": seed, "corpus_tokens": corpus.n_tokens, "eval_tokens": eval_tokens,
+                                  "sparsity_tokens": sparsity_tokens})
     if evaluate:
         for c in cfgs:
             layer = int(c.hook_name.split(".")[1])

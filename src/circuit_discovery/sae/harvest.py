@@ -68,7 +68,8 @@ def token_mask(model, tokens: Tensor, attention_mask: Tensor) -> Tensor:
 def iter_token_batches(
     model, texts: Sequence[str], context_size: int = 128, batch_size: int = 8, pack: bool = True
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield ``(tokens [b, pos], attention_mask [b, pos])`` rows of at most ``context_size`` tokens, each starting with BOS.
+    """Yield ``(tokens [b, pos], attention_mask [b, pos])`` rows of at most ``context_size`` tokens, each starting
+    with BOS.
 
     ``pack=True`` (SAELens-style packing): the texts form one token stream, documents separated by a BOS
     token, cut into full rows of ``context_size`` (a new BOS starts each row); only the last row can be

@@ -88,6 +88,7 @@ def sae_to_saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
         "circuit_discovery": {"architecture": cfg.architecture, "config": cfg.to_dict()},
     }
     if cfg.architecture == "topk":
+        assert cfg.k is not None  # filled in by SAEConfig.__post_init__
         out["k"] = int(cfg.k)
     if cfg.transcoder:
         out["d_out"] = cfg.d_out

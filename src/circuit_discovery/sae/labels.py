@@ -88,15 +88,19 @@ def top_activating_contexts_multi(
     ``{hook: [feature, ...]}``, default all), reading every hook from one forward pass per batch."""
     sel: dict[str, Tensor] = {}
     heaps: dict[str, dict[int, list]] = {}
+    widths: dict[str, int] = {}
     for hook, sae in saes.items():
-        feats = list(range(sae.cfg.d_sae)) if features is None or hook not in features else \
+        d_sae = sae.cfg.d_sae
+        assert d_sae is not None  # filled in by SAEConfig.__post_init__
+        widths[hook] = d_sae
+        feats = list(range(d_sae)) if features is None or hook not in features else \
             [int(f) for f in features[hook]]
         for f in feats:
-            if not 0 <= f < sae.cfg.d_sae:
-                raise IndexError(f"feature {f} out of range 0..{sae.cfg.d_sae - 1}")
+            if not 0 <= f < d_sae:
+                raise IndexError(f"feature {f} out of range 0..{d_sae - 1}")
         sel[hook] = torch.tensor(feats, dtype=torch.long)
         heaps[hook] = {f: [] for f in feats}
-    fires = {hook: torch.zeros(sae.cfg.d_sae, dtype=torch.long) for hook, sae in saes.items()}
+    fires = {hook: torch.zeros(widths[hook], dtype=torch.long) for hook in saes}
     n_tok, counter = 0, 0
     for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
         cache = collect_hook_activations(model, tokens, mask, list(saes))
@@ -200,6 +204,7 @@ def label_features(
     max_tokens: int | None = None,
 ) -> dict[int, FeatureLabel]:
     """Contexts, logit effects and an automatic label for ``features`` (all when None)."""
+    assert sae.cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
     feats = list(range(sae.cfg.d_sae)) if features is None else [int(f) for f in features]
     ctxs, fires, n_tok = top_activating_contexts(
         model, sae, hook_name, texts, feats, k=k, window=window, max_tokens=max_tokens

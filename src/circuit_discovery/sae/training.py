@@ -142,20 +142,23 @@ def _batches(source: ActivationSource, hooks: list[str], batch: int, seed: int, 
         missing = [h for h in hooks if h not in source]
         if missing:
             raise KeyError(f"activation source lacks hooks {missing}; has {list(source)}")
-        n = {int(source[h].shape[0]) for h in hooks}
-        if len(n) != 1:
-            raise ValueError(f"activation tensors have different numbers of rows: { {h: source[h].shape for h in hooks} }")
-        (n,) = n
+        n_rows = {int(source[h].shape[0]) for h in hooks}
+        if len(n_rows) != 1:
+            shapes = {h: source[h].shape for h in hooks}
+            raise ValueError(f"activation tensors have different numbers of rows: {shapes}")
+        (n,) = n_rows
         if n < batch:
             raise ValueError(f"only {n} activation rows but train_batch_size_tokens={batch}")
         per_epoch = n // batch
         step = start_step
-        perm_epoch, perm = -1, None
+        perm_epoch = -1
+        perm: Tensor | None = None
         while True:
             epoch, j = divmod(step, per_epoch)
             if epoch != perm_epoch:
                 perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
                 perm_epoch = epoch
+            assert perm is not None  # drawn on the first step (epoch != -1)
             idx = perm[j * batch : (j + 1) * batch]
             yield {h: source[h][idx].float() for h in hooks}
             step += 1
@@ -212,6 +215,7 @@ class _Trainer:
         self.scale_in = 1.0
         self.scale_out = 1.0
         self.initialised = False
+        assert self.sae.cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
         self.tokens_since_fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=device)
         self.history: list[dict[str, float]] = []
         self.n_steps = cfg.n_steps
@@ -244,7 +248,8 @@ class _Trainer:
         if c.normalize_activations == "expected_average_only_in":
             self.scale_in = float(math.sqrt(x.shape[-1]) / x.norm(dim=-1).mean().clamp_min(1e-12))
             self.scale_out = (
-                float(math.sqrt(y.shape[-1]) / y.norm(dim=-1).mean().clamp_min(1e-12)) if c.is_transcoder else self.scale_in
+                float(math.sqrt(y.shape[-1]) / y.norm(dim=-1).mean().clamp_min(1e-12)) if c.is_transcoder
+                else self.scale_in
             )
         self.sae.initialize_b_dec(y * self.scale_out, c.b_dec_init_method)
         self.initialised = True
@@ -252,7 +257,7 @@ class _Trainer:
     def step(self, step: int, batch: Mapping[str, Tensor]) -> dict[str, float]:
         c, sae = self.cfg, self.sae
         x = batch[c.hook_name]
-        y = batch[c.hook_name_out] if c.is_transcoder else x
+        y = batch[c.hook_name_out] if c.hook_name_out is not None else x  # (== c.is_transcoder)
         if not self.initialised:
             self.initialise(x, y)
         x = x * self.scale_in
@@ -467,7 +472,8 @@ def train_saes(
                 batch = next(data)
             except StopIteration:
                 raise ValueError(
-                    f"activation stream ended after {step} steps; {n_steps} needed for training_tokens={cfgs[0].training_tokens}"
+                    f"activation stream ended after {step} steps; {n_steps} needed for "
+                    f"training_tokens={cfgs[0].training_tokens}"
                 ) from None
             batch = {h: v.to(device) for h, v in batch.items()}
             stats = [tr.step(step, batch) for tr in trainers]

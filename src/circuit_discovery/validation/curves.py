@@ -53,8 +53,9 @@ the result is flagged ``degenerate`` and ``f`` / the CI are ``None`` instead of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 from scipy.integrate import trapezoid
@@ -106,6 +107,7 @@ DEFAULT_MIN_GAP: float = 0.5
 ZERO_TOL: float = 1e-9
 
 Node = Hashable
+_N = TypeVar("_N", bound=Hashable)  # the node type of one call (e.g. ``str`` node ids)
 #: ``metric_of(kept_nodes) -> float``, or with ``batched=True`` ``metric_of([kept_0, kept_1, ...]) -> [m_0, m_1, ...]``
 MetricFn = Callable[[Any], Any]
 
@@ -149,7 +151,7 @@ def faithfulness(m_circuit: Any, m_full: Any, m_empty: Any, *, eps: float = 1e-1
     return float(f) if f.ndim == 0 else f
 
 
-def circuit_sizes(n_nodes: int, fractions: Sequence[float] = MIB_FRACTIONS) -> np.ndarray:
+def circuit_sizes(n_nodes: int, fractions: Sequence[float] | np.ndarray = MIB_FRACTIONS) -> np.ndarray:
     """Number of top-ranked nodes kept at each fraction: ``ceil(k * n)``, at least 1 when ``k > 0``.
 
     Returns:
@@ -164,7 +166,7 @@ def circuit_sizes(n_nodes: int, fractions: Sequence[float] = MIB_FRACTIONS) -> n
     return np.minimum(sizes, n_nodes)
 
 
-def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
+def _check_fractions(fractions: Sequence[float] | np.ndarray) -> np.ndarray:
     fr = np.asarray(fractions, dtype=float).reshape(-1)
     if fr.size < 1 or not np.all(np.isfinite(fr)) or np.any(fr < 0) or np.any(fr > 1):
         raise CurveInputError(f"fractions must be finite values in [0, 1], got {list(fractions)}")
@@ -173,7 +175,8 @@ def _check_fractions(fractions: Sequence[float]) -> np.ndarray:
     return fr
 
 
-def _check_curve(fractions: Sequence[float], f: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def _check_curve(fractions: Sequence[float] | np.ndarray,
+                 f: Sequence[float] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     fr = _check_fractions(fractions)
     fa = np.asarray(f, dtype=float).reshape(-1)
     if fa.shape != fr.shape:
@@ -183,13 +186,13 @@ def _check_curve(fractions: Sequence[float], f: Sequence[float]) -> tuple[np.nda
     return fr, fa
 
 
-def area_under_curve(fractions: Sequence[float], f: Sequence[float]) -> float:
+def area_under_curve(fractions: Sequence[float] | np.ndarray, f: Sequence[float] | np.ndarray) -> float:
     """CPR: trapezoid area under the (signed, unclipped) faithfulness curve over the fraction axis."""
     fr, fa = _check_curve(fractions, f)
     return float(trapezoid(fa, fr))
 
 
-def area_from_one(fractions: Sequence[float], f: Sequence[float]) -> float:
+def area_from_one(fractions: Sequence[float] | np.ndarray, f: Sequence[float] | np.ndarray) -> float:
     """CMD: trapezoid area of ``|1 - f|`` over the fraction axis (absolute value taken at each point, as MIB)."""
     fr, fa = _check_curve(fractions, f)
     return float(trapezoid(np.abs(1.0 - fa), fr))
@@ -231,9 +234,9 @@ class _Evaluator:
         return float(self.many([nodes])[0])
 
 
-def _unique_list(nodes: Sequence[Node], name: str) -> list[Node]:
+def _unique_list(nodes: Sequence[_N], name: str) -> list[_N]:
     out = list(nodes)
-    seen: set[Node] = set()
+    seen: set[_N] = set()
     for n in out:
         if n in seen:
             raise CurveInputError(f"{name} contains duplicate node {n!r}")
@@ -343,13 +346,13 @@ def faithfulness_curve(
                              m_empty=me, cpr=cpr, cmd=cmd, n_nodes=len(nodes))
 
 
-def order_by_ranking(ranked_nodes: Sequence[Node], universe: Sequence[Node]) -> list[Node]:
+def order_by_ranking(ranked_nodes: Sequence[_N], universe: Sequence[_N]) -> list[_N]:
     """``universe`` reordered: the nodes of ``ranked_nodes`` that are in ``universe`` first (rank order, first
     occurrence), then the rest of ``universe`` in its own order. Length ``len(universe)``."""
     N = _unique_list(universe, "universe")
     Nset = set(N)
-    seen: set[Node] = set()
-    out: list[Node] = []
+    seen: set[_N] = set()
+    out: list[_N] = []
     for n in ranked_nodes:
         if n in Nset and n not in seen:
             seen.add(n)
@@ -661,7 +664,7 @@ def random_circuit_baseline(
     *,
     n_samples: int = 100,
     forced: Sequence[Node] = (),
-    stratum: Callable[[Node], Hashable] | None = None,
+    stratum: Callable[[Any], Hashable] | None = None,  # called with the universe's nodes (e.g. str node ids)
     batched: bool = False,
     seed: SeedLike = 0,
     m_full: float | None = None,

@@ -109,8 +109,8 @@ import abc
 import inspect
 import math
 import zlib
-from collections.abc import Iterable, Mapping
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -168,6 +168,11 @@ HYPOTHESIS_COLUMNS: tuple[str, ...] = (
 Context = Mapping[str, Any]
 
 
+#: what a hypothesis test raises on data it cannot test (recorded with ``on_error="record"``); anything else is a
+#: programming error and propagates
+_TEST_ERRORS = (CircuitDiscoveryError, ValueError, TypeError, KeyError, IndexError, ArithmeticError)
+
+
 class HypothesisError(CircuitDiscoveryError, RuntimeError):
     """A hypothesis test failed on the given context."""
 
@@ -186,7 +191,7 @@ class MissingContextError(CircuitDiscoveryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-_REGISTRY: dict[str, "Hypothesis"] = {}
+_REGISTRY: dict[str, Hypothesis] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,9 +338,9 @@ def evaluate_hypotheses(
 ) -> list[TestResult]:
     """Run hypotheses, apply BH within each family (:func:`family_of`) and set verdicts; see :func:`run_hypotheses`."""
     if on_error not in ("raise", "record"):
-        raise ValueError(f"on_error must be 'raise' or 'record', got {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'record', got {on_error!r}")
     if not isinstance(context, Mapping):
-        raise TypeError(f"context must be a mapping, got {type(context).__name__}")
+        raise InputError(f"context must be a mapping of context keys to data, got {type(context).__name__}")
     if ids is None:
         selected = [h for h in _REGISTRY.values() if h.applicable(context)]
     else:
@@ -348,7 +353,7 @@ def evaluate_hypotheses(
     for h in selected:
         try:
             results.extend(h.run(context, _rng_for(seed, h.id)))
-        except Exception as exc:  # noqa: BLE001 — re-raised or recorded with the hypothesis id
+        except _TEST_ERRORS as exc:  # bad or insufficient data: re-raised or recorded with the hypothesis id
             if on_error == "raise":
                 raise HypothesisError(f"hypothesis {h.id!r} failed: {exc}") from exc
             results.append(TestResult(

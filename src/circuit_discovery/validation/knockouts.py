@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..metrics import batch_from_pairs, get_metric
+from circuit_discovery.metrics import batch_from_pairs, get_metric
 
 
 def attention_knockout_drop(model, pairs: Sequence, layers: Sequence[int], metric="logit_diff") -> np.ndarray:

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def node_stratum(node_id: str) -> tuple[str, int, Any]:
+def node_stratum(node_id: str) -> tuple[str, int | str, Any]:
     """``(component, layer, role or position)`` of a node id, e.g. ``'head/L4/I2/last' -> ('head', 4, 'last')``.
 
     Heads of one layer at one token share a stratum; an MLP or embedding node is alone in its stratum. An id

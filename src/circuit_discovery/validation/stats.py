@@ -21,8 +21,9 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import scipy.stats
@@ -124,7 +125,7 @@ class TestResult:
     details: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_outcome(cls, hypothesis_id: str, relation: str, outcome: TestOutcome) -> "TestResult":
+    def from_outcome(cls, hypothesis_id: str, relation: str, outcome: TestOutcome) -> TestResult:
         return cls(
             hypothesis_id=hypothesis_id,
             relation=relation,
