@@ -59,6 +59,12 @@ from circuit_discovery.sae.labels import (
     label_features,
     top_activating_contexts,
 )
+from circuit_discovery.sae.pretrained import (
+    DictionaryFormatError,
+    DictionaryNotFoundError,
+    PretrainedDictionary,
+    load_dictionary,
+)
 from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes, train_saes_on_model
 
 __all__ = [
@@ -77,6 +83,10 @@ __all__ = [
     "sae_cache_key",
     "save_cached_sae",
     "save_sae",
+    "DictionaryFormatError",
+    "DictionaryNotFoundError",
+    "PretrainedDictionary",
+    "load_dictionary",
     "SAETrainConfig",
     "TrainResult",
     "train_saes",
