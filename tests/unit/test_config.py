@@ -63,7 +63,6 @@ def test_construction_is_idempotent(kw):
     c = RunConfig(**kw)
     assert RunConfig(**c.to_dict()) == c
     assert RunConfig.from_saved(c.to_dict()) == c
-    assert c.effective() is c  # kept for old callers: returns the configuration unchanged
 
 
 def test_every_entry_point_sees_the_same_quick_values(tmp_path):

@@ -239,11 +239,6 @@ class RunConfig:
         for name, cap in QUICK_CAPS.items():
             setattr(self, name, min(getattr(self, name), cap))
 
-    def effective(self) -> RunConfig:
-        """This configuration, unchanged: ``quick`` is applied at construction now (kept for callers that still
-        call it; it will be removed)."""
-        return self
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
