@@ -66,13 +66,13 @@ def test_node_inputs_are_the_real_models_values(setup):
     m, tcs = setup
     res = feature_graph(m, tcs, PROMPT, max_feature_nodes=20, batch_size=8)
     toks = m.to_tokens(PROMPT)
-    names = [f"blocks.{l}.ln2.hook_normalized" for l in tcs]
+    names = [f"blocks.{l}.mlp.hook_in" for l in tcs]
     logits, cache = m.run_with_cache(toks, names=names, return_logits=True)
     u_mean = m.W_U.mean(0)
     for i, nd in enumerate(res.graph.nodes):
         if nd.node.component == "feature":
             l, p, f = nd.node.layer, nd.node.position, nd.node.index
-            pre = (tcs[l].hidden_pre(cache[f"blocks.{l}.ln2.hook_normalized"][0, p]) - tcs[l].b_enc).detach()
+            pre = (tcs[l].hidden_pre(cache[f"blocks.{l}.mlp.hook_in"][0, p]) - tcs[l].b_enc).detach()
             assert float(res.node_input[i]) == pytest.approx(float(pre[f]), rel=1e-5, abs=1e-5)
             assert nd.activation == pytest.approx(float(tcs[l].encode(cache[names[list(tcs).index(l)]][0, p])[f]),
                                                   rel=1e-5)

@@ -352,8 +352,8 @@ def test_evaluated_metric_equals_the_graphs_linear_prediction(noisy, errors):
     visited = {(nd.node.position, nd.node.index) for nd in g.nodes if nd.node.component == "feature"
                and nd.node.layer == L - 1}
     st_acts = tcs[L - 1].encode(m.run_with_cache(torch.tensor([list(p.clean_tokens)]),
-                                                 names=[f"blocks.{L - 1}.ln2.hook_normalized"],
-                                                 return_logits=False)[1][f"blocks.{L - 1}.ln2.hook_normalized"][0])
+                                                 names=[f"blocks.{L - 1}.mlp.hook_in"],
+                                                 return_logits=False)[1][f"blocks.{L - 1}.mlp.hook_in"][0])
     n_tok = len(p.clean_tokens)
     active_last = {(n_tok - 1, f) for f in (st_acts[-1] != 0).nonzero().flatten().tolist()}
     assert active_last - visited  # folded at the last position, where layer L-1 reaches the logits

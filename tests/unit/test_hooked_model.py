@@ -246,3 +246,39 @@ def test_damaged_builtin_cache_is_rebuilt_once_then_reported(monkeypatch, tmp_pa
         loading.load_model("gemma-3-270m", device="cpu", cache_dir=tmp_path)
     failures[:] = [SafetensorError("Error while deserializing header")]  # fails once: the rebuild loads
     assert loading.load_model("gemma-3-270m", device="cpu", cache_dir=tmp_path).cfg.n_layers == 4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_pre_gain_normalized_and_mlp_input(tiny_models, name):
+    """ln2.hook_normalized is the pre-gain normalised MLP-norm input (unit RMS / zero-mean unit-variance); mlp.hook_in
+    is the norm's output. Editing the pre-gain value reaches the MLP through the gain: zeroing it at one position
+    makes mlp.hook_in there equal the norm's bias (zero for RMSNorm), and changes the logits (the hook is live)."""
+    m = tiny_models[name]
+    toks = m.to_tokens("The capital of France is")
+    _, c = m.run_with_cache(toks, names=["blocks.1.ln2.hook_normalized", "blocks.1.mlp.hook_in", "blocks.1.hook_mlp_in"])
+    xn, xin = c["blocks.1.ln2.hook_normalized"], c["blocks.1.mlp.hook_in"]
+    x = c["blocks.1.hook_mlp_in"].float()
+    if "gpt2" in name:
+        x = x - x.mean(-1, keepdim=True)
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    torch.testing.assert_close(xn.float(), x / rms, rtol=1e-3, atol=1e-3)  # independent closed form (eps ~ 1e-6)
+    assert not torch.allclose(xn, xin, atol=1e-3)  # the gain is not the identity in these models
+    with torch.no_grad():
+        base = m(toks)
+    seen = {}
+
+    def zero(act, hook):
+        act = act.clone()
+        act[:, 2] = 0.0
+        return act
+
+    def keep(act, hook):
+        seen["in"] = act.detach().clone()
+
+    with torch.no_grad(), m.hooks([("blocks.1.ln2.hook_normalized", zero), ("blocks.1.mlp.hook_in", keep)]):
+        out = m(toks)
+    bias = getattr(m._layers[1], "ln_2", None)
+    expect = torch.zeros_like(seen["in"][0, 2]) if bias is None or bias.bias is None else bias.bias.detach()
+    torch.testing.assert_close(seen["in"][0, 2], expect.to(seen["in"].dtype), rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["in"][0, 3], xin[0, 3], rtol=1e-5, atol=1e-5)  # other positions untouched
+    assert (out - base).abs().max() > 1e-4

@@ -106,7 +106,7 @@ def test_sae_metrics_per_layer_takes_layers_or_hook_names(tmp_path):
     """Hook-name keys (the pipeline's ``{hook: metrics}``) in any order draw the same PNG as sorted layer keys."""
     rows = {l: {"explained_variance": 0.7 + 0.05 * l, "ce_loss_score": 0.9, "dead_fraction": 0.02 * l, "l0": 20 + l}
             for l in range(3)}
-    hooks = {f"blocks.{l}.ln2.hook_normalized->blocks.{l}.hook_mlp_out": rows[l] for l in (2, 0, 1)}
+    hooks = {f"blocks.{l}.mlp.hook_in->blocks.{l}.hook_mlp_out": rows[l] for l in (2, 0, 1)}
     a = F.sae_metrics_per_layer(hooks, tmp_path / "a.png", title="t")
     b = F.sae_metrics_per_layer(rows, tmp_path / "b.png", title="t")
     assert a.read_bytes() == b.read_bytes()

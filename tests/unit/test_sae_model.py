@@ -29,7 +29,7 @@ TEXTS = [
     "People in Spain speak Spanish. The currency of Japan is the yen.",
     "Albert Einstein was a physicist.",
 ]
-HOOKS = ["blocks.1.hook_resid_post", "blocks.2.ln2.hook_normalized", "blocks.2.hook_mlp_out"]
+HOOKS = ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out"]
 
 
 
@@ -144,15 +144,15 @@ def test_evaluate_transcoder_zero_output_equals_ablation(model):
     with torch.no_grad():
         tc.W_dec.zero_()
         tc.b_dec.zero_()
-    r = evaluate_sae(model, tc, "blocks.2.ln2.hook_normalized", TEXTS, context_size=16)
+    r = evaluate_sae(model, tc, "blocks.2.mlp.hook_in", TEXTS, context_size=16)
     assert r["ce_loss_score"] == pytest.approx(0.0, abs=1e-5)
     assert r["n_tokens"] == r["dead_fraction_n_tokens"] > 0
     # sparsity over more tokens reads the transcoder's input hook (the normalised residual), not its output
-    r2 = evaluate_sae(model, tc, "blocks.2.ln2.hook_normalized", TEXTS, n_tokens=8, context_size=16,
+    r2 = evaluate_sae(model, tc, "blocks.2.mlp.hook_in", TEXTS, n_tokens=8, context_size=16,
                       sparsity_tokens=10_000)
-    x = harvest_activations(model, TEXTS, ["blocks.2.ln2.hook_normalized"], context_size=16)
+    x = harvest_activations(model, TEXTS, ["blocks.2.mlp.hook_in"], context_size=16)
     with torch.no_grad():
-        f = tc.encode(x["blocks.2.ln2.hook_normalized"])
+        f = tc.encode(x["blocks.2.mlp.hook_in"])
     assert r2["n_tokens"] == 8 and r2["dead_fraction_n_tokens"] == f.shape[0] == r["n_tokens"]
     assert r2["l0"] == pytest.approx(float((f != 0).sum(-1).float().mean()))
 
@@ -278,7 +278,7 @@ def test_larger_corpus_starts_from_smaller_cached_run(model, tmp_path, monkeypat
 
 def test_train_on_model_uses_cache(model, tmp_path):
     cfgs = [SAETrainConfig("blocks.1.hook_resid_post", training_tokens=256, train_batch_size_tokens=64),
-            SAETrainConfig("blocks.2.ln2.hook_normalized", hook_name_out="blocks.2.hook_mlp_out",
+            SAETrainConfig("blocks.2.mlp.hook_in", hook_name_out="blocks.2.hook_mlp_out",
                            training_tokens=256, train_batch_size_tokens=64)]
     texts = TEXTS * 4
     first = train_saes_on_model(model, texts, cfgs, corpus_id="c1", cache_dir=tmp_path, context_size=16,
@@ -289,7 +289,7 @@ def test_train_on_model_uses_cache(model, tmp_path):
     for k, r in first.items():
         assert isinstance(again[k], SparseAutoencoder)
         torch.testing.assert_close(again[k].W_dec, r.sae.W_dec)
-    assert again["blocks.2.ln2.hook_normalized->blocks.2.hook_mlp_out"].cfg.transcoder
+    assert again["blocks.2.mlp.hook_in->blocks.2.hook_mlp_out"].cfg.transcoder
 
 
 def test_transcoder_metrics_are_cached_with_the_transcoders(model, tmp_path, monkeypatch):

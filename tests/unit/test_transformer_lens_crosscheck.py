@@ -27,15 +27,18 @@ def boot_bridge(model, arch):
 
 def compare(model, arch, prompt, tol):
     toks = model.to_tokens(prompt)
-    ours_logits, ours = model.run_with_cache(toks, names="re:hook_resid_pre$")
+    ours_logits, ours = model.run_with_cache(toks, names=r"re:(hook_resid_pre|ln2\.hook_normalized|mlp\.hook_in)$")
     bridge = boot_bridge(model, arch)
     with torch.no_grad():
         logits, cache = bridge.run_with_cache(toks)
     worst = 0.0
     for l in range(model.cfg.n_layers):
-        k = f"blocks.{l}.hook_resid_pre"
-        err = ((cache[k] - ours[k]).abs().max() / ours[k].abs().max()).item()
-        worst = max(worst, err)
+        # ln2.hook_normalized: the MLP norm's input normalised before its gain (TransformerLens's meaning);
+        # mlp.hook_in: the MLP's actual input, after the gain (what transcoders read)
+        for k in (f"blocks.{l}.hook_resid_pre", f"blocks.{l}.ln2.hook_normalized", f"blocks.{l}.mlp.hook_in"):
+            err = ((cache[k] - ours[k]).abs().max() / ours[k].abs().max()).item()
+            assert err <= tol, f"{k} deviates by {err:.2e} (relative to max |activation|)"
+            worst = max(worst, err)
     lerr = ((logits - ours_logits).abs().max() / ours_logits.abs().max()).item()
     assert worst <= tol, f"resid_pre deviates by {worst:.2e} (relative to max |activation|)"
     assert lerr <= tol, f"logits deviate by {lerr:.2e}"

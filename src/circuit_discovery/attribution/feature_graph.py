@@ -2,7 +2,7 @@
 
 For one prompt, the *local replacement model* is the model with
 
-* every MLP replaced by its layer's transcoder (which reads ``blocks.{l}.ln2.hook_normalized`` and predicts
+* every MLP replaced by its layer's transcoder (which reads ``blocks.{l}.mlp.hook_in`` and predicts
   ``blocks.{l}.hook_mlp_out``) plus an **error node** per (layer, position) holding what the transcoder
   misses -- a layer without a transcoder keeps its whole MLP output as the error node;
 * every normalisation scale (RMSNorm / LayerNorm, incl. the final norm and Gemma's post-norms) and every
@@ -194,7 +194,7 @@ class _PromptState:
 def _prompt_state(model, tokens: Tensor, transcoders: Mapping[int, Any], replay: FrozenReplay) -> _PromptState:
     L = model.cfg.n_layers
     names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    names += [f"blocks.{l}.ln2.hook_normalized" for l in transcoders]
+    names += [f"blocks.{l}.mlp.hook_in" for l in transcoders]
     cache: dict[str, Tensor] = {}
 
     def save(x, name):
@@ -209,7 +209,7 @@ def _prompt_state(model, tokens: Tensor, transcoders: Mapping[int, Any], replay:
     acts = {}
     x_in = {}
     for l, tc in transcoders.items():
-        x = cache[f"blocks.{l}.ln2.hook_normalized"][0]
+        x = cache[f"blocks.{l}.mlp.hook_in"][0]
         x_in[l] = x
         with torch.no_grad():
             acts[l] = tc.encode(x.to(tc.W_enc.dtype)).float()
@@ -239,7 +239,7 @@ def replacement_inputs(model, tokens: Tensor, replay: FrozenReplay, emb: Tensor,
 
     hooks = [("hook_embed", put(emb))]
     hooks += [(f"blocks.{l}.hook_mlp_out", put(v)) for l, v in mlp_out.items()]
-    hooks += [(f"blocks.{l}.ln2.hook_normalized", keep(l)) for l in transcoders]
+    hooks += [(f"blocks.{l}.mlp.hook_in", keep(l)) for l in transcoders]
     with torch.set_grad_enabled(requires_grad), frozen(model), replay.replaying(), model.hooks(hooks):
         final = model.final_hidden(tokens)
     return store, final
@@ -287,7 +287,7 @@ def _checked_transcoders(model, transcoders: Mapping[int, Any], max_feature_node
             raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
         if not getattr(tc.cfg, "transcoder", False):
             raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
-                             "transcoders (ln2.hook_normalized -> hook_mlp_out)")
+                             "transcoders (mlp.hook_in -> hook_mlp_out)")
     if max_feature_nodes < 0 or batch_size <= 0:
         raise InputError("max_feature_nodes must be >= 0 and batch_size > 0")
     return {int(l): tc for l, tc in sorted(transcoders.items())}

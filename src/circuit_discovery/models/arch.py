@@ -7,7 +7,8 @@ per-layer paths are relative to one decoder layer. The hook is read (and may be 
   these are the post-norms (``post_attention_layernorm``, ``post_feedforward_layernorm``).
 * ``z_proj`` / ``mlp_post_proj``: the *input* of that module (the attention output projection sees the
   concatenated per-head ``z``; the MLP down projection sees the post-activation ``hook_post``).
-* ``ln2``: the *output* of the norm in front of the MLP (``blocks.{l}.ln2.hook_normalized``); its *input* is
+* ``ln2``: the norm in front of the MLP: its *output* is ``blocks.{l}.mlp.hook_in`` (after the gain; its pre-gain
+  value is ``blocks.{l}.ln2.hook_normalized``, TransformerLens's meaning); its *input* is
   ``blocks.{l}.hook_mlp_in``.
 * ``ln1``: the norm in front of the attention; its *input* is ``blocks.{l}.hook_attn_in`` (equal in value to
   ``hook_resid_pre``, but a gradient there flows through the attention only, as edge attribution needs).

@@ -16,7 +16,11 @@ Hook names (``l`` is the layer)::
     blocks.{l}.hook_attn_out         [batch, pos, d_model]  what the attention adds to the residual stream
     blocks.{l}.hook_resid_mid        [batch, pos, d_model]  resid_pre + attn_out
     blocks.{l}.hook_mlp_in           [batch, pos, d_model]  the MLP's input before its norm (resid_mid's value)
-    blocks.{l}.ln2.hook_normalized   [batch, pos, d_model]  the MLP's normalised input
+    blocks.{l}.ln2.hook_normalized   [batch, pos, d_model]  the MLP's norm input, normalised, *before* the norm's gain
+                                                            (TransformerLens's meaning); edits are carried through
+                                                            the gain (and LayerNorm bias) to the MLP
+    blocks.{l}.mlp.hook_in           [batch, pos, d_model]  the MLP's actual input: the norm's output, after the gain
+                                                            (what transcoders read)
     blocks.{l}.mlp.hook_post         [batch, pos, d_mlp]
     blocks.{l}.hook_mlp_out          [batch, pos, d_model]  what the MLP adds to the residual stream
     blocks.{l}.hook_resid_post       [batch, pos, d_model]
@@ -84,6 +88,46 @@ def _replace_first(x, new):
     return (new,) + tuple(x[1:]) if isinstance(x, tuple) else new
 
 
+def _norm_eps(module: nn.Module) -> float:
+    return float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-6)))
+
+
+def _pre_gain_normalized(module: nn.Module, x: Tensor) -> Tensor:
+    """The norm's input normalised *before* its gain, in float32 (TransformerLens's ``hook_normalized``)."""
+    xf = x.float()
+    if isinstance(module, nn.LayerNorm):
+        xc = xf - xf.mean(-1, keepdim=True)
+        return xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + module.eps)
+    return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + _norm_eps(module))
+
+
+def _apply_gain(module: nn.Module, normalized: Tensor) -> Tensor:
+    """The norm's output from its pre-gain normalised input: ``x̂ * gain (+ bias)``.
+
+    Gemma's RMSNorms scale by ``1 + weight``; Llama/Qwen-style RMSNorms by ``weight``; LayerNorm by ``weight`` and
+    add ``bias``. :func:`_check_norm_gain` verifies the rule on each module once, at registration."""
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.LayerNorm):
+        y = normalized * w.float() if w is not None else normalized
+        return y + module.bias.float() if module.bias is not None else y
+    if w is None:
+        return normalized
+    return normalized * (1.0 + w.float()) if "Gemma" in type(module).__name__ else normalized * w.float()
+
+
+def _check_norm_gain(module: nn.Module, d_model: int, where: str) -> None:
+    """Refuse a norm whose output is not ``_apply_gain(_pre_gain_normalized(x))`` (unknown gain convention)."""
+    p = next(module.parameters(), None)
+    x = torch.randn(2, 3, d_model, generator=torch.Generator().manual_seed(0)).to(
+        device=p.device if p is not None else "cpu", dtype=p.dtype if p is not None else torch.float32)
+    with torch.no_grad():
+        want = _first(module(x)).float()
+        got = _apply_gain(module, _pre_gain_normalized(module, x))
+    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+        raise HookError(f"{where} ({type(module).__name__}): its output is not x_normalised * gain (+ bias), so "
+                        "ln2.hook_normalized (before the gain) cannot be provided; report this architecture")
+
+
 class HookedModel:
     """A Hugging Face causal LM read and changed through TransformerLens hook names."""
 
@@ -147,7 +191,7 @@ class HookedModel:
         for l in range(self.cfg.n_layers):
             names += [f"blocks.{l}.{n}" for n in (
                 "hook_resid_pre", "hook_attn_in", "attn.hook_z", "hook_attn_out", "hook_resid_mid", "hook_mlp_in",
-                "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
+                "ln2.hook_normalized", "mlp.hook_in", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
         return names
 
     def _run_hooks(self, name: str, x: Tensor) -> Tensor:
@@ -215,6 +259,14 @@ class HookedModel:
                     a = a + (r_new - r)
             return _replace_first(output, a)
 
+        def pre_gain_hook(l, module, args, output):
+            name = f"blocks.{l}.ln2.hook_normalized"
+            if name not in self._active:
+                return None
+            normalized = self._run_hooks(name, _pre_gain_normalized(module, args[0]))
+            y = _first(output)
+            return _replace_first(output, _apply_gain(module, normalized).to(y.dtype))
+
         get_module(m, spec.embed).register_forward_hook(partial(out_hook, "hook_embed"))
         if spec.pos_embed:
             get_module(m, spec.pos_embed).register_forward_hook(partial(out_hook, "hook_pos_embed"))
@@ -223,7 +275,10 @@ class HookedModel:
             layer.register_forward_hook(partial(layer_post, l))
             get_module(layer, spec.attn_out).register_forward_hook(partial(attn_out, l))
             get_module(layer, spec.mlp_out).register_forward_hook(partial(out_hook, f"blocks.{l}.hook_mlp_out"))
-            get_module(layer, spec.ln2).register_forward_hook(partial(out_hook, f"blocks.{l}.ln2.hook_normalized"))
+            ln2 = get_module(layer, spec.ln2)
+            _check_norm_gain(ln2, self.cfg.d_model, f"blocks.{l}.ln2")
+            ln2.register_forward_hook(partial(pre_gain_hook, l))  # registered first: mlp.hook_in sees its edits
+            ln2.register_forward_hook(partial(out_hook, f"blocks.{l}.mlp.hook_in"))
             get_module(layer, spec.ln2).register_forward_pre_hook(partial(in_hook, f"blocks.{l}.hook_mlp_in"))
             get_module(layer, spec.ln1).register_forward_pre_hook(partial(in_hook, f"blocks.{l}.hook_attn_in"))
             get_module(layer, spec.z_proj).register_forward_pre_hook(partial(z_hook, f"blocks.{l}.attn.hook_z"))

@@ -311,13 +311,13 @@ def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
     corpus = build_corpus(model, n_sequences=cfg.sae_corpus_sequences, cache_dir=cfg.cache_dir,
                           text_files=list(cfg.sae_text_files), progress=False, count_tokens=False)
     _, held = split_heldout(corpus.texts, 0.1, seed=0)
-    hooks = {f"blocks.{l}.ln2.hook_normalized": tcs[l] for l in sorted(by_layer)}
-    feats = {f"blocks.{l}.ln2.hook_normalized": sorted(fs) for l, fs in by_layer.items()}
+    hooks = {f"blocks.{l}.mlp.hook_in": tcs[l] for l in sorted(by_layer)}
+    feats = {f"blocks.{l}.mlp.hook_in": sorted(fs) for l, fs in by_layer.items()}
     ctxs, fires, n_tok = top_activating_contexts_multi(model, hooks, held, feats, k=5,
                                                        max_tokens=cfg.feature_context_tokens)
     out = {}
     for l, fs in sorted(by_layer.items()):
-        hook = f"blocks.{l}.ln2.hook_normalized"
+        hook = f"blocks.{l}.mlp.hook_in"
         effects = feature_logit_effects(model, tcs[l], sorted(fs), top_n=5)
         for f in sorted(fs):
             prom = effects[f][0]

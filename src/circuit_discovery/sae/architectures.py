@@ -16,7 +16,7 @@ and the same interface::
 ``auxk`` for ``topk``, ``l0`` for ``jumprelu``); the trainer multiplies them by coefficients.
 
 A *transcoder* is the same module with ``d_out`` set and ``transcoder=True``: it encodes the MLP's
-input (``blocks.{l}.ln2.hook_normalized``) and decodes to the MLP's output (``blocks.{l}.hook_mlp_out``);
+input (``blocks.{l}.mlp.hook_in``) and decodes to the MLP's output (``blocks.{l}.hook_mlp_out``);
 ``b_dec`` lives in the output space and is therefore never subtracted from the input.
 
 New architectures are added with :func:`register_sae`::

@@ -1,7 +1,7 @@
 """Per-layer dictionaries for feature circuits: train (or reuse from the cache) one transcoder per layer.
 
 Feature graphs (``circuit_discovery.attribution.feature_graph``) replace each MLP by a transcoder that reads the MLP's
-normalised input ``blocks.{l}.ln2.hook_normalized`` and predicts ``blocks.{l}.hook_mlp_out``. This module
+normalised input ``blocks.{l}.mlp.hook_in`` and predicts ``blocks.{l}.hook_mlp_out``. This module
 builds those transcoders for a model from the built-in offline corpus (``build_corpus``) with one harvesting
 pass for all layers, caches them (keyed by model, hook, training config and corpus) and optionally evaluates
 them on held-out documents::
@@ -30,14 +30,14 @@ _EVAL_VERSION = 1  # bump when evaluate_sae changes what it measures (invalidate
 
 def transcoder_configs(n_layers: int, layers: Sequence[int] | None = None, training_tokens: int = 100_000,
                        k: int = 64, architecture: str = "topk", seed: int = 42, **kwargs: Any) -> list[SAETrainConfig]:
-    """One :class:`SAETrainConfig` per layer: ``blocks.{l}.ln2.hook_normalized -> blocks.{l}.hook_mlp_out``."""
+    """One :class:`SAETrainConfig` per layer: ``blocks.{l}.mlp.hook_in -> blocks.{l}.hook_mlp_out``."""
     layers = list(range(n_layers)) if layers is None else [int(l) for l in layers]
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad:
         raise InputError(f"transcoder layers {bad} out of range for a {n_layers}-layer model (0..{n_layers - 1})")
     if not layers:
         raise InputError("no transcoder layers given")
-    return [SAETrainConfig(f"blocks.{l}.ln2.hook_normalized", hook_name_out=f"blocks.{l}.hook_mlp_out",
+    return [SAETrainConfig(f"blocks.{l}.mlp.hook_in", hook_name_out=f"blocks.{l}.hook_mlp_out",
                            architecture=architecture, k=k, training_tokens=training_tokens, seed=seed, **kwargs)
             for l in layers]
 
@@ -56,7 +56,7 @@ class DictionarySet:
     def metrics_json(self) -> dict[str, Any]:
         return {"corpus_id": self.corpus_id, "settings": self.settings, "trained_layers": self.trained,
                 "seconds": self.seconds,
-                "layers": {f"blocks.{l}.ln2.hook_normalized->blocks.{l}.hook_mlp_out": m
+                "layers": {f"blocks.{l}.mlp.hook_in->blocks.{l}.hook_mlp_out": m
                            for l, m in sorted(self.metrics.items())}}
 
 

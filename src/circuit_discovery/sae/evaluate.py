@@ -22,7 +22,7 @@ Splicing replaces the hook's activation by the SAE reconstruction at every real 
 position; zero-ablation sets the same positions to 0. BOS keeps its clean activation (as SAELens's
 ``exclude_special_tokens``): SAEs are not trained on BOS, whose residual norm is an outlier.
 For transcoders, ``blocks.{l}.hook_mlp_out`` is replaced by the transcoder's prediction from
-``blocks.{l}.ln2.hook_normalized`` captured in the same pass.
+``blocks.{l}.mlp.hook_in`` captured in the same pass.
 """
 from __future__ import annotations
 
@@ -146,7 +146,7 @@ def evaluate_sae(
     ``sparsity_tokens`` (> ``n_tokens``): ``l0`` and ``dead_fraction`` also count the latents of further held-out
     tokens, up to that many in all (as many as ``texts`` hold); ``dead_fraction_n_tokens`` says how many.
 
-    For transcoders pass ``hook_name="blocks.{l}.ln2.hook_normalized"`` and
+    For transcoders pass ``hook_name="blocks.{l}.mlp.hook_in"`` and
     ``hook_name_out="blocks.{l}.hook_mlp_out"`` (read from ``sae.cfg.metadata`` when omitted).
     Returns the SAELens-named metrics plus ``ce_clean``, ``ce_spliced``, ``ce_zero_ablated``,
     ``kl_spliced``, ``kl_zero_ablated``, ``n_tokens`` and ``dead_fraction_n_tokens``.

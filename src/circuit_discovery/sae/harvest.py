@@ -35,6 +35,7 @@ HOOK_ORDER = (
     "hook_attn_out",
     "hook_resid_mid",
     "ln2.hook_normalized",
+    "mlp.hook_in",
     "mlp.hook_post",
     "hook_mlp_out",
     "hook_resid_post",

@@ -1,7 +1,7 @@
 """Training several SAEs / transcoders from one stream of activations.
 
 >>> cfgs = [SAETrainConfig("blocks.6.hook_resid_post"),
-...         SAETrainConfig("blocks.6.ln2.hook_normalized", hook_name_out="blocks.6.hook_mlp_out")]
+...         SAETrainConfig("blocks.6.mlp.hook_in", hook_name_out="blocks.6.hook_mlp_out")]
 >>> results = train_saes(acts, cfgs)           # acts: {hook: Tensor[n, d]} or an iterator of such batches
 >>> results["blocks.6.hook_resid_post"].sae
 

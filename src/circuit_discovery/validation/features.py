@@ -150,7 +150,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         spec = _feature_node_spec(feature_nodes, self.pairs)
         L = model.cfg.n_layers
         names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)] + \
-                [f"blocks.{l}.ln2.hook_normalized" for l in self.tcs]
+                [f"blocks.{l}.mlp.hook_in" for l in self.tcs]
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(self.pairs):
             by_len.setdefault(len(p.clean_tokens), []).append(i)
@@ -190,7 +190,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                 _, clean = model.run_with_cache(g.batch.tokens, names=names, attention_mask=g.batch.mask,
                                                 return_logits=False)
                 g.clean_emb = clean["hook_embed"]
-                g.clean_acts = {l: tc.encode(clean[f"blocks.{l}.ln2.hook_normalized"]) for l, tc in self.tcs.items()}
+                g.clean_acts = {l: tc.encode(clean[f"blocks.{l}.mlp.hook_in"]) for l, tc in self.tcs.items()}
                 g.clean_err = {l: self._error(l, clean[f"blocks.{l}.hook_mlp_out"], g.clean_acts.get(l), g.node_mask)
                                for l in range(L)}
                 if ablation == "corrupted":
@@ -200,7 +200,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                         _, corr = model.run_with_cache(cb.tokens, names=names, attention_mask=cb.mask,
                                                        return_logits=False)
                     g.abl_emb = corr["hook_embed"]
-                    g.abl_acts = {l: tc.encode(corr[f"blocks.{l}.ln2.hook_normalized"]) for l, tc in self.tcs.items()}
+                    g.abl_acts = {l: tc.encode(corr[f"blocks.{l}.mlp.hook_in"]) for l, tc in self.tcs.items()}
                     g.abl_err = {l: self._error(l, corr[f"blocks.{l}.hook_mlp_out"], g.abl_acts.get(l), g.node_mask)
                                  for l in range(L)}
                 else:
@@ -464,7 +464,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
             return fn
 
         hooks = [("hook_embed", emb_fn)]
-        hooks += [(f"blocks.{l}.ln2.hook_normalized", keep_in(l)) for l in self.tcs]
+        hooks += [(f"blocks.{l}.mlp.hook_in", keep_in(l)) for l in self.tcs]
         hooks += [(f"blocks.{l}.hook_mlp_out", mlp_fn(l)) for l in range(L)]
         return self._metric_with_hooks(g.batch, V, hooks)
 
