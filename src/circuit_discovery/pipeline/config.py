@@ -78,7 +78,7 @@ DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
 _DEVICE_RE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 #: options that name files or folders: ``os.PathLike`` values are stored as ``str`` (``to_dict`` is JSON)
-PATH_OPTIONS = ("model", "dataset", "out", "cache_dir", "sae_text_files")
+PATH_OPTIONS = ("model", "dataset", "out", "cache_dir", "sae_text_files", "dictionaries")
 
 #: before ``sae_seed`` existed the transcoders were trained with ``seed + 42`` (``from_saved`` keeps that for old
 #: folders)
@@ -164,6 +164,8 @@ class RunConfig:
     causal_samples: int = 10            # noise samples per traced fact (ROME: 10)
     causal_full_facts: int = 2          # facts traced at every token and layer (states, MLP, attention) for the figure
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
+    dictionaries: str | None = None     # load transcoders instead of training them: a local folder/file or a
+                                        # Hugging Face repo id/path in the local cache (sae.load_transcoder_set)
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)
