@@ -72,6 +72,10 @@ BASELINES = ("matched", "component_role", "top_m", "last_token")
 #: ``RunConfig.circuit_search`` (read by ``circuit_stage.circuit_for_relation``)
 CIRCUIT_SEARCHES = ("eap", "refine")
 
+#: ``RunConfig.sae_kind``: the transcoders a run trains (read by ``sae.dictionaries.train_transcoders``);
+#: ``clt`` is one cross-layer transcoder
+SAE_KINDS = ("topk_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "clt")
+
 #: ``RunConfig.device``: what :func:`circuit_discovery.models.loading.resolve_device` accepts (whether the device
 #: exists here is checked when the model is loaded)
 DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
@@ -106,7 +110,8 @@ def choices() -> dict[str, tuple[str, ...]]:
     from circuit_discovery.validation.ablation import ABLATIONS
 
     return {"metric": tuple(METRICS), "granularity": tuple(GRANULARITIES), "component_method": tuple(METHODS),
-            "ablation": tuple(ABLATIONS), "circuit_search": CIRCUIT_SEARCHES}
+            "ablation": tuple(ABLATIONS), "circuit_search": CIRCUIT_SEARCHES,
+            "sae_kind": SAE_KINDS}
 
 
 @dataclass
@@ -166,6 +171,7 @@ class RunConfig:
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
     dictionaries: str | None = None     # load transcoders instead of training them: a local folder/file or a
                                         # Hugging Face repo id/path in the local cache (sae.load_transcoder_set)
+    sae_kind: str = "topk_transcoder"    # which transcoders to train (SAE_KINDS)
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)
