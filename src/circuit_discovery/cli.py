@@ -13,7 +13,7 @@ import typer
 
 from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.models.loading import DEFAULT_MODEL
-from circuit_discovery.pipeline.config import DEVICES
+from circuit_discovery.pipeline.config import DEVICES, SAE_KINDS
 from circuit_discovery.pipeline.config import RunConfig as _Defaults
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -25,7 +25,11 @@ EXIT_BAD_INPUT = 2
 #: command-line parameters whose RunConfig field has another name (every other parameter of a command that builds
 #: a RunConfig is named like its field, except ``config``; ``tests/unit/test_cli.py`` checks both)
 FIELD_OF = {"no_progress": "progress", "layers": "sae_layers", "training_tokens": "sae_training_tokens",
-            "k": "sae_k", "eval_tokens": "sae_eval_tokens"}
+            "k": "sae_k", "eval_tokens": "sae_eval_tokens", "kind": "sae_kind"}
+
+_DICT_HELP = ("Load the transcoders instead of training them: a local folder or file, or a Hugging Face repo id/path "
+              "in the local cache (see README, 'Dictionaries').")
+_KIND_HELP = f"Transcoders to train: {', '.join(SAE_KINDS)} [default: {_Defaults.sae_kind}]"
 
 _QUICK_HELP = (f"Small run: {_Defaults.quick_relations} relations, {_Defaults.quick_facts} discovery and "
                f"{_Defaults.quick_held_out} held-out facts each.")
@@ -75,6 +79,8 @@ def run(
     known_k: int | None = typer.Option(None, "--known-k",
                                        help=f"A fact is known when its answer ranks <= k "
                                             f"[default: {_Defaults.known_k}]"),
+    dictionaries: str | None = typer.Option(None, "--dictionaries", help=_DICT_HELP),
+    sae_kind: str | None = typer.Option(None, "--sae-kind", help=_KIND_HELP),
     resume: bool = typer.Option(False, "--resume", help="Reuse finished stages in --out."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
 ) -> None:
@@ -89,7 +95,8 @@ def run(
     overrides = dict(quick=quick or None, out=str(out) if out else None, model=model, device=device, seed=seed,
                      sae_seed=sae_seed, relations=_split(relations), dataset=str(dataset) if dataset else None,
                      max_facts=max_facts, held_out_facts=held_out_facts, n_random=n_random, known_k=known_k,
-                     resume=resume or None, progress=False if no_progress else None)
+                     dictionaries=dictionaries, sae_kind=sae_kind, resume=resume or None,
+                     progress=False if no_progress else None)
     cfg = _guarded(lambda: _config(config, **overrides))
     result = _guarded(lambda: run_pipeline(cfg))
     if cfg.dataset:
@@ -191,6 +198,7 @@ def train_sae(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None
                   help=f"Held-out tokens per layer for metrics [default: {_Defaults.sae_eval_tokens}]"),
               sae_seed: int | None = typer.Option(None, "--sae-seed", help=f"Seed of the transcoders' training "
                                                   f"[default: the folder's saved config, else {_Defaults.sae_seed}]"),
+              kind: str | None = typer.Option(None, "--kind", help=_KIND_HELP),
               no_progress: bool = _NOPROG) -> None:
     """Train (or reuse from the cache) one transcoder per layer; metrics go to --out/stages/dictionaries.json."""
     split = _split(layers)
@@ -199,7 +207,8 @@ def train_sae(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None
     except ValueError:
         _fail(f"--layers must be integers, got {layers}")
     _run_stages(out, ("dictionaries",), config, model=model, sae_layers=lay, sae_training_tokens=training_tokens,
-                sae_k=k, sae_eval_tokens=eval_tokens, sae_seed=sae_seed, progress=False if no_progress else None)
+                sae_k=k, sae_eval_tokens=eval_tokens, sae_seed=sae_seed, sae_kind=kind,
+                progress=False if no_progress else None)
     typer.echo(str(out))
 
 
@@ -207,11 +216,13 @@ def train_sae(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None
 def circuits(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None = _MODEL, quick: bool = _QUICK,
              relations: list[str] | None = _RELS, seed: int | None = _SEED, no_progress: bool = _NOPROG,
              features: bool | None = typer.Option(
-                 None, "--features/--no-features", help="Also build transcoder feature circuits [default: yes]")
+                 None, "--features/--no-features", help="Also build transcoder feature circuits [default: yes]"),
+             dictionaries: str | None = typer.Option(None, "--dictionaries", help=_DICT_HELP),
+             sae_kind: str | None = typer.Option(None, "--sae-kind", help=_KIND_HELP),
              ) -> None:
     """Component circuits (and feature circuits with their validation) per relation into --out."""
     _run_stages(out, ("known", "circuits", "dictionaries", "feature_circuits"), config, features=features,
-                **_common(model, quick, relations, seed, no_progress))
+                dictionaries=dictionaries, sae_kind=sae_kind, **_common(model, quick, relations, seed, no_progress))
     typer.echo(str(out))
 
 
