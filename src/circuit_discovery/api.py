@@ -20,7 +20,8 @@ class CircuitDiscovery:
 
     ``model_name``: None (built-in ``gemma-3-270m``), a built-in or tiny model name, a local folder or a hub id.
     Other keyword arguments are :class:`~circuit_discovery.pipeline.RunConfig` fields (``max_facts``,
-    ``top_nodes``, ``known_k``, ``metric``, ``seed``, ``progress`` ...).
+    ``known_k``, ``metric``, ``progress``, ``dictionaries`` -- load published transcoders instead of training them,
+    a local folder/file or a cached Hugging Face repo id/path -- ``sae_kind`` ...).
     """
 
     def __init__(self, model_name: str | None = None, device: str = "auto", seed: int = 0,
@@ -40,8 +41,9 @@ class CircuitDiscovery:
         return self._model
 
     def transcoders(self):
-        """The per-layer transcoders (:class:`~circuit_discovery.sae.dictionaries.DictionarySet`): trained on the
-        built-in corpus with this configuration's ``sae_*`` options the first time, then loaded from the cache."""
+        """The run's transcoders (:class:`~circuit_discovery.sae.dictionaries.DictionarySet`): loaded from
+        ``dictionaries`` when it is set, else trained on the built-in corpus with this configuration's ``sae_*``
+        options the first time, then loaded from the cache."""
         if self._dicts is None:
             from circuit_discovery.pipeline.feature_stage import dictionaries
 
