@@ -140,7 +140,7 @@ def test_saelens_transcoders(tmp_path):
     w = _weights(3, d_out=D_OUT)
     cfg = _v6("transcoder", hook="blocks.1.mlp.hook_in", d_out=D_OUT, hook_name_out="blocks.1.hook_mlp_out")
     d = load_dictionary(_write_saelens(tmp_path / "tc", cfg, w))
-    assert (d.hook_in, d.hook_out, d.transcoder) == ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out", True)
+    assert (d.hook_in, d.hook_out, d.transcoder) == ("blocks.1.mlp.hook_in", "blocks.1.hook_mlp_out", True)
     _check(d, w, x, _relu_enc(w, x, False))
     # jumprelu transcoder
     wj = _weights(4, d_out=D_OUT, jumprelu=True)
@@ -233,7 +233,6 @@ def test_gemma_scope_npz(tmp_path):
 # ------------------------------------------------------------------ typed errors
 @pytest.mark.parametrize(("field", "value", "extra"), [
     ("architecture", "matching_pursuit", {}),
-    ("architecture", "gated", {}),
     ("normalize_activations", "layer_norm", {}),
     ("normalize_activations", "expected_average_only_in", {}),  # no dataset-level factor in the files
     ("reshape_activations", "hook_z", {}),
@@ -256,7 +255,7 @@ def test_unsupported_field_values(tmp_path, field, value, extra):
     assert field in str(ei.value) and (value is None or str(value) in str(ei.value) or repr(value) in str(ei.value))
 
 
-@pytest.mark.parametrize("hook", ["blocks.2.attn.hook_z", "blocks.2.ln2.hook_normalized", "blocks.2.hook_q",
+@pytest.mark.parametrize("hook", ["blocks.2.attn.hook_z", "blocks.2.hook_q", "blocks.2.ln1.hook_normalized",
                                   "unembed.hook_out"])
 def test_unmappable_hook(tmp_path, hook):
     folder = _write_saelens(tmp_path / "h", _v6("standard", hook=hook), _weights(0))
@@ -264,14 +263,23 @@ def test_unmappable_hook(tmp_path, hook):
         load_dictionary(folder)
 
 
-def test_gemma_scope_transcoder_and_attention_refused(tmp_path):
+def test_gemma_scope_transcoder_and_attention_hooks(tmp_path):
+    """Gemma Scope 1 transcoders read TransformerLens's ln2.hook_normalized (before the gain) and write
+    hook_mlp_out; attention SAEs read attn.hook_z flattened over heads; embedding SAEs read hook_embed."""
     w = _weights(8, jumprelu=True)
-    for repo, msg in (("gemma-scope-2b-pt-transcoders", "before"), ("gemma-scope-2b-pt-att", "hook_z")):
-        folder = tmp_path / repo / "layer_1" / "width_16k" / "average_l0_9"
+    for repo, sub, hooks, reshape in (
+            ("gemma-scope-2b-pt-transcoders", "layer_1", ("blocks.1.ln2.hook_normalized", "blocks.1.hook_mlp_out"),
+             "none"),
+            ("gemma-scope-2b-pt-att", "layer_1", ("blocks.1.attn.hook_z", "blocks.1.attn.hook_z"), "hook_z"),
+            ("gemma-scope-2b-pt-res", "embedding", ("hook_embed", "hook_embed"), "none")):
+        folder = tmp_path / repo / sub / "width_16k" / "average_l0_9"
         folder.mkdir(parents=True)
         np.savez(folder / "params.npz", **{k: v.numpy() for k, v in w.items()})
-        with pytest.raises(DictionaryFormatError, match=msg):
-            load_dictionary(folder)
+        d = load_dictionary(folder)
+        assert (d.hook_in, d.hook_out, d.reshape_activations) == (*hooks, reshape)
+        assert d.transcoder == (repo.endswith("transcoders"))
+    x = _x()
+    _check(d, w, x, _jumprelu_enc(w, x, False))
 
 
 def test_file_errors(tmp_path):
@@ -297,12 +305,12 @@ def test_file_errors(tmp_path):
     sp.mkdir()
     (sp / "cfg.json").write_text("{}")
     save_file(w, str(sp / "sae.safetensors"))
-    with pytest.raises(DictionaryFormatError, match="sparsify"):
+    with pytest.raises(DictionaryFormatError, match="d_in"):
         load_dictionary(sp)
     ct = tmp_path / "ct"
     ct.mkdir()
     (ct / "config.yaml").write_text("model_kind: transcoder_set\n")
-    with pytest.raises(DictionaryFormatError, match="circuit-tracer"):
+    with pytest.raises(DictionaryFormatError, match="load_transcoder_set"):
         load_dictionary(ct)
 
 
@@ -331,7 +339,7 @@ def test_hub_id_not_cached(tmp_path, monkeypatch, no_network):
     import huggingface_hub.constants as hc
 
     monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(DictionaryNotFoundError, match="never downloads"):
+    with pytest.raises(DictionaryNotFoundError, match="not in the local Hugging Face cache"):
         load_dictionary("circuit-discovery-tests/not-a-real-dictionary/layer_0")
 
 
@@ -352,5 +360,5 @@ def test_hub_id_from_local_cache(tmp_path, monkeypatch, no_network):
     assert d.hook_in == "blocks.7.hook_resid_post"
     x = _x()
     _check(d, w, x, _jumprelu_enc(w, x, False))
-    with pytest.raises(DictionaryNotFoundError, match="not in the cached snapshot"):
+    with pytest.raises(DictionaryNotFoundError, match="not in the local Hugging Face cache"):
         load_dictionary("google/gemma-scope-2b-pt-res/layer_8/width_16k/average_l0_20")

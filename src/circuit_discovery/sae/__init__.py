@@ -64,8 +64,12 @@ from circuit_discovery.sae.pretrained import (
     DictionaryNotFoundError,
     PretrainedDictionary,
     load_dictionary,
+    load_transcoder_set,
+    map_hf_hook,
+    map_hook_name,
 )
 from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes, train_saes_on_model
+from circuit_discovery.sae.transcoder_set import CrossLayerTranscoder, DictionaryMismatchError, TranscoderSet
 
 __all__ = [
     "SAE_REGISTRY",
@@ -87,6 +91,12 @@ __all__ = [
     "DictionaryNotFoundError",
     "PretrainedDictionary",
     "load_dictionary",
+    "load_transcoder_set",
+    "map_hf_hook",
+    "map_hook_name",
+    "CrossLayerTranscoder",
+    "DictionaryMismatchError",
+    "TranscoderSet",
     "SAETrainConfig",
     "TrainResult",
     "train_saes",

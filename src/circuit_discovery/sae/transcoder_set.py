@@ -39,14 +39,16 @@ class CrossLayerTranscoder(nn.Module):
 
     ``W_enc [n_layers, d_in, d_sae]``, ``b_enc [n_layers, d_sae]``, ``threshold [n_layers, d_sae]`` (JumpReLU),
     ``W_dec[l] [d_sae, n_layers - l, d_out]`` (source layer ``l`` to target layers ``l, l+1, ...``),
-    ``b_dec [n_layers, d_out]``. Activations: ``relu``; ``jumprelu`` (``pre * (pre > threshold)``, as SAELens and
-    Gemma Scope; with threshold >= 0 this equals ``relu(pre) * (pre > threshold)``); ``topk`` (the ``k`` largest
-    pre-activations per layer, kept as they are -- no ReLU, as circuit-tracer's TopK); ``topk_relu``.
+    ``b_dec [n_layers, d_out]``, optionally ``skip [n_layers, d_in, d_out]`` (an affine skip connection per layer,
+    added as ``x_l @ skip[l]`` to layer ``l``'s reconstruction, as Gemma Scope 2's affine CLTs).
+    Activations: ``relu``; ``jumprelu`` (``pre * (pre > threshold)``, as SAELens and Gemma Scope; with
+    threshold >= 0 this equals ``relu(pre) * (pre > threshold)``); ``topk`` (the ``k`` largest pre-activations per
+    layer, kept as they are -- no ReLU, as circuit-tracer's TopK); ``topk_relu``.
     """
 
     def __init__(self, n_layers: int, d_in: int, d_sae: int, d_out: int | None = None, *,
                  activation: str = "jumprelu", k: int | None = None, hook_in: str = DEFAULT_HOOK_IN,
-                 hook_out: str = DEFAULT_HOOK_OUT, dtype: torch.dtype = torch.float32):
+                 hook_out: str = DEFAULT_HOOK_OUT, dtype: torch.dtype = torch.float32, skip: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise DictionaryMismatchError(f"unknown CLT activation {activation!r}; use one of {ACTIVATIONS}")
@@ -62,6 +64,7 @@ class CrossLayerTranscoder(nn.Module):
         self.W_dec = nn.ParameterList([nn.Parameter(torch.zeros(d_sae, n_layers - l, d_out, dtype=dtype))
                                        for l in range(n_layers)])
         self.b_dec = nn.Parameter(torch.zeros(n_layers, d_out, dtype=dtype))
+        self.skip = nn.Parameter(torch.zeros(n_layers, d_in, d_out, dtype=dtype)) if skip else None
 
     def hidden_pre(self, layer: int, x: Tensor) -> Tensor:
         """Pre-activations ``[..., d_sae]`` of the features encoded at ``layer`` from its input ``x [..., d_in]``."""
@@ -95,13 +98,16 @@ class CrossLayerTranscoder(nn.Module):
         return out
 
     def forward(self, xs: Mapping[int, Tensor]) -> dict[int, Tensor]:
-        """Inputs per layer (all ``n_layers``) to reconstructions per layer."""
+        """Inputs per layer (all ``n_layers``) to reconstructions per layer (with the skip term when there is one)."""
         feats = {l: self.encode(l, x) for l, x in xs.items()}
-        return {l: self.decode(feats, l) for l in range(self.n_layers)}
+        out = {l: self.decode(feats, l) for l in range(self.n_layers)}
+        if self.skip is not None:
+            out = {l: r + xs[l].to(self.W_enc.dtype) @ self.skip[l] for l, r in out.items()}
+        return out
 
     def __repr__(self) -> str:
         return (f"CrossLayerTranscoder(n_layers={self.n_layers}, d_in={self.d_in}, d_sae={self.d_sae}, "
-                f"activation={self.activation_name}, {self.hook_in} -> {self.hook_out})")
+                f"activation={self.activation_name}, skip={self.skip is not None}, {self.hook_in} -> {self.hook_out})")
 
 
 @dataclass
