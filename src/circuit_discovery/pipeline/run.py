@@ -4,23 +4,36 @@ Only this module knows the order of the stages: :data:`STAGE_TABLE`, which :meth
 writes its result into the run folder atomically (``stages/<name>.json``), so a run killed at any point and
 restarted with ``resume=True`` skips what is done. The per-relation work of each stage lives in the ``*_stage``
 modules; :func:`discover_relation` chains it for one relation (the API's path).
+
+Under ``torchrun`` (:mod:`.distributed`) the ranks share the per-relation work of the attribution, causal-tracing,
+circuit, validation and feature-circuit stages (each item's result is saved in ``stages/<stage>/`` as it finishes:
+the checkpoints of ``--resume``); rank 0 runs the known filter, the dictionaries, the hypothesis tests and the
+report, assembles each stage's result in the single-process order and writes it (``docs/distributed.md``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
+import functools
 import logging
+import os
 import platform
+import socket
 import subprocess
 import time
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_json, read_json, safe_name
 from circuit_discovery.pipeline.config import OutputError, RunConfig
+
+if TYPE_CHECKING:
+    from circuit_discovery.pipeline.distributed import Dist
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +83,14 @@ def _git_revision() -> str | None:
 
 @dataclass
 class RunResult:
+    """What a run returns. ``rank``: this process's rank in a distributed run (0 otherwise); only rank 0's
+    ``summary`` is filled (rank 0 writes the report)."""
+
     out_dir: Path
     circuits: list = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    rank: int = 0
 
 
 def find_known(model, dataset, cfg: RunConfig):
@@ -169,10 +186,16 @@ DERIVED = {"facts": "known", "pairs": "known"}
 
 
 class Run:
-    """One run of the pipeline over a folder; stages are methods, results are cached in ``stages/``."""
+    """One run of the pipeline over a folder; stages are methods, results are cached in ``stages/``.
 
-    def __init__(self, cfg: RunConfig):
+    ``dist`` (a started :class:`~.distributed.Dist`, under torchrun): this process is one rank of a distributed
+    run; ``None``: the single-process run."""
+
+    def __init__(self, cfg: RunConfig, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist
+        self.rank_info: dict[str, Any] = {"rank": 0 if dist is None else dist.rank, "host": socket.gethostname(),
+                                          "pid": os.getpid(), "device": cfg.device, "stages": {}}
         self.timings: dict[str, float] = {}
         self._model = None
         self._facts: dict[str, list] | None = None     # known facts per relation
@@ -181,12 +204,18 @@ class Run:
         self._dictionaries = None                      # (DictionarySet, json) of the transcoders
         # validate everything that can be validated before anything is written
         self.dataset = self._load_dataset()
-        self.out_dir = prepare_out_dir(self.cfg.out, self.cfg.resume)
+        if dist is None:
+            self.out_dir = prepare_out_dir(self.cfg.out, self.cfg.resume)
+        else:  # rank 0 creates it (and names it when --out is not given); the others use the same folder
+            self.out_dir = Path(dist.share(lambda: str(prepare_out_dir(self.cfg.out, self.cfg.resume)), "start"))
         self.stage_dir = self.out_dir / "stages"
 
     # ------------------------------------------------------------------ helpers
     def _stage(self, name: str, fn):
-        """Run ``fn`` unless its result is already saved (resume); save it atomically."""
+        """Run ``fn`` unless its result is already saved (resume); save it atomically. Distributed: rank 0 does
+        this and sends the result to every rank."""
+        if self.dist is not None:
+            return self._dist_stage(name, lambda: self._share(name, fn))
         path = self.stage_dir / f"{name}.json"
         if self.cfg.resume and path.exists():
             try:
@@ -202,6 +231,103 @@ class Run:
         self.timings[name] = data["_seconds"]
         atomic_write_json(path, data)
         return data
+
+    # ------------------------------------------------------------------ distributed (torchrun) helpers
+    def _resumable(self, name: str) -> dict | None:
+        """A saved stage result to resume from (``None``: run the stage)."""
+        path = self.stage_dir / f"{name}.json"
+        if not (self.cfg.resume and path.exists()):
+            return None
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            log.warning("resume: stage file %s is damaged; recomputing", path)
+            return None
+        log.info("resume: stage %s already done", name)
+        return data
+
+    def _dist_stage(self, name: str, compute: Callable[[], dict]) -> dict:
+        """A stage of a distributed run: rank 0 decides whether it is resumed (and sends the saved result to every
+        rank), else every rank takes part in ``compute``, which returns the stage's result on every rank; rank 0
+        adds the stage's wall time and writes it."""
+        assert self.dist is not None
+        saved = self.dist.share(lambda: self._resumable(name), name)
+        if saved is not None:
+            self.timings.setdefault(name, saved.get("_seconds", 0.0))
+            return saved
+        t0 = time.time()
+        data = compute()
+        data["_seconds"] = round(time.time() - t0, 2)
+        self.timings[name] = data["_seconds"]
+        if self.dist.is_main:
+            atomic_write_json(self.stage_dir / f"{name}.json", data)
+        return data
+
+    def _record(self, name: str, seconds: float, items: list[str], resumed: list[str]) -> None:
+        st = self.rank_info["stages"].setdefault(name, {"seconds": 0.0, "items": [], "resumed": []})
+        st["seconds"] = round(st["seconds"] + seconds, 2)
+        st["items"] += items
+        st["resumed"] += resumed
+
+    def _share(self, name: str, fn: Callable[[], dict]) -> dict:
+        """Rank 0 computes ``fn()`` (a whole stage that is not split) and sends it to every rank."""
+        assert self.dist is not None
+
+        def run():
+            t0 = time.time()
+            out = fn()
+            self._record(name, time.time() - t0, ["(whole stage)"], [])
+            return out
+
+        return self.dist.share(run, name)
+
+    def _split(self, name: str, items: Sequence[tuple[str, Callable[[], Any]]]) -> dict[str, Any]:
+        """The results ``{key: thunk()}`` of every work item of a stage, in the order of ``items``, on every rank:
+        each rank computes its share (:func:`~.distributed.share_of`) and saves each result as it finishes in
+        ``stages/<name>/<key>-<crc>.json`` (with ``resume``, a saved one is read instead: the checkpoints of a
+        stage that did not finish)."""
+        from circuit_discovery.pipeline.distributed import maybe_kill
+
+        d = self.dist
+        assert d is not None
+        mine = [items[i] for i in d.mine(len(items))]
+
+        def work() -> dict[str, Any]:
+            from tqdm.auto import tqdm
+
+            out: dict[str, Any] = {}
+            done, resumed, t_all = [], [], time.time()
+            it = tqdm(mine, desc=f"{name} (rank {d.rank})", unit="item", disable=not (self.cfg.progress and d.is_main))
+            for i, (key, thunk) in enumerate(it):
+                path = self.stage_dir / name / f"{safe_name(key)}-{zlib.crc32(key.encode('utf-8')):08x}.json"
+                if self.cfg.resume and path.is_file():
+                    try:
+                        saved = read_json(path)
+                    except (OSError, ValueError):
+                        log.warning("resume: checkpoint %s is damaged; recomputing", path)
+                    else:
+                        if saved.get("key") == key:
+                            out[key] = saved["result"]
+                            resumed.append(key)
+                            continue
+                maybe_kill(name, d.rank, i)
+                t0 = time.time()
+                out[key] = thunk()
+                atomic_write_json(path, {"key": key, "result": out[key], "_seconds": round(time.time() - t0, 2)})
+                done.append(key)
+            self._record(name, time.time() - t_all, done, resumed)
+            return out
+
+        merged: dict[str, Any] = {}
+        for part in d.exchange(work, name):
+            merged.update(part)
+        return {key: merged[key] for key, _ in items}
+
+    def _split_relations(self, name: str, items, fn) -> dict:
+        """As :meth:`_relations_loop` (``{relation: fn(relation, value)}`` without the ``None`` results, in the
+        order of ``items``), the relations shared among the ranks (:meth:`_split`)."""
+        res = self._split(name, [(rel, functools.partial(fn, rel, value)) for rel, value in items])
+        return {rel: r for rel, r in res.items() if r is not None}
 
     @property
     def model(self):
@@ -274,6 +400,8 @@ class Run:
             data["templates"] = relation_templates(self.dataset)
             return data
 
+        if self.dist is not None and not self.dist.is_main:  # load the model while rank 0 filters the facts
+            return self._dist_stage("known", lambda: (self.model, self._share("known", run))[1])
         return self._stage("known", run)
 
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
@@ -289,6 +417,18 @@ class Run:
                        for rel in facts_by_rel if rel not in res}
             return {"relations": res, "skipped": skipped}
 
+        if self.dist is not None:
+            def split():
+                self._build_pairs(facts_by_rel)
+                res = self._split_relations(
+                    "attribution", facts_by_rel.items(),
+                    lambda rel, facts: patching_scores(self.model, *self._swaps[rel], self.cfg,
+                                                       self.cfg.patching_facts, relation=rel))
+                skipped = {rel: "no fact with a counterfactual answer that differs from its answer"
+                           for rel in facts_by_rel if rel not in res}
+                return {"relations": res, "skipped": skipped}
+
+            return self._dist_stage("attribution", split)
         return self._stage("attribution", run)
 
     def stage_causal(self, pairs_by_rel: dict[str, dict]) -> dict:
@@ -303,12 +443,27 @@ class Run:
                                                                                           noise))
             return {"relations": per_rel, "full": causal_stage.full_trace(self.model, pairs_by_rel, self.cfg, noise)}
 
+        if self.dist is not None:
+            def split():  # one more work item: the full trace (relation names are never empty)
+                noise = causal_stage.noise_std(self.model, pairs_by_rel)
+                items = [(rel, (lambda pairs=pairs: causal_stage.trace_relation(self.model, pairs, self.cfg, noise)))
+                         for rel, pairs in pairs_by_rel.items()]
+                items.append(("", lambda: causal_stage.full_trace(self.model, pairs_by_rel, self.cfg, noise)))
+                res = self._split("causal_tracing", items)
+                full = res.pop("")
+                return {"relations": {r: v for r, v in res.items() if v is not None}, "full": full}
+
+            return self._dist_stage("causal_tracing", split)
         return self._stage("causal_tracing", run)
 
     def stage_circuits(self, pairs_by_rel: dict[str, dict]) -> dict:
         from circuit_discovery.pipeline.circuit_stage import circuit_for_relation
 
         graphs_dir = self.out_dir / "graphs"
+        if self.dist is not None:
+            return self._dist_stage("circuits", lambda: {"relations": self._split_relations(
+                "circuits", pairs_by_rel.items(),
+                lambda rel, pairs: circuit_for_relation(self.model, rel, pairs, self.cfg, graphs_dir))})
         return self._stage("circuits", lambda: {"relations": self._relations_loop(
             pairs_by_rel.items(), "component circuits",
             lambda rel, pairs: circuit_for_relation(self.model, rel, pairs, self.cfg, graphs_dir))})
@@ -328,6 +483,21 @@ class Run:
                         self.model, circuits["relations"][rel], other, pairs_by_rel[other], self.cfg)
             return {"relations": out}
 
+        if self.dist is not None:
+            def split():  # each relation's validation and its cross-relation baseline on one rank
+                rels = list(circuits["relations"])  # validate_relation returns a result for every relation
+
+                def one(rel, found):
+                    v = validate_relation(self.model, pairs_by_rel[rel], found, self.cfg)
+                    if len(rels) >= 2:
+                        other = rels[(rels.index(rel) + 1) % len(rels)]
+                        v["cross_relation"] = cross_relation_faithfulness(self.model, found, other,
+                                                                          pairs_by_rel[other], self.cfg)
+                    return v
+
+                return {"relations": self._split_relations("validation", circuits["relations"].items(), one)}
+
+            return self._dist_stage("validation", split)
         return self._stage("validation", run)
 
     def transcoders(self):
@@ -353,6 +523,16 @@ class Run:
                 lambda rel, pairs: feature_circuit_for_relation(self.model, tcs, rel, pairs, self.cfg, graphs_dir))
             return {"relations": rels, "feature_details": feature_details(self.model, tcs, rels, self.cfg)}
 
+        if self.dist is not None:
+            def split():  # the transcoders come from the cache rank 0 filled in the dictionaries stage
+                rels = self._split_relations(
+                    "feature_circuits", pairs_by_rel.items(),
+                    lambda rel, pairs: feature_circuit_for_relation(self.model, self.transcoders()[0].transcoders,
+                                                                    rel, pairs, self.cfg, graphs_dir))
+                return self.dist.share(lambda: {"relations": rels, "feature_details": feature_details(
+                    self.model, self.transcoders()[0].transcoders, rels, self.cfg)}, "feature_circuits")
+
+            return self._dist_stage("feature_circuits", split)
         return self._stage("feature_circuits", run)
 
     def stage_hypotheses(self, circuits: dict, validation: dict, causal: dict | None,
@@ -370,18 +550,32 @@ class Run:
 
         self.timings["report"] = 0.0
         t0 = time.time()
+        if self.dist is not None:  # rank 0 writes the files; the others wait for it (and stop if it fails)
+            summary: dict = {}
+
+            def write() -> None:
+                summary.update(write_outputs(self.out_dir, self.cfg, self.timings, known, attribution, causal,
+                                             circuits, validation, hypotheses, dictionaries, features))
+                self._record("report", time.time() - t0, ["(whole stage)"], [])
+
+            self.dist.share(write, "report")
+            self.timings["report"] = round(time.time() - t0, 2)
+            return summary
         summary = write_outputs(self.out_dir, self.cfg, self.timings, known, attribution, causal, circuits,
                                 validation, hypotheses, dictionaries, features)
         self.timings["report"] = round(time.time() - t0, 2)
         return summary
 
-    def write_config(self) -> None:
+    def write_config(self, ranks: list[dict] | None = None) -> None:
+        """``config.json``; ``world_size`` and, in a distributed run, ``ranks`` (what each rank did: per stage its
+        seconds of work, the work items it computed and those it read from checkpoints)."""
         m = self._model
         atomic_write_json(self.out_dir / "config.json", {
             "config": self.cfg.to_dict(), "model": self.cfg.model or "gemma-3-270m",
             "model_config": None if m is None else {k: v for k, v in vars(m.cfg).items() if k != "extra"},
             "seed": self.cfg.seed, "versions": _versions(), "git_revision": _git_revision(),
             "timings": self.timings, "platform": platform.platform(),
+            "world_size": 1 if self.dist is None else self.dist.world_size, "ranks": ranks or [],
         })
 
     def run(self, only: Sequence[str] | None = None) -> RunResult:
@@ -390,7 +584,8 @@ class Run:
         try:
             return self._run(only)
         except BaseException:
-            self._remove_if_empty()
+            if self.dist is None or self.dist.is_main:
+                self._remove_if_empty()
             raise
 
     def _remove_if_empty(self) -> None:
@@ -440,7 +635,8 @@ class Run:
         # a stage runs when asked for, or when an asked-for stage reads an input derived from it (facts, pairs)
         feeds = {DERIVED[i] for s in STAGE_TABLE if want(s.name) for i in s.inputs if i in DERIVED}
         t0 = time.time()
-        atomic_write_json(self.stage_dir / "run_config.json", self.cfg.to_dict())
+        if self.dist is None or self.dist.is_main:
+            atomic_write_json(self.stage_dir / "run_config.json", self.cfg.to_dict())
         results: dict[str, dict | None] = {}
         for stage in STAGE_TABLE:
             if stage.features and not self.cfg.features:
@@ -451,10 +647,16 @@ class Run:
             else:
                 results[stage.name] = self._saved(stage.name)
         self.timings["total"] = round(time.time() - t0, 2)
-        self.write_config()
+        if self.dist is not None:
+            ranks = self.dist.exchange(lambda: self.rank_info, "finish")
+            if self.dist.is_main:
+                self.write_config(ranks)
+        else:
+            self.write_config()
         summary = results["report"] if want("report") else {}
         assert summary is not None  # a stage asked for has run
-        return RunResult(self.out_dir, self._circuits(results), summary, self.timings)
+        return RunResult(self.out_dir, self._circuits(results), summary, self.timings,
+                         0 if self.dist is None else self.dist.rank)
 
     def _circuits(self, results: dict[str, dict | None]) -> list:
         """The run's circuits (with their validation, as in circuits.json) from the stage results."""
@@ -471,6 +673,19 @@ class Run:
 
 
 def run_pipeline(cfg: RunConfig | None = None, only: Sequence[str] | None = None, **kwargs: Any) -> RunResult:
-    """Run the pipeline (or only the stages in ``only``) with ``cfg`` (or a RunConfig of ``kwargs``)."""
+    """Run the pipeline (or only the stages in ``only``) with ``cfg`` (or a RunConfig of ``kwargs``). Under
+    ``torchrun`` with more than one process this process is one rank of a distributed run (:mod:`.distributed`):
+    rank 0 returns the result; a failure on any rank stops every rank with one line."""
+    from circuit_discovery.pipeline.distributed import Dist, run_distributed
+
     cfg = cfg or RunConfig(**kwargs)
-    return Run(cfg).run(only)
+    if Dist.from_env() is None:
+        return Run(cfg).run(only)
+
+    def body(d: Dist) -> RunResult:
+        device, progress = d.device(cfg.device), cfg.progress and d.is_main   # progress bars: rank 0's only
+        rank_cfg = cfg if (device, progress) == (cfg.device, cfg.progress) else \
+            dataclasses.replace(cfg, device=device, progress=progress)
+        return Run(rank_cfg, dist=d).run(only)
+
+    return run_distributed(body, cfg.device)
