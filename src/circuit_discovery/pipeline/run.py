@@ -402,6 +402,8 @@ class Run:
 
         if self.dist is not None and not self.dist.is_main:  # load the model while rank 0 filters the facts
             return self._dist_stage("known", lambda: (self.model, self._share("known", run))[1])
+        if not (self.cfg.resume and (self.stage_dir / "known.json").exists()):
+            self.model  # noqa: B018 -- load it outside the known stage's timer (timings["load_model"] has it)
         return self._stage("known", run)
 
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
