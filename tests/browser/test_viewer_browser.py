@@ -569,7 +569,8 @@ def _xss_circuit() -> dict:
         ("head/L1/I0/last", "logit/L2/last", 1.2), ("mlp_out/L0/subject_last", "logit/L2/last", 0.3)]]
     return {"name": XSS_SCRIPT, "relation": "x", "nodes": nodes, "edges": edges,
             "facts": [{"prompt": XSS_SCRIPT + " is located in", "answer": XSS_IMG}],
-            "graphs": ["graphs/missing.json", "https://example.com/x.json"]}
+            "graphs": ["graphs/missing.json", "https://example.com/x.json", "ht\ttps://evil.example/x.json",
+                       "\x01javascript:alert(1)", "java\nscript:alert(1)", "graphs/../../etc/passwd"]}
 
 
 def test_untrusted_text_is_never_executed(browser, tmp_path):
@@ -602,6 +603,12 @@ def test_untrusted_text_is_never_executed(browser, tmp_path):
     assert page.evaluate("typeof window.__xss") == "undefined"
     assert page._errors == []
     page.close()
+    # hash values naming inherited object properties select nothing and break nothing
+    for bad in ("constructor", "__proto__", "toString"):
+        page = _open(browser, _url(html, sel=bad, pins=f'["{bad}"]'))
+        assert page._errors == [], (bad, page._errors)
+        assert _count(page) == 4
+        page.close()
 
 
 def _artifact(name: str) -> Path:

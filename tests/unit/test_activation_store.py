@@ -61,7 +61,8 @@ def test_bad_stores_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(ActivationStoreError, match="unfinished"):
         ActivationStore.open(tmp_path / "u")
     with pytest.raises(ActivationStoreError, match="width"):
-        st.append({"blocks.0.mlp.hook_in": torch.zeros(3, 5), "blocks.0.hook_mlp_out": torch.zeros(3, 12)})
+        st.append({"blocks.0.mlp.hook_in": torch.zeros(3, 12), "blocks.0.hook_mlp_out": torch.zeros(3, 5)})
+    assert [len(v) for v in st._buf.values()] == [1, 1]  # nothing of the refused rows was added to either hook
     with pytest.raises(ActivationStoreError, match="row counts"):
         st.append({"blocks.0.mlp.hook_in": torch.zeros(3, 12), "blocks.0.hook_mlp_out": torch.zeros(4, 12)})
     with pytest.raises(ActivationStoreError, match="hooks"):
@@ -83,3 +84,8 @@ def test_bad_stores_are_refused_with_what_to_do(tmp_path):
     (folder / "manifest.json").write_text("{not json")
     with pytest.raises(ActivationStoreError, match="damaged"):
         ActivationStore.open(folder)
+    m["shard_rows"][0] = 50
+    (folder / "manifest.json").write_text(json.dumps(m))
+    (folder / "blocks.0.hook_mlp_out" / "00002.safetensors").unlink()
+    with pytest.raises(ActivationStoreError, match="cannot be read"):
+        ActivationStore.open(folder).source(["blocks.0.hook_mlp_out"])

@@ -263,9 +263,13 @@ class HookedModel:
             name = f"blocks.{l}.ln2.hook_normalized"
             if name not in self._active:
                 return None
-            normalized = self._run_hooks(name, _pre_gain_normalized(module, args[0]))
+            x_hat = _pre_gain_normalized(module, args[0])
+            new = self._run_hooks(name, x_hat)
             y = _first(output)
-            return _replace_first(output, _apply_gain(module, normalized).to(y.dtype))
+            # y + (gain(new) - gain(x_hat)): exactly y when no hook edits (reading the hook changes nothing, in any
+            # dtype), an edit carried through the gain, and gradients reach the hooked value either way
+            delta = _apply_gain(module, new) - _apply_gain(module, x_hat).detach()
+            return _replace_first(output, y + delta.to(y.dtype))
 
         get_module(m, spec.embed).register_forward_hook(partial(out_hook, "hook_embed"))
         if spec.pos_embed:

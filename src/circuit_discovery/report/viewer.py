@@ -203,7 +203,7 @@ def compact_graph(graph: Mapping[str, Any], max_links: int = MAX_GRAPH_LINKS,
         a, b, w = index.get(str(ln.get("source"))), index.get(str(ln.get("target"))), _sig(ln.get("weight"))
         if a is not None and b is not None and w is not None:
             links.append([a, b, w])
-    n_links = len(links)
+    n_links = len(graph.get("links") or [])
     links.sort(key=lambda x: -abs(x[2]))
     q: Mapping[str, Any] = graph["qParams"] if isinstance(graph.get("qParams"), Mapping) else {}
     supernodes = []
@@ -231,6 +231,8 @@ def _read_json_file(path: Path) -> Any:
             return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ViewerInputError(f"{path} is not valid JSON ({exc}); rewrite it with `frc report`") from exc
+    except OSError as exc:
+        raise ViewerInputError(f"{path} cannot be read ({exc}); rewrite it with `frc report`") from exc
 
 
 def _subjects(out_dir: Path, circuits: Sequence[Mapping[str, Any]]) -> dict[str, str]:

@@ -60,10 +60,14 @@ class _Shard:
 
     def __init__(self, path: Path, d: int, dtype: str):
         self.path = path
-        with open(path, "rb") as fh:
-            (n_header,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n_header))
-            self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            with open(path, "rb") as fh:
+                (n_header,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n_header))
+                self.mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, struct.error, ValueError) as e:
+            raise ActivationStoreError(f"{path} cannot be read ({e}); delete the store folder and harvest again") \
+                from None
         meta = header.get(_TENSOR)
         want = _DTYPES[dtype][1]
         if not isinstance(meta, dict) or meta.get("dtype") != want or len(meta.get("shape", ())) != 2 \
@@ -149,11 +153,11 @@ class ActivationStore:
         rows = {int(t.reshape(-1, t.shape[-1]).shape[0]) for t in acts.values()}
         if len(rows) != 1:
             raise ActivationStoreError(f"append got different row counts per hook: {sorted(rows)}")
+        for h, t in acts.items():  # check every hook before adding any, so the rows stay aligned
+            if t.shape[-1] != self.widths[h]:
+                raise ActivationStoreError(f"{h}: rows of width {t.shape[-1]}, the store expects {self.widths[h]}")
         for h, t in acts.items():
-            t = t.detach().reshape(-1, t.shape[-1])
-            if t.shape[1] != self.widths[h]:
-                raise ActivationStoreError(f"{h}: rows of width {t.shape[1]}, the store expects {self.widths[h]}")
-            self._buf[h].append(t.to("cpu", _DTYPES[self.dtype][0]))
+            self._buf[h].append(t.detach().reshape(-1, t.shape[-1]).to("cpu", _DTYPES[self.dtype][0]))
         self._have += rows.pop()
         while self._have >= self.shard_rows:
             self._flush(self.shard_rows)

@@ -240,7 +240,9 @@ def _check_clt_layers(layers: Sequence[int] | None, n: int, source: str) -> None
 
 def _make_clt(W_enc: list[Tensor], b_enc: list[Tensor], thr: list[Tensor] | None, W_dec: list[Tensor],
               b_dec: list[Tensor], skip: list[Tensor] | None, dt: torch.dtype, hooks: tuple[str, str],
-              source: str) -> CrossLayerTranscoder:
+              source: str, relu_form: bool = True) -> CrossLayerTranscoder:
+    """``relu_form``: JumpReLU as ``relu(pre) * (pre > threshold)`` (Gemma Scope); False: ``pre * (pre > threshold)``
+    (circuit-tracer's, which keeps negative pre-activations above a negative threshold)."""
     n = len(W_enc)
     d_in, d_sae = (int(s) for s in W_enc[0].shape)
     d_out = int(b_dec[0].shape[0])
@@ -248,7 +250,8 @@ def _make_clt(W_enc: list[Tensor], b_enc: list[Tensor], thr: list[Tensor] | None
     if skip is not None:
         kwargs["skip"] = True
     with torch.device("meta"):  # no second copy of the weights: the tensors read are assigned
-        clt = CrossLayerTranscoder(n, d_in, d_sae, d_out, activation="jumprelu" if thr is not None else "relu",
+        jump = "jumprelu" if relu_form else "jumprelu_no_relu"
+        clt = CrossLayerTranscoder(n, d_in, d_sae, d_out, activation=jump if thr is not None else "relu",
                                    hook_in=hooks[0], hook_out=hooks[1], dtype=dt, **kwargs)
     sd: dict[str, Tensor] = {"W_enc": torch.stack(W_enc), "b_enc": torch.stack(b_enc), "b_dec": torch.stack(b_dec),
                              "threshold": torch.stack(thr) if thr is not None else torch.zeros(n, d_sae)}
@@ -296,7 +299,7 @@ def _ct_clt(folder: Path, dtype: torch.dtype | None, layers: Sequence[int] | Non
             thr.append(enc[f"threshold_{i}"])
     dt = dtype or W_enc[0].dtype
     # circuit-tracer's JumpReLU is pre * (pre > threshold): CrossLayerTranscoder's 'jumprelu' as it is
-    clt = _make_clt(W_enc, b_enc, thr if has_thr else None, W_dec, b_dec, None, dt, hooks, source)
+    clt = _make_clt(W_enc, b_enc, thr if has_thr else None, W_dec, b_dec, None, dt, hooks, source, relu_form=False)
     return TranscoderSet(cross_layer=clt, hook_in=hooks[0], hook_out=hooks[1], source=source,
                          metadata={"format": "circuit_tracer_clt"})
 

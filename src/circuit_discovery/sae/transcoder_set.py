@@ -27,7 +27,7 @@ __all__ = ["CrossLayerTranscoder", "DictionaryMismatchError", "TranscoderSet", "
 
 DEFAULT_HOOK_IN = "blocks.{layer}.mlp.hook_in"
 DEFAULT_HOOK_OUT = "blocks.{layer}.hook_mlp_out"
-ACTIVATIONS = ("relu", "jumprelu", "topk", "topk_relu")
+ACTIVATIONS = ("relu", "jumprelu", "jumprelu_no_relu", "topk", "topk_relu")
 
 
 class DictionaryMismatchError(CircuitDiscoveryError, ValueError):
@@ -41,9 +41,10 @@ class CrossLayerTranscoder(nn.Module):
     ``W_dec[l] [d_sae, n_layers - l, d_out]`` (source layer ``l`` to target layers ``l, l+1, ...``),
     ``b_dec [n_layers, d_out]``, optionally ``skip [n_layers, d_in, d_out]`` (an affine skip connection per layer,
     added as ``x_l @ skip[l]`` to layer ``l``'s reconstruction, as Gemma Scope 2's affine CLTs).
-    Activations: ``relu``; ``jumprelu`` (``pre * (pre > threshold)``, as SAELens and Gemma Scope; with
-    threshold >= 0 this equals ``relu(pre) * (pre > threshold)``); ``topk`` (the ``k`` largest pre-activations per
-    layer, kept as they are -- no ReLU, as circuit-tracer's TopK); ``topk_relu``.
+    Activations: ``relu``; ``jumprelu`` (``relu(pre) * (pre > threshold)``, as SAELens and Gemma Scope);
+    ``topk`` (the ``k`` largest pre-activations per layer, kept as they are -- no ReLU, as circuit-tracer's TopK);
+    ``topk_relu``; ``jumprelu_no_relu`` (``pre * (pre > threshold)``, circuit-tracer's JumpReLU, which keeps a
+    negative pre-activation above a negative threshold).
     """
 
     def __init__(self, n_layers: int, d_in: int, d_sae: int, d_out: int | None = None, *,
@@ -74,6 +75,8 @@ class CrossLayerTranscoder(nn.Module):
         if self.activation_name == "relu":
             return torch.relu(pre)
         if self.activation_name == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold[layer])
+        if self.activation_name == "jumprelu_no_relu":
             return pre * (pre > self.threshold[layer])
         vals, idx = pre.topk(int(self.k or 0), dim=-1)
         if self.activation_name == "topk_relu":
