@@ -3,6 +3,14 @@
     python benchmarks/sae.py --quick --out sae_bench.json     # middle layer, default budget (< 5 min, 2 cores)
     python benchmarks/sae.py --out sae_bench.json             # every layer, trained together from one pass
     python benchmarks/sae.py --quick --training-tokens 50000 200000 --out t.json   # quality vs budget table
+    python benchmarks/sae.py --kinds jumprelu_transcoder jumprelu_skip_transcoder clt --layers 0 4 8 12 16 \
+        --out tc.json                                           # transcoder kinds at the same budget, per layer
+
+With ``--kinds`` the benchmark trains transcoders (``blocks.{l}.mlp.hook_in -> blocks.{l}.hook_mlp_out``) of each
+kind (``sae.dictionaries.SAE_KINDS``) from one harvest and writes ``{"kinds": {kind: {"layers": {...},
+"train_seconds", ...}}}``; ``clt`` trains one cross-layer transcoder over all the model's layers (``--clt-d-sae``
+latents per layer) and reports each target layer (only those in ``--layers``), its CE score with that layer's MLP
+output replaced by the CLT's reconstruction from the clean inputs.
 
 Writes ``{"layers": {"<hook>": {"l0", "explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction",
 ...}}, "harvest_tokens_per_s", "train_tokens_per_s", "settings": {...}}`` (with several ``--training-tokens``
@@ -45,7 +53,8 @@ def meets_bar(m: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one middle layer (< 5 min on 2 cores once the corpus is cached)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one middle layer (< 5 min on 2 cores once the corpus is cached)")
     ap.add_argument("--out", required=True, help="output JSON file")
     ap.add_argument("--plot", default=None, help="also plot the metrics per layer to this PNG")
     ap.add_argument("--model", default=None, help="model name for load_model (default: built-in Gemma 3 270M)")
@@ -65,9 +74,14 @@ def main(argv: list[str] | None = None) -> dict:
                     "to this) for l0 and dead_fraction; these need no unembedding")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--cache-dir", default=None, help="corpus cache (default: the package cache)")
+    ap.add_argument("--kinds", nargs="*", default=None, help="transcoder kinds to compare (SAE_KINDS)")
+    ap.add_argument("--clt-d-sae", type=int, default=None, help="CLT latents per layer (default: CLT_D_SAE)")
+    ap.add_argument("--clt-training-tokens", type=int, default=None, help="CLT budget (default: --training-tokens)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.kinds:
+        return transcoder_kinds(args)
 
     from circuit_discovery.models import load_model
 
@@ -128,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
             "d_sae": cfg0.expansion_factor * model.cfg.d_model, "train_batch_size_tokens": cfg0.train_batch_size_tokens,
             "training_tokens": last["training_tokens"], "unique_train_tokens": n_unique,
             "corpus_tokens": corpus.n_tokens, "corpus_sources": corpus.sources, "corpus_id": corpus.corpus_id,
-            "eval_tokens": args.eval_tokens, "sparsity_tokens": args.sparsity_tokens, "threads": torch.get_num_threads(),
+            "eval_tokens": args.eval_tokens, "sparsity_tokens": args.sparsity_tokens,
+            "threads": torch.get_num_threads(),
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
         },
         "seconds": {"load_model": t_load, "corpus": t_corpus, "harvest": t_harvest,
@@ -142,6 +157,76 @@ def main(argv: list[str] | None = None) -> dict:
         plot_layer_metrics(out["layers"], args.plot, title=f"{model.cfg.model_name} SAEs ({cfg0.architecture})")
     print(f"harvest {out['harvest_tokens_per_s']:.0f} tok/s, train {out['train_tokens_per_s']:.0f} tok/s "
           f"({len(hooks)} SAEs), total {out['seconds']['total']:.0f} s -> {args.out}", flush=True)
+    return out
+
+
+def transcoder_kinds(args) -> dict:
+    """``--kinds``: per-layer transcoders of each kind (and a CLT) at the same budget, evaluated per layer."""
+    from circuit_discovery.models import load_model
+    from circuit_discovery.sae.dictionaries import SAE_KINDS, kind_settings
+
+    bad = [k for k in args.kinds if k not in SAE_KINDS]
+    if bad:
+        raise SystemExit(f"unknown kinds {bad}; use {SAE_KINDS}")
+    t0 = time.perf_counter()
+    model = load_model(args.model) if args.model else load_model()
+    n_layers = model.cfg.n_layers
+    layers = args.layers if args.layers is not None else ([n_layers // 2] if args.quick else list(range(n_layers)))
+    corpus = build_corpus(model, n_sequences=args.n_sequences, cache_dir=args.cache_dir, text_files=args.text_files,
+                          progress=True)
+    train_texts, heldout = split_heldout(corpus.texts, 0.1, seed=0)
+    hook_layers = list(range(n_layers)) if "clt" in args.kinds else layers
+    hooks = [h for l in hook_layers for h in (f"blocks.{l}.mlp.hook_in", f"blocks.{l}.hook_mlp_out")]
+    t = time.perf_counter()
+    acts = harvest_activations(model, train_texts, hooks, context_size=128, progress=True)
+    t_harvest = time.perf_counter() - t
+    tokens = (args.training_tokens or [SAETrainConfig("x").training_tokens])[-1]
+    extra = {k: v for k, v in (("k", args.k), ("lr", args.lr)) if v is not None}
+    out: dict = {"model": model.cfg.model_name, "kinds": {}, "harvest_seconds": t_harvest,
+                 "settings": {"layers": layers, "training_tokens": tokens, "k": extra.get("k", 64),
+                              "unique_train_tokens": int(acts[hooks[0]].shape[0]), "corpus_id": corpus.corpus_id,
+                              "corpus_tokens": corpus.n_tokens, "eval_tokens": args.eval_tokens,
+                              "sparsity_tokens": args.sparsity_tokens, "threads": torch.get_num_threads(),
+                              "load_average_start": os.getloadavg() if hasattr(os, "getloadavg") else None}}
+    for kind in args.kinds:
+        t = time.perf_counter()
+        res: dict = {"layers": {}}
+        if kind == "clt":
+            from circuit_discovery.sae.clt_training import CLTTrainConfig, evaluate_clt, train_clt
+
+            ccfg = CLTTrainConfig(n_layers=n_layers, training_tokens=args.clt_training_tokens or tokens,
+                                  **({"d_sae": args.clt_d_sae} if args.clt_d_sae else {}), **extra)
+            r = train_clt(acts, ccfg, progress=True)
+            res["train_seconds"] = time.perf_counter() - t
+            res["settings"] = ccfg.to_dict()
+            t = time.perf_counter()
+            for l in layers:
+                m = evaluate_clt(model, r.clt, l, heldout, n_tokens=args.eval_tokens,
+                                 sparsity_tokens=args.sparsity_tokens)
+                m["meets_bar"] = meets_bar(m)
+                res["layers"][f"blocks.{l}.hook_mlp_out"] = m
+                print(kind, l, {k: round(v, 4) for k, v in m.items() if k in BAR or k == "meets_bar"}, flush=True)
+        else:
+            cfgs = [SAETrainConfig(f"blocks.{l}.mlp.hook_in", hook_name_out=f"blocks.{l}.hook_mlp_out",
+                                   training_tokens=tokens, model_name=model.cfg.model_name, context_size=128,
+                                   **kind_settings(kind), **extra) for l in layers]
+            trained = train_saes(acts, cfgs, progress=True)
+            res["train_seconds"] = time.perf_counter() - t
+            res["settings"] = cfgs[0].to_dict()
+            t = time.perf_counter()
+            for cfg in cfgs:
+                m = evaluate_sae(model, trained[cfg.key].sae, cfg.hook_name, heldout, n_tokens=args.eval_tokens,
+                                 context_size=128, hook_name_out=cfg.hook_name_out,
+                                 sparsity_tokens=args.sparsity_tokens)
+                m["meets_bar"] = meets_bar(m)
+                res["layers"][cfg.hook_name_out] = m
+                print(kind, cfg.hook_name, {k: round(v, 4) for k, v in m.items() if k in BAR or k == "meets_bar"},
+                      flush=True)
+        res["eval_seconds"] = time.perf_counter() - t
+        out["kinds"][kind] = res
+        out["seconds"] = time.perf_counter() - t0
+        out["settings"]["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+        atomic_write_json(args.out, out)  # after each kind, so a long run leaves what it measured
     return out
 
 

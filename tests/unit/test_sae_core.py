@@ -33,8 +33,6 @@ from circuit_discovery.sae import (
 from circuit_discovery.sae.io import load_cached_sae, save_cached_sae
 
 
-
-
 def sparse_data(n=40_000, d=16, m=32, p=0.05, seed=0, offset=0.3):
     """x = codes @ D + offset with known unit-norm dictionary D [m, d] and sparse non-negative codes."""
     g = torch.Generator().manual_seed(seed)
@@ -45,7 +43,8 @@ def sparse_data(n=40_000, d=16, m=32, p=0.05, seed=0, offset=0.3):
 
 
 def _small_cfg(**kw):
-    base = dict(hook_name="h", architecture="standard", expansion_factor=4, training_tokens=20_480, train_batch_size_tokens=512,
+    base = dict(hook_name="h", architecture="standard", expansion_factor=4, training_tokens=20_480,
+                train_batch_size_tokens=512,
                 lr=3e-3, l1_coefficient=1.0, dead_feature_window=5_000, log_every=1)
     base.update(kw)
     return SAETrainConfig(**base)

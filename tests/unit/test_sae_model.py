@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from circuit_discovery.errors import InputError
 from circuit_discovery.sae import (
     SAEConfig,
     SAETrainConfig,
@@ -16,7 +17,6 @@ from circuit_discovery.sae import (
     stream_activations,
     train_saes_on_model,
 )
-from circuit_discovery.errors import InputError
 from circuit_discovery.sae.corpus import build_corpus, builtin_fact_sentences, split_heldout
 from circuit_discovery.sae.harvest import iter_token_batches
 from circuit_discovery.sae.labels import feature_logit_effects, top_activating_contexts

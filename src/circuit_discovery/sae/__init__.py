@@ -10,6 +10,7 @@ Typical use::
     sae = results["blocks.6.hook_resid_post"].sae
     metrics = evaluate_sae(model, sae, "blocks.6.hook_resid_post", held)
 """
+from circuit_discovery.sae.activation_store import ActivationStore, ActivationStoreError
 from circuit_discovery.sae.architectures import (
     SAE_REGISTRY,
     JumpReLUSAE,
@@ -22,6 +23,7 @@ from circuit_discovery.sae.architectures import (
     geometric_median,
     register_sae,
 )
+from circuit_discovery.sae.clt_training import CLTTrainConfig, evaluate_clt, load_clt, save_clt, train_clt
 from circuit_discovery.sae.corpus import (
     Corpus,
     build_corpus,
@@ -32,6 +34,7 @@ from circuit_discovery.sae.corpus import (
     sample_token_batch,
     split_heldout,
 )
+from circuit_discovery.sae.dictionaries import SAE_KINDS, DictionarySet, train_transcoders
 from circuit_discovery.sae.evaluate import (
     ce_loss_score,
     cossim,
@@ -72,6 +75,16 @@ from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_sa
 from circuit_discovery.sae.transcoder_set import CrossLayerTranscoder, DictionaryMismatchError, TranscoderSet
 
 __all__ = [
+    "ActivationStore",
+    "ActivationStoreError",
+    "CLTTrainConfig",
+    "evaluate_clt",
+    "load_clt",
+    "save_clt",
+    "train_clt",
+    "SAE_KINDS",
+    "DictionarySet",
+    "train_transcoders",
     "SAE_REGISTRY",
     "JumpReLUSAE",
     "SAEConfig",

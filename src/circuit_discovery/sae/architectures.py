@@ -5,6 +5,7 @@ Every architecture shares SAELens's parameter names and shapes::
     W_enc  [d_in, d_sae]     b_enc [d_sae]
     W_dec  [d_sae, d_out]    b_dec [d_out]        (d_out == d_in for an SAE)
     threshold [d_sae]                             (jumprelu only)
+    W_skip [d_out, d_in]                          (transcoders with ``skip=True`` only; SAELens's layout)
 
 and the same interface::
 
@@ -17,7 +18,11 @@ and the same interface::
 
 A *transcoder* is the same module with ``d_out`` set and ``transcoder=True``: it encodes the MLP's
 input (``blocks.{l}.mlp.hook_in``) and decodes to the MLP's output (``blocks.{l}.hook_mlp_out``);
-``b_dec`` lives in the output space and is therefore never subtracted from the input.
+``b_dec`` lives in the output space and is therefore never subtracted from the input. A transcoder with
+``skip=True`` also has an affine skip connection (Gemma Scope 2, SAELens ``skip_transcoder`` /
+``jumprelu_skip_transcoder``, circuit-tracer ``W_skip``): ``forward``'s reconstruction adds ``x @ sae.skip``
+(``sae.skip = W_skip.T``, ``[d_in, d_out]``); ``decode(feats)`` does not (as SAELens), and
+:meth:`SparseAutoencoder.reconstruct` does. ``sae.skip`` is ``None`` without a skip connection.
 
 New architectures are added with :func:`register_sae`::
 
@@ -44,6 +49,8 @@ __all__ = [
     "register_sae",
     "create_sae",
     "geometric_median",
+    "auxk_loss",
+    "batch_topk",
 ]
 
 SAE_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
@@ -86,6 +93,7 @@ class SAEConfig:
     decoder_init_norm: float = 0.1
     jumprelu_init_threshold: float = 0.001
     jumprelu_bandwidth: float = 0.001
+    skip: bool = False  # transcoders only: affine skip connection W_skip [d_out, d_in]
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -112,6 +120,8 @@ class SAEConfig:
                 raise ValueError(f"topk needs 0 < k <= d_sae, got k={self.k}, d_sae={self.d_sae}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.skip and not self.transcoder:
+            raise ValueError("skip=True needs transcoder=True (a skip connection maps the input hook to the output)")
         if self.normalize_activations != "none":
             raise ValueError(
                 "only normalize_activations='none' is supported at inference; the trainer folds its "
@@ -174,6 +184,8 @@ class SparseAutoencoder(nn.Module):
         self.W_dec = nn.Parameter(w_dec.to(dt).contiguous())
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dt))
         self.b_dec = nn.Parameter(torch.zeros(d_out, dtype=dt))
+        if cfg.skip:  # zero-initialised, as SAELens's SkipTranscoder
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in, dtype=dt))
 
     # ----------------------------------------------------------------- inference
     def hidden_pre(self, x: Tensor) -> Tensor:
@@ -198,11 +210,29 @@ class SparseAutoencoder(nn.Module):
             raise ValueError(f"expected features with last dim d_sae={self.cfg.d_sae}, got {tuple(feats.shape)}")
         return feats @ self.W_dec + self.b_dec
 
+    def skip_out(self, x: Tensor) -> Tensor | None:
+        """The skip connection's contribution ``x @ skip`` [..., d_out] to the reconstruction, or ``None``."""
+        skip = getattr(self, "skip", None)
+        if skip is None:
+            return None
+        return x.to(skip.dtype) @ skip
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Reconstruction [..., d_out] of ``x`` [..., d_in]: ``decode(encode(x))`` plus the skip term, if any."""
+        recon = self.decode(self.encode(x))
+        s = self.skip_out(x)
+        return recon if s is None else recon + s
+
     def forward(self, x: Tensor, target: Tensor | None = None, dead_mask: Tensor | None = None) -> SAEForwardOutput:
-        """``x`` [..., d_in]; ``target`` [..., d_out] (defaults to ``x``); ``dead_mask`` [d_sae] bool."""
+        """``x`` [..., d_in]; ``target`` [..., d_out] (defaults to ``x``); ``dead_mask`` [d_sae] bool.
+
+        ``recon`` includes the skip term (``x @ skip``) when the transcoder has one."""
         pre = self.hidden_pre(x)
         feats = self.activation(pre)
         recon = self.decode(feats)
+        s = self.skip_out(x)
+        if s is not None:
+            recon = recon + s
         aux = self.aux_losses(x, target if target is not None else x, pre, feats, recon, dead_mask)
         return SAEForwardOutput(recon, feats, aux)
 
@@ -228,7 +258,8 @@ class SparseAutoencoder(nn.Module):
     def fold_activation_norm_scaling_factor(self, scale_in: float, scale_out: float | None = None) -> None:
         """Rewrite weights trained on ``x * scale_in -> y * scale_out`` to act on raw activations.
 
-        Feature activations are unchanged; the reconstruction is divided by ``scale_out``.
+        Feature activations are unchanged; the reconstruction is divided by ``scale_out`` (the skip matrix, which
+        maps the scaled input to the scaled output, is multiplied by ``scale_in / scale_out``).
         """
         scale_out = scale_in if scale_out is None else scale_out
         if self.cfg.apply_b_dec_to_input and scale_in != scale_out:
@@ -236,6 +267,8 @@ class SparseAutoencoder(nn.Module):
         self.W_enc.mul_(scale_in)
         self.W_dec.div_(scale_out)
         self.b_dec.div_(scale_out)
+        if self.cfg.skip:
+            self.W_skip.mul_(scale_in / scale_out)
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_norm(self) -> None:
@@ -251,20 +284,38 @@ class SparseAutoencoder(nn.Module):
         self.W_dec.grad.sub_(parallel * w)
 
     def extra_state_for_saving(self) -> dict[str, Tensor]:
-        """Tensors beyond W_enc/W_dec/b_enc/b_dec written to ``sae_weights.safetensors``."""
-        return {}
+        """Tensors beyond W_enc/W_dec/b_enc/b_dec written to ``sae_weights.safetensors`` (``W_skip`` if any)."""
+        return {"W_skip": self.W_skip.detach()} if self.cfg.skip else {}
 
     def load_extra_state(self, tensors: dict[str, Tensor]) -> None:
-        pass
+        if self.cfg.skip:
+            if "W_skip" not in tensors:
+                raise KeyError("skip transcoder weights need a 'W_skip' tensor")
+            w = tensors["W_skip"]
+            if tuple(w.shape) != tuple(self.W_skip.shape):
+                raise ValueError(f"W_skip has shape {tuple(w.shape)}, cfg.json implies {tuple(self.W_skip.shape)}")
+            with torch.no_grad():
+                self.W_skip.copy_(w.to(self.W_skip.dtype))
 
     def __repr__(self) -> str:
         c = self.cfg
-        kind = "transcoder" if c.transcoder else "SAE"
+        kind = ("skip transcoder" if c.skip else "transcoder") if c.transcoder else "SAE"
         return f"{type(self).__name__}({kind}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out})"
 
 
+class _OwnSkip:
+    """``skip`` for the trainable architectures: ``W_skip.T`` [d_in, d_out] or ``None`` (a property, so that
+    :class:`~circuit_discovery.sae.pretrained.PretrainedDictionary`, which stores ``skip`` as a buffer, is
+    unaffected)."""
+
+    @property
+    def skip(self) -> Tensor | None:
+        w = self.__dict__.get("_parameters", {}).get("W_skip")
+        return None if w is None else w.T
+
+
 @register_sae("standard")
-class StandardSAE(SparseAutoencoder):
+class StandardSAE(_OwnSkip, SparseAutoencoder):
     """ReLU SAE with an L1 penalty weighted by decoder row norms: ``sum_i f_i * ||W_dec[i]||``.
 
     Weighting by the decoder norm makes the penalty invariant to rescaling a latent, so decoder rows
@@ -280,7 +331,7 @@ class StandardSAE(SparseAutoencoder):
 
 
 @register_sae("topk")
-class TopKSAE(SparseAutoencoder):
+class TopKSAE(_OwnSkip, SparseAutoencoder):
     """Keeps the ``k`` largest ReLU pre-activations per token (Gao et al. 2024).
 
     Decoder rows are kept at unit norm by the trainer. Dead latents get gradient from the AuxK loss:
@@ -295,18 +346,34 @@ class TopKSAE(SparseAutoencoder):
         return torch.zeros_like(hidden_pre).scatter(-1, idx, torch.relu(vals))
 
     def aux_losses(self, x, target, pre, feats, recon, dead_mask):
-        if dead_mask is None or not bool(dead_mask.any()):
-            return {"auxk": pre.new_zeros(())}
-        n_dead = int(dead_mask.sum())
-        k_aux = min(max(self.cfg.d_in // 2, 1), n_dead)
-        residual = (target - recon).detach()
-        masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
-        vals, idx = masked.topk(k_aux, dim=-1)
-        acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
-        recon_err = acts @ self.W_dec  # no bias: predicts the residual
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
-        auxk = (recon_err - residual).pow(2).sum(-1).mean() / denom
-        return {"auxk": torch.nan_to_num(auxk, nan=0.0)}
+        return {"auxk": auxk_loss(self, target, pre, recon, dead_mask)}
+
+
+def auxk_loss(sae: SparseAutoencoder, target: Tensor, pre: Tensor, recon: Tensor, dead_mask: Tensor | None) -> Tensor:
+    """AuxK (Gao et al. 2024): the ``d_in // 2`` largest pre-activations among dead latents reconstruct the residual
+    ``target - recon``; squared error normalised by the residual's variance (0 without dead latents)."""
+    if dead_mask is None or not bool(dead_mask.any()):
+        return pre.new_zeros(())
+    n_dead = int(dead_mask.sum())
+    k_aux = min(max(sae.cfg.d_in // 2, 1), n_dead)
+    residual = (target - recon).detach()
+    masked = torch.where(dead_mask, pre, torch.full_like(pre, -torch.inf))
+    vals, idx = masked.topk(k_aux, dim=-1)
+    acts = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    recon_err = acts @ sae.W_dec  # no bias: predicts the residual
+    denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+    auxk = (recon_err - residual).pow(2).sum(-1).mean() / denom
+    return torch.nan_to_num(auxk, nan=0.0)
+
+
+def batch_topk(pre: Tensor, k: int) -> Tensor:
+    """BatchTopK (Bussmann et al. 2024): keep the ``k * n_tokens`` largest ReLU pre-activations of the whole batch
+    ``pre`` [..., d_sae] (so each token keeps ``k`` on average), zero the rest."""
+    acts = torch.relu(pre)
+    flat = acts.reshape(-1)
+    n_keep = min(int(k) * (flat.numel() // pre.shape[-1]), flat.numel())
+    vals, idx = flat.topk(n_keep)
+    return torch.zeros_like(flat).scatter(0, idx, vals).reshape(pre.shape)
 
 
 class _JumpReLUFn(torch.autograd.Function):
@@ -347,13 +414,15 @@ class _StepFn(torch.autograd.Function):
 
 
 @register_sae("jumprelu")
-class JumpReLUSAE(SparseAutoencoder):
-    """JumpReLU SAE (Rajamanoharan et al. 2024): ``f = z * (z > threshold)``, trained with an L0 penalty.
+class JumpReLUSAE(_OwnSkip, SparseAutoencoder):
+    """JumpReLU SAE or transcoder (Rajamanoharan et al. 2024): ``f = z * (z > threshold)``, ``z = x W_enc + b_enc``
+    (equal to SAELens's ``relu(z) * (z > threshold)`` since ``threshold > 0``).
 
-    Experimental: inference, saving and loading (SAELens ``jumprelu``) are exact, but the training
-    recipe (threshold init, bandwidth, ``l0_coefficient`` schedule) is untuned; prefer ``topk``.
-
-    The threshold is stored as ``log_threshold`` while training and saved as ``threshold``.
+    Trained with an L0 penalty whose gradient reaches the threshold through the straight-through estimator (a
+    rectangle kernel of width ``jumprelu_bandwidth``), as SAELens and Gemma Scope; the trainer's recipe (threshold
+    initialisation at a target L0, adaptive L0 coefficient) is in :mod:`circuit_discovery.sae.training`.
+    Saved as SAELens ``jumprelu`` / ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``. The threshold is
+    stored as ``log_threshold`` while training and saved as ``threshold``.
     """
 
     def __init__(self, cfg: SAEConfig, generator: torch.Generator | None = None):
@@ -361,28 +430,40 @@ class JumpReLUSAE(SparseAutoencoder):
         assert cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
         init = torch.full((cfg.d_sae,), float(cfg.jumprelu_init_threshold), dtype=cfg.torch_dtype)
         self.log_threshold = nn.Parameter(init.log())
+        #: training only: BatchTopK with this k replaces the JumpReLU while ``self.training`` (the trainer then sets
+        #: the threshold from the batches' smallest kept activations, SAELens's BatchTopK -> JumpReLU recipe)
+        self.batchtopk_k: int | None = None
 
     @property
     def threshold(self) -> Tensor:
         return self.log_threshold.exp()
 
+    @torch.no_grad()
+    def set_threshold(self, threshold: Tensor) -> None:
+        """Set the threshold [d_sae] (values below 1e-12 are raised to 1e-12: the threshold is positive)."""
+        self.log_threshold.copy_(threshold.to(self.log_threshold.dtype).clamp_min(1e-12).log())
+
     def activation(self, hidden_pre: Tensor) -> Tensor:
+        if self.training and self.batchtopk_k:
+            return batch_topk(hidden_pre, self.batchtopk_k)
         if self.training and torch.is_grad_enabled():
             return _JumpReLUFn.apply(torch.relu(hidden_pre), self.threshold, self.cfg.jumprelu_bandwidth)
         return hidden_pre * (hidden_pre > self.threshold)
 
     def aux_losses(self, x, target, pre, feats, recon, dead_mask):
+        if self.training and self.batchtopk_k:
+            return {"auxk": auxk_loss(self, target, pre, recon, dead_mask)}
         l0 = _StepFn.apply(pre, self.threshold, self.cfg.jumprelu_bandwidth).sum(-1).mean()
         return {"l0": l0}
 
     def extra_state_for_saving(self) -> dict[str, Tensor]:
-        return {"threshold": self.threshold.detach()}
+        return {**super().extra_state_for_saving(), "threshold": self.threshold.detach()}
 
     def load_extra_state(self, tensors: dict[str, Tensor]) -> None:
+        super().load_extra_state(tensors)
         if "threshold" not in tensors:
             raise KeyError("jumprelu weights need a 'threshold' tensor")
-        with torch.no_grad():
-            self.log_threshold.copy_(tensors["threshold"].to(self.log_threshold.dtype).clamp_min(1e-12).log())
+        self.set_threshold(tensors["threshold"])
 
     @torch.no_grad()
     def fold_activation_norm_scaling_factor(self, scale_in: float, scale_out: float | None = None) -> None:

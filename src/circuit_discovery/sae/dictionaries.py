@@ -6,24 +6,49 @@ builds those transcoders for a model from the built-in offline corpus (``build_c
 pass for all layers, caches them (keyed by model, hook, training config and corpus) and optionally evaluates
 them on held-out documents::
 
-    tcs = train_transcoders(model)                 # {layer: SparseAutoencoder}, all layers
-    tcs = train_transcoders(model, layers=[3, 9])  # a subset; other MLPs become error nodes in graphs
+    ds = train_transcoders(model)                  # DictionarySet; ds.transcoders: {layer: SparseAutoencoder}
+    ds = train_transcoders(model, layers=[3, 9])   # a subset; other MLPs become error nodes in graphs
+    ds = train_transcoders(model, kind="jumprelu_skip_transcoder")
+    ds.transcoder_set                              # the TranscoderSet feature graphs take (any kind)
+    ds = train_transcoders(model, kind="clt")      # ds.transcoder_set.cross_layer; ds.transcoders == {}
+
+Kinds (:data:`SAE_KINDS`, ``RunConfig.sae_kind``): ``topk_transcoder`` (TopK, k active latents),
+``jumprelu_transcoder`` and ``jumprelu_skip_transcoder`` (JumpReLU trained by BatchTopK with k active latents on
+average, without / with an affine skip connection; SAELens ``jumprelu_transcoder`` / ``jumprelu_skip_transcoder``)
+and ``clt`` (one cross-layer transcoder over all layers, :mod:`circuit_discovery.sae.clt_training`).
 """
 from __future__ import annotations
 
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from circuit_discovery.errors import InputError
 from circuit_discovery.io import atomic_write_json, read_json
 from circuit_discovery.sae.architectures import SparseAutoencoder
+from circuit_discovery.sae.dictionary_set import DictionarySet
 from circuit_discovery.sae.io import cached_sae_path, sae_cache_key
 from circuit_discovery.sae.training import SAETrainConfig, TrainResult, train_saes_on_model
 
-__all__ = ["DictionarySet", "transcoder_configs", "train_transcoders"]
+__all__ = ["DictionarySet", "SAE_KINDS", "kind_settings", "transcoder_configs", "train_transcoders"]
+
+#: the dictionary kinds :func:`train_transcoders` trains (``RunConfig.sae_kind``)
+SAE_KINDS = ("topk_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "clt")
+_KIND_SETTINGS: dict[str, dict[str, Any]] = {
+    "topk_transcoder": {"architecture": "topk"},
+    "jumprelu_transcoder": {"architecture": "jumprelu"},
+    "jumprelu_skip_transcoder": {"architecture": "jumprelu", "skip": True},
+}
+
+
+def kind_settings(kind: str) -> dict[str, Any]:
+    """The :class:`SAETrainConfig` fields of a per-layer ``kind`` (``architecture``, ``skip``)."""
+    if kind not in SAE_KINDS:
+        raise InputError(f"unknown dictionary kind {kind!r}; use one of {SAE_KINDS}")
+    if kind == "clt":
+        raise InputError("kind 'clt' is one cross-layer transcoder, not per-layer configs; use train_transcoders")
+    return dict(_KIND_SETTINGS[kind])
 
 _EVAL_VERSION = 1  # bump when evaluate_sae changes what it measures (invalidates cached metrics)
 
@@ -42,31 +67,18 @@ def transcoder_configs(n_layers: int, layers: Sequence[int] | None = None, train
             for l in layers]
 
 
-@dataclass
-class DictionarySet:
-    """Transcoders by layer, with provenance and (optionally) held-out metrics by layer."""
-
-    transcoders: dict[int, SparseAutoencoder]
-    corpus_id: str
-    trained: list[int] = field(default_factory=list)  # layers trained in this call (others came from the cache)
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    settings: dict[str, Any] = field(default_factory=dict)
-
-    def metrics_json(self) -> dict[str, Any]:
-        return {"corpus_id": self.corpus_id, "settings": self.settings, "trained_layers": self.trained,
-                "seconds": self.seconds,
-                "layers": {f"blocks.{l}.mlp.hook_in->blocks.{l}.hook_mlp_out": m
-                           for l, m in sorted(self.metrics.items())}}
-
-
 def train_transcoders(model, layers: Sequence[int] | None = None, *, training_tokens: int = 100_000, k: int = 64,
-                      architecture: str = "topk", seed: int = 42, cache_dir: str | os.PathLike | None = None,
+                      architecture: str | None = None, seed: int = 42, cache_dir: str | os.PathLike | None = None,
                       corpus_cache_dir: str | os.PathLike | None = None, text_files: Sequence[str] = (),
                       n_sequences: int | None = None, evaluate: bool = False, eval_tokens: int = 256,
-                      sparsity_tokens: int = 4096, progress: bool = True) -> DictionarySet:
-    """Train (or load from the cache) one transcoder per layer of ``model`` on the built-in corpus.
+                      sparsity_tokens: int = 4096, progress: bool = True, kind: str | None = None,
+                      clt_d_sae: int | None = None) -> DictionarySet:
+    """Train (or load from the cache) the transcoders of ``kind`` for ``model`` on the built-in corpus.
 
+    ``kind``: one of :data:`SAE_KINDS` (default ``topk_transcoder``; ``architecture="standard"`` alone gives plain
+    ReLU transcoders, kept for old callers). ``clt`` trains one cross-layer transcoder over every layer
+    (``layers`` must be ``None`` or all layers; ``clt_d_sae`` latents per layer, default
+    :data:`~circuit_discovery.sae.clt_training.CLT_D_SAE`) with the same budget and corpus.
     ``layers``: default every layer. ``training_tokens``/``k``/``architecture``/``seed``: see
     :class:`SAETrainConfig` (the defaults meet the quality bar at the middle layer of Gemma 3 270M; see
     ``docs/sae.md``). ``evaluate``: compute the SAELens metrics of each transcoder on ``eval_tokens`` held-out
@@ -77,12 +89,25 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
     from circuit_discovery.sae.corpus import build_corpus, split_heldout
     from circuit_discovery.sae.evaluate import evaluate_sae
 
+    if kind is None:
+        kind = {"topk": "topk_transcoder", "jumprelu": "jumprelu_transcoder"}.get(architecture or "topk", "")
+        extra: dict[str, Any] = {"architecture": architecture} if not kind else kind_settings(kind)
+        kind = kind or f"{architecture}_transcoder"
+    elif architecture is not None:
+        raise InputError("give kind or architecture, not both")
+    else:
+        extra = {} if kind == "clt" else kind_settings(kind)
     t0 = time.perf_counter()
     corpus = build_corpus(model, n_sequences=n_sequences, cache_dir=corpus_cache_dir, text_files=list(text_files),
                           progress=progress)
     train_texts, heldout = split_heldout(corpus.texts, 0.1, seed=0)
-    cfgs = transcoder_configs(model.cfg.n_layers, layers, training_tokens=training_tokens, k=k,
-                              architecture=architecture, seed=seed)
+    if kind == "clt":
+        from circuit_discovery.sae.clt_training import train_clt_on_model
+
+        return train_clt_on_model(model, train_texts, heldout, corpus, layers=layers, training_tokens=training_tokens,
+                                  k=k, seed=seed, d_sae=clt_d_sae, cache_dir=cache_dir, evaluate=evaluate,
+                                  eval_tokens=eval_tokens, progress=progress, t0=t0)
+    cfgs = transcoder_configs(model.cfg.n_layers, layers, training_tokens=training_tokens, k=k, seed=seed, **extra)
     results = train_saes_on_model(model, train_texts, cfgs, corpus_id=corpus.corpus_id, cache_dir=cache_dir,
                                   progress=progress)
     tcs: dict[int, SparseAutoencoder] = {}
@@ -94,8 +119,9 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
             trained.append(layer)
             r = r.sae
         tcs[layer] = r.eval()
-    out = DictionarySet(transcoders=tcs, corpus_id=corpus.corpus_id, trained=trained,
-                        settings={"architecture": architecture, "k": k, "training_tokens": training_tokens,
+    out = DictionarySet(transcoders=tcs, corpus_id=corpus.corpus_id, trained=trained, kind=kind,
+                        settings={"kind": kind, "architecture": cfgs[0].architecture, "skip": cfgs[0].skip,
+                                  "k": k, "training_tokens": training_tokens,
                                   "seed": seed, "corpus_tokens": corpus.n_tokens, "eval_tokens": eval_tokens,
                                   "sparsity_tokens": sparsity_tokens})
     if evaluate:

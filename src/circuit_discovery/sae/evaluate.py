@@ -22,7 +22,8 @@ Splicing replaces the hook's activation by the SAE reconstruction at every real 
 position; zero-ablation sets the same positions to 0. BOS keeps its clean activation (as SAELens's
 ``exclude_special_tokens``): SAEs are not trained on BOS, whose residual norm is an outlier.
 For transcoders, ``blocks.{l}.hook_mlp_out`` is replaced by the transcoder's prediction from
-``blocks.{l}.mlp.hook_in`` captured in the same pass.
+``blocks.{l}.mlp.hook_in`` captured in the same pass (with the skip term ``x @ skip`` of a skip transcoder).
+:func:`evaluate_clt` does the same for a cross-layer transcoder, one target layer at a time.
 """
 from __future__ import annotations
 
@@ -103,8 +104,11 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: Tensor, target: Tensor | N
     feats_nz, fires = [], torch.zeros(sae.cfg.d_sae, dtype=torch.long)
     recons = []
     for s in range(0, x.shape[0], chunk):
-        f = sae.encode(x[s : s + chunk].to(sae.W_enc.device))
-        recons.append(sae.decode(f).float().cpu())
+        xs = x[s : s + chunk].to(sae.W_enc.device)
+        f = sae.encode(xs)
+        rec = sae.decode(f)
+        skip = sae.skip_out(xs)  # skip transcoders: + x @ skip
+        recons.append((rec if skip is None else rec + skip).float().cpu())
         feats_nz.append((f != 0).sum(-1).cpu())
         fires += (f != 0).sum(0).cpu()
     recon = torch.cat(recons)
@@ -193,8 +197,11 @@ def evaluate_sae(
             if mode == "zero":
                 return torch.where(m[..., None], torch.zeros_like(x), x)
             src = state["x"] if sae.cfg.transcoder else x
-            f = sae.encode(src[m].to(dev))
-            rec = sae.decode(f).to(x.dtype).to(x.device)
+            xin = src[m].to(dev)
+            f = sae.encode(xin)
+            rec = sae.decode(f)
+            skip = sae.skip_out(xin)  # skip transcoders: + x @ skip
+            rec = (rec if skip is None else rec + skip).to(x.dtype).to(x.device)
             state["f"], state["rec"] = f, rec
             out = x.clone()
             out[m] = rec

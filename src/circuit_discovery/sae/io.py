@@ -4,14 +4,36 @@ A saved SAE is a folder::
 
     cfg.json                  # SAELens v6 keys (see below) + our own keys SAELens ignores
     sae_weights.safetensors   # W_enc [d_in, d_sae], W_dec [d_sae, d_out], b_enc [d_sae], b_dec [d_out],
-                              # threshold [d_sae] (jumprelu)
+                              # threshold [d_sae] (jumprelu), W_skip [d_out, d_in] (skip transcoders)
 
 ``cfg.json`` keys read by SAELens (``SAEConfig``/``SAEMetadata`` v6): ``architecture``, ``d_in``,
 ``d_sae``, ``dtype``, ``device``, ``apply_b_dec_to_input``, ``normalize_activations``,
 ``reshape_activations``, ``metadata`` {``model_name``, ``hook_name``, ``hook_layer``, ``context_size``,
-``prepend_bos``, ``dataset_path``, ...}; ``k`` for ``topk``; ``d_out``, ``hook_name_out``,
-``hook_layer_out`` for transcoders (SAELens architectures ``transcoder`` and ``jumprelu_transcoder``).
-Unknown keys are filtered out by SAELens's loader, so our extra keys are harmless.
+``prepend_bos``, ``dataset_path``, ``hook_name_out``, ...}; ``k`` and ``rescale_acts_by_decoder_norm`` for
+``topk``; ``d_out`` for transcoders. Unknown keys are filtered out by SAELens's loader, so our extra keys are
+harmless. Architecture names (all registered in SAELens 6.54, checked by ``scripts/check_saelens_load.py``):
+
+=========================================  =====================================================================
+ours                                       ``architecture`` in cfg.json
+=========================================  =====================================================================
+SAE ``standard`` / ``topk`` / ``jumprelu``  ``standard`` / ``topk`` / ``jumprelu``
+ReLU transcoder (with skip)                 ``transcoder`` (``skip_transcoder``)
+JumpReLU transcoder (with skip)             ``jumprelu_transcoder`` (``jumprelu_skip_transcoder``)
+TopK transcoder, ``d_in == d_out``          ``topk``: SAELens has no TopK transcoder; a TopK SAE with
+                                            ``apply_b_dec_to_input: false`` computes the same ``encode``/``decode``
+                                            (SAELens hooks it at ``metadata.hook_name``, the input hook; the
+                                            reconstruction is of ``metadata.hook_name_out``)
+TopK transcoder, ``d_in != d_out``, or      ``topk_transcoder`` / ``topk_skip_transcoder``: **ours alone**
+with skip                                   (SAELens cannot load it)
+=========================================  =====================================================================
+
+Hook semantics: since ``cfg.json`` carries ``circuit_discovery.hook_semantics`` (= :data:`HOOK_SEMANTICS`),
+``blocks.{l}.mlp.hook_in`` is the MLP's input after the norm's gain and ``blocks.{l}.ln2.hook_normalized`` the
+TransformerLens pre-gain value. A folder written by this package *without* that marker that names
+``ln2.hook_normalized`` was trained on the post-gain value (the old meaning of that name here):
+:func:`load_sae` detects it (:func:`is_legacy_hook_cfg`) and renames the hook to ``mlp.hook_in`` (same weights,
+exact), and :func:`~circuit_discovery.sae.training.train_saes_on_model` converts such a cached dictionary into
+the new cache key instead of retraining.
 
 Only safetensors and JSON are read; nothing is ever unpickled.
 """
@@ -42,7 +64,16 @@ __all__ = [
     "cached_sae_path",
     "load_cached_sae",
     "save_cached_sae",
+    "HOOK_SEMANTICS",
+    "is_legacy_hook_cfg",
+    "convert_legacy_hook_cfg",
+    "saelens_loadable",
 ]
+
+#: marker in ``cfg.json``'s ``circuit_discovery`` block: hook names have today's meaning (``mlp.hook_in`` post-gain,
+#: ``ln2.hook_normalized`` pre-gain)
+HOOK_SEMANTICS = 2
+_LEGACY_HOOK, _NEW_HOOK = ".ln2.hook_normalized", ".mlp.hook_in"
 
 SAE_CFG_FILENAME = "cfg.json"
 SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -60,9 +91,24 @@ def _hook_layer(hook_name: str | None) -> int | None:
 def _saelens_architecture(cfg: SAEConfig) -> str:
     if not cfg.transcoder:
         return cfg.architecture
-    return {"standard": "transcoder", "jumprelu": "jumprelu_transcoder"}.get(
-        cfg.architecture, f"{cfg.architecture}_transcoder"
-    )
+    if cfg.architecture == "topk" and not cfg.skip and cfg.d_in == cfg.d_out:
+        return "topk"  # the equivalent SAELens TopK SAE (apply_b_dec_to_input false)
+    base = {"standard": "", "jumprelu": "jumprelu_"}.get(cfg.architecture, f"{cfg.architecture}_")
+    return f"{base}{'skip_' if cfg.skip else ''}transcoder"
+
+
+#: ``metadata.sae_lens_version`` written to cfg.json: the SAELens config layout the file follows (SAELens reads
+#: files without it, or older, as pre-6 configs)
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+#: architecture names SAELens 6 registers (``sae_lens/__init__.py``); anything else is ours alone
+SAELENS_ARCHITECTURES = ("standard", "gated", "topk", "jumprelu", "transcoder", "skip_transcoder",
+                         "jumprelu_transcoder", "jumprelu_skip_transcoder")
+
+
+def saelens_loadable(sae: SparseAutoencoder) -> bool:
+    """Whether SAELens 6 can load ``sae`` as saved by :func:`save_sae` (its architecture name is registered there)."""
+    return _saelens_architecture(sae.cfg) in SAELENS_ARCHITECTURES
 
 
 def sae_to_saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
@@ -74,8 +120,12 @@ def sae_to_saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
     meta.setdefault("context_size", None)
     meta.setdefault("hook_layer", _hook_layer(meta.get("hook_name")))
     meta.setdefault("prepend_bos", True)
+    # the cfg.json layout version: without it SAELens 6 reads the file as pre-6 and drops ``metadata``
+    meta.setdefault("sae_lens_version", SAELENS_FORMAT_VERSION)
+    meta.setdefault("sae_lens_training_version", None)
+    arch = _saelens_architecture(cfg)
     out: dict[str, Any] = {
-        "architecture": _saelens_architecture(cfg),
+        "architecture": arch,
         "d_in": cfg.d_in,
         "d_sae": cfg.d_sae,
         "dtype": cfg.dtype,
@@ -85,16 +135,55 @@ def sae_to_saelens_cfg(sae: SparseAutoencoder) -> dict[str, Any]:
         "reshape_activations": "none",
         "metadata": meta,
         # ours (ignored by SAELens):
-        "circuit_discovery": {"architecture": cfg.architecture, "config": cfg.to_dict()},
+        "circuit_discovery": {"architecture": cfg.architecture, "config": cfg.to_dict(),
+                              "hook_semantics": HOOK_SEMANTICS,
+                              "saelens_loadable": arch in SAELENS_ARCHITECTURES},
     }
     if cfg.architecture == "topk":
         assert cfg.k is not None  # filled in by SAEConfig.__post_init__
         out["k"] = int(cfg.k)
+        out["rescale_acts_by_decoder_norm"] = False
     if cfg.transcoder:
-        out["d_out"] = cfg.d_out
-        out["hook_name_out"] = meta.get("hook_name_out", "")
-        out["hook_layer_out"] = _hook_layer(meta.get("hook_name_out")) or 0
+        meta.setdefault("hook_name_out", "")
+        meta.setdefault("hook_layer_out", _hook_layer(meta.get("hook_name_out")) or 0)
+        out["hook_name_out"] = meta["hook_name_out"]
+        out["hook_layer_out"] = meta["hook_layer_out"]
+        if arch != "topk":
+            out["d_out"] = cfg.d_out
     return out
+
+
+def is_legacy_hook_cfg(d: dict[str, Any]) -> bool:
+    """Whether a ``cfg.json`` dict was written by this package before :data:`HOOK_SEMANTICS` and names
+    ``ln2.hook_normalized``, which then meant the *post*-gain MLP input (today's ``mlp.hook_in``)."""
+    ours = d.get("circuit_discovery")
+    if not isinstance(ours, dict) or ours.get("hook_semantics") == HOOK_SEMANTICS:
+        return False
+    meta = d.get("metadata") or {}
+    inner = (ours.get("config") or {}).get("metadata") or {}
+    hooks = [meta.get("hook_name"), meta.get("hook_name_out"), d.get("hook_name_out"), inner.get("hook_name"),
+             inner.get("hook_name_out")]
+    return any(isinstance(h, str) and h.endswith(_LEGACY_HOOK) for h in hooks)
+
+
+def convert_legacy_hook_cfg(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a legacy ``cfg.json`` dict (:func:`is_legacy_hook_cfg`) with ``blocks.{l}.ln2.hook_normalized``
+    renamed to ``blocks.{l}.mlp.hook_in`` -- the same tensor under today's name, so the weights stay valid -- and
+    the :data:`HOOK_SEMANTICS` marker set; ``converted_from_hook`` keeps the old name."""
+    d = json.loads(json.dumps(d))
+    ours = d["circuit_discovery"]
+    old = None
+    for meta in (d.get("metadata"), (ours.get("config") or {}).get("metadata"), d):
+        if not isinstance(meta, dict):
+            continue
+        for key in ("hook_name", "hook_name_out"):
+            h = meta.get(key)
+            if isinstance(h, str) and h.endswith(_LEGACY_HOOK):
+                old = old or h
+                meta[key] = h[: -len(_LEGACY_HOOK)] + _NEW_HOOK
+    ours["hook_semantics"] = HOOK_SEMANTICS
+    ours["converted_from_hook"] = old
+    return d
 
 
 def save_sae(sae: SparseAutoencoder, path: str | os.PathLike) -> Path:
@@ -122,6 +211,8 @@ def save_sae(sae: SparseAutoencoder, path: str | os.PathLike) -> Path:
 
 
 def _cfg_from_saelens(d: dict[str, Any]) -> SAEConfig:
+    if is_legacy_hook_cfg(d):
+        d = convert_legacy_hook_cfg(d)
     if "circuit_discovery" in d:
         c = dict(d["circuit_discovery"]["config"])
         return SAEConfig(**c)
@@ -129,7 +220,9 @@ def _cfg_from_saelens(d: dict[str, Any]) -> SAEConfig:
     if arch is None:
         raise ValueError("cfg.json has no 'architecture'")
     transcoder = arch.endswith("transcoder")
-    base = {"transcoder": "standard", "jumprelu_transcoder": "jumprelu"}.get(arch, arch.removesuffix("_transcoder"))
+    skip = arch.endswith("skip_transcoder")
+    base = {"transcoder": "standard", "skip_transcoder": "standard", "jumprelu_transcoder": "jumprelu",
+            "jumprelu_skip_transcoder": "jumprelu"}.get(arch, arch.removesuffix("_transcoder").removesuffix("_skip"))
     if base not in SAE_REGISTRY:
         raise ValueError(f"cannot load SAELens architecture {arch!r}; supported: {sorted(SAE_REGISTRY)}")
     meta = dict(d.get("metadata") or d.get("meta") or {})
@@ -148,6 +241,7 @@ def _cfg_from_saelens(d: dict[str, Any]) -> SAEConfig:
         architecture=base,
         d_out=int(d.get("d_out", d["d_in"])),
         transcoder=transcoder,
+        skip=skip,
         k=int(d["k"]) if d.get("k") is not None else None,
         apply_b_dec_to_input=bool(d.get("apply_b_dec_to_input", not transcoder)),
         dtype=dtype,

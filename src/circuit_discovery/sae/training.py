@@ -14,6 +14,19 @@ Recipe (SAELens / Anthropic April 2024 defaults, adapted to small budgets):
 * loss = ``sum_d (recon - target)^2`` averaged over tokens + the architecture's penalty:
   ``l1_coefficient * sum_i f_i ||W_dec[i]||`` (standard, coefficient warmed up linearly),
   ``aux_k_coefficient * auxk`` (topk, dead latents), ``l0_coefficient * l0`` (jumprelu);
+* jumprelu, ``jumprelu_recipe="batchtopk"`` (the default; SAELens's ``batchtopk`` training architecture, which it
+  saves as ``jumprelu``): while training, the ``k * batch`` largest ReLU pre-activations of the batch are kept
+  (BatchTopK, AuxK for dead latents, unit-norm decoder rows as topk); the threshold (one value for every latent)
+  follows the smallest kept activation of each batch (moving average, rate 0.05), and inference is the JumpReLU
+  ``z * (z > threshold)``, whose L0 on held-out tokens is close to ``k``;
+* jumprelu, ``jumprelu_recipe="l0_ste"`` (Gemma Scope / SAELens JumpReLU recipe: the L0 penalty reaches the
+  threshold through the straight-through estimator, rectangle kernel of width ``jumprelu_bandwidth``): with
+  ``target_l0`` set, each latent's threshold starts at the quantile of its pre-activations on the first batch at
+  which it fires on ``target_l0 / d_sae`` of the tokens (so training starts at the target L0 instead of near
+  ``d_sae / 2``), the threshold gets ``threshold_lr_multiplier`` times the learning rate, and the L0 coefficient
+  is adapted every step, ``l0_coefficient *= exp(l0_adapt_rate * (L0 / target_l0 - 1))``;
+* ``skip=True`` (transcoders): an affine skip connection ``W_skip`` (zero-initialised, as SAELens) trained with
+  the rest; the reconstruction is ``decode(f) + x @ W_skip.T``;
 * Adam, linear lr warm-up, constant, linear decay to zero over the last ``lr_decay_fraction``;
   gradient norm clipped at 1;
 * dead latents (no activation over ``dead_feature_window`` tokens) are resampled for ``standard``
@@ -54,8 +67,9 @@ class SAETrainConfig:
     ones measured on Gemma 3 270M in ``docs/sae.md``: on held-out tokens of the built-in corpus they
     meet explained_variance >= 0.8, ce_loss_score >= 0.85, dead_fraction <= 0.1, L0 <= 64 at the middle
     layer. ``architecture="standard"`` (ReLU + L1, the seed's recipe) works but needs its
-    ``l1_coefficient`` tuned per model and several times the tokens for the same L0; ``"jumprelu"`` is
-    experimental (its threshold/L0 schedule is untuned).
+    ``l1_coefficient`` tuned per model and several times the tokens for the same L0; ``"jumprelu"`` is trained by
+    BatchTopK (``k`` on average) and saved as a JumpReLU (``jumprelu_recipe="batchtopk"``); Gemma Scope's L0
+    penalty recipe (``"l0_ste"``) does not converge at budgets of ~100 steps (``docs/sae.md``).
     """
 
     hook_name: str
@@ -86,6 +100,13 @@ class SAETrainConfig:
     log_every: int = 10
     model_name: str | None = None
     context_size: int | None = None
+    # fields below are left out of to_dict() (hence of cache keys) while at their defaults
+    skip: bool = False  # transcoders: affine skip connection (SAELens skip_transcoder / jumprelu_skip_transcoder)
+    target_l0: float | None = None  # jumprelu: threshold init + adaptive l0_coefficient towards this L0
+    l0_adapt_rate: float = 0.05
+    jumprelu_bandwidth: float = 0.001
+    threshold_lr_multiplier: float = 1.0
+    jumprelu_recipe: str = "batchtopk"  # jumprelu: "batchtopk" (k on average) or "l0_ste" (L0 penalty)
 
     def __post_init__(self) -> None:
         if self.architecture not in SAE_REGISTRY:
@@ -97,6 +118,14 @@ class SAETrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.training_tokens < self.train_batch_size_tokens:
             raise ValueError("training_tokens must be at least train_batch_size_tokens")
+        if self.skip and self.hook_name_out is None:
+            raise ValueError("skip=True needs a transcoder (set hook_name_out)")
+        if self.target_l0 is not None and self.target_l0 <= 0:
+            raise ValueError(f"target_l0 must be positive, got {self.target_l0}")
+        if self.jumprelu_recipe not in JUMPRELU_RECIPES:
+            raise ValueError(f"jumprelu_recipe must be one of {JUMPRELU_RECIPES}, got {self.jumprelu_recipe!r}")
+        if self.jumprelu_bandwidth <= 0 or self.threshold_lr_multiplier <= 0:
+            raise ValueError("jumprelu_bandwidth and threshold_lr_multiplier must be positive")
 
     @property
     def key(self) -> str:
@@ -112,7 +141,23 @@ class SAETrainConfig:
         return self.training_tokens // self.train_batch_size_tokens
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """All fields, except the :data:`_OPTIONAL_FIELDS` still at their defaults (so adding such a field keeps the
+        cache keys of dictionaries trained before it existed); ``SAETrainConfig(**d)`` restores the config."""
+        d = asdict(self)
+        for name, default in _OPTIONAL_FIELDS.items():
+            if d.get(name) == default:
+                d.pop(name, None)
+        return d
+
+
+#: SAETrainConfig fields left out of ``to_dict`` at these (default) values
+_OPTIONAL_FIELDS: dict[str, Any] = {"skip": False, "target_l0": None, "l0_adapt_rate": 0.05,
+                                    "jumprelu_bandwidth": 0.001, "threshold_lr_multiplier": 1.0,
+                                    "jumprelu_recipe": "batchtopk"}
+#: ``SAETrainConfig.jumprelu_recipe`` values
+JUMPRELU_RECIPES = ("batchtopk", "l0_ste")
+#: moving-average rate of the BatchTopK threshold (SAELens keeps a running estimate the same way)
+BATCHTOPK_THRESHOLD_RATE = 0.05
 
 
 @dataclass
@@ -203,6 +248,8 @@ class _Trainer:
             d_out=d_out,
             transcoder=cfg.is_transcoder,
             k=cfg.k if cfg.architecture == "topk" else None,
+            skip=cfg.skip,
+            jumprelu_bandwidth=cfg.jumprelu_bandwidth,
             metadata={
                 "model_name": cfg.model_name,
                 "hook_name": cfg.hook_name,
@@ -211,7 +258,13 @@ class _Trainer:
             },
         )
         self.sae = create_sae(sae_cfg, seed=cfg.seed).to(device).train()
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        thr = [p for n, p in self.sae.named_parameters() if n == "log_threshold"]
+        rest = [p for n, p in self.sae.named_parameters() if n != "log_threshold"]
+        groups: list[dict[str, Any]] = [{"params": rest, "lr_mult": 1.0}]
+        if thr:
+            groups.append({"params": thr, "lr_mult": cfg.threshold_lr_multiplier})
+        self.opt = torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.l0_coef = float(cfg.l0_coefficient)  # adapted towards target_l0 (jumprelu)
         self.scale_in = 1.0
         self.scale_out = 1.0
         self.initialised = False
@@ -219,7 +272,11 @@ class _Trainer:
         self.tokens_since_fired = torch.zeros(self.sae.cfg.d_sae, dtype=torch.long, device=device)
         self.history: list[dict[str, float]] = []
         self.n_steps = cfg.n_steps
-        if cfg.architecture == "topk":
+        self.batchtopk = cfg.architecture == "jumprelu" and cfg.jumprelu_recipe == "batchtopk"
+        if self.batchtopk:
+            self.sae.batchtopk_k = int(cfg.k)  # type: ignore[assignment]
+        self.unit_decoder = cfg.architecture == "topk" or self.batchtopk
+        if self.unit_decoder:
             self.sae.set_decoder_norm_to_unit_norm()
 
     # -- schedule
@@ -239,7 +296,7 @@ class _Trainer:
         return {
             "l1": c.l1_coefficient * min(1.0, (step + 1) / warm),
             "auxk": c.aux_k_coefficient,
-            "l0": c.l0_coefficient * min(1.0, (step + 1) / warm),
+            "l0": self.l0_coef if c.target_l0 is not None else c.l0_coefficient * min(1.0, (step + 1) / warm),
         }
 
     @torch.no_grad()
@@ -252,6 +309,12 @@ class _Trainer:
                 else self.scale_in
             )
         self.sae.initialize_b_dec(y * self.scale_out, c.b_dec_init_method)
+        if c.architecture == "jumprelu" and c.target_l0 is not None and not self.batchtopk:
+            # each latent fires on target_l0 / d_sae of the first batch's tokens
+            pre = self.sae.hidden_pre(x * self.scale_in).float()
+            q = min(max(1.0 - float(c.target_l0) / pre.shape[-1], 0.0), 1.0)
+            thr = torch.quantile(pre, q, dim=0).clamp_min(c.jumprelu_bandwidth)
+            self.sae.set_threshold(thr)  # type: ignore[operator]
         self.initialised = True
 
     def step(self, step: int, batch: Mapping[str, Tensor]) -> dict[str, float]:
@@ -263,7 +326,7 @@ class _Trainer:
         x = x * self.scale_in
         y = y * self.scale_out
         for g in self.opt.param_groups:
-            g["lr"] = self.lr_at(step)
+            g["lr"] = self.lr_at(step) * g.get("lr_mult", 1.0)
         dead_mask = self.tokens_since_fired >= c.dead_feature_window
         out = sae(x, target=y, dead_mask=dead_mask)
         mse = (out.recon - y).pow(2).sum(-1).mean()
@@ -273,14 +336,24 @@ class _Trainer:
             loss = loss + coeffs[name] * val
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if c.architecture == "topk":
+        if self.unit_decoder:
             sae.remove_gradient_parallel_to_decoder_directions()
         if c.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), c.max_grad_norm)
         self.opt.step()
-        if c.architecture == "topk":
+        if self.unit_decoder:
             sae.set_decoder_norm_to_unit_norm()
         with torch.no_grad():
+            if self.batchtopk:
+                kept = out.feats[out.feats > 0]
+                if kept.numel():
+                    m = float(kept.min())
+                    old = float(sae.threshold[0]) if step > 0 else m  # type: ignore[index]
+                    new = old + BATCHTOPK_THRESHOLD_RATE * (m - old)
+                    sae.set_threshold(torch.full_like(sae.threshold, new))  # type: ignore[operator, arg-type]
+            elif c.architecture == "jumprelu" and c.target_l0 is not None:
+                l0_now = float((out.feats != 0).sum(-1).float().mean())
+                self.l0_coef *= math.exp(c.l0_adapt_rate * (l0_now / float(c.target_l0) - 1.0))
             fired = (out.feats > 0).any(0)
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[fired] = 0
@@ -292,6 +365,7 @@ class _Trainer:
                 "explained_variance": _ev(y, out.recon.detach()),
                 "dead_fraction": float(dead_mask.float().mean()),
                 "lr": self.opt.param_groups[0]["lr"],
+                "l0_coefficient": coeffs["l0"],
             }
             for name, val in out.aux_losses.items():
                 stats[name] = float(val)
@@ -356,6 +430,7 @@ class _Trainer:
             "scale_out": self.scale_out,
             "initialised": self.initialised,
             "history": self.history,
+            "l0_coef": self.l0_coef,
         }
 
     def load_state(self, tensors: dict[str, Tensor], js: dict[str, Any]) -> None:
@@ -371,6 +446,7 @@ class _Trainer:
         self.scale_in, self.scale_out = float(js["scale_in"]), float(js["scale_out"])
         self.initialised = bool(js["initialised"])
         self.history = list(js["history"])
+        self.l0_coef = float(js.get("l0_coef", self.cfg.l0_coefficient))
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -535,6 +611,11 @@ def train_saes_on_model(
     ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns the loaded
     ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
     ``train_tokens_per_s`` go into each result's ``final``.
+
+    A config reading ``blocks.{l}.mlp.hook_in`` whose dictionary is cached only under the key it had when that
+    tensor was called ``blocks.{l}.ln2.hook_normalized`` here (before the hook names took TransformerLens's
+    meaning) is converted, not retrained: the cached folder is loaded with the hook renamed (same weights) and saved
+    under the current key (:func:`_convert_legacy_cached`).
     """
     from circuit_discovery.sae.harvest import harvest_activations
     from circuit_discovery.sae.io import load_cached_sae, sae_cache_key, save_cached_sae
@@ -548,6 +629,8 @@ def train_saes_on_model(
         c = replace(c, model_name=c.model_name or name, context_size=c.context_size or context_size)
         key = sae_cache_key(name, c.key, c, corpus_id)
         hit = load_cached_sae(cache_dir, key, device=str(device))
+        if hit is None:
+            hit = _convert_legacy_cached(cache_dir, c, key, corpus_id, str(device))
         if hit is not None:
             out[c.key] = hit
         else:
@@ -576,3 +659,40 @@ def train_saes_on_model(
         )
         out[c.key] = r
     return out
+
+
+def legacy_cache_key(cfg: SAETrainConfig, corpus_id: str) -> str | None:
+    """The cache key ``cfg`` had when ``blocks.{l}.mlp.hook_in`` was called ``blocks.{l}.ln2.hook_normalized`` here
+    (same tensor, the MLP's post-gain input), or ``None`` when ``cfg`` reads no ``mlp.hook_in``."""
+    from circuit_discovery.sae.io import sae_cache_key
+
+    def old(h: str | None) -> str | None:
+        return h[: -len(".mlp.hook_in")] + ".ln2.hook_normalized" if h and h.endswith(".mlp.hook_in") else h
+
+    if old(cfg.hook_name) == cfg.hook_name and old(cfg.hook_name_out) == cfg.hook_name_out:
+        return None
+    legacy = replace(cfg, hook_name=old(cfg.hook_name) or cfg.hook_name, hook_name_out=old(cfg.hook_name_out))
+    assert cfg.model_name is not None  # filled in by train_saes_on_model
+    return sae_cache_key(cfg.model_name, legacy.key, legacy, corpus_id)
+
+
+def _convert_legacy_cached(cache_dir, cfg: SAETrainConfig, key: str, corpus_id: str,
+                           device: str) -> SparseAutoencoder | None:
+    """Load a dictionary cached under :func:`legacy_cache_key` (``load_sae`` renames its hook to ``mlp.hook_in``),
+    save it under ``key`` with the new hook semantics, and return it; ``None`` when there is none."""
+    from circuit_discovery.sae.io import cached_sae_path, load_cached_sae, save_cached_sae
+
+    old_key = legacy_cache_key(cfg, corpus_id)
+    if old_key is None:
+        return None
+    sae = load_cached_sae(cache_dir, old_key, device=device)
+    if sae is None:
+        return None
+    if sae.cfg.metadata.get("hook_name") != cfg.hook_name:
+        return None  # not a legacy folder after all (e.g. written with today's pre-gain meaning): retrain
+    info_path = cached_sae_path(cache_dir, old_key) / "train_info.json"
+    extra = read_json(info_path) if info_path.is_file() else {}
+    extra = {**extra, "cfg": cfg.to_dict(), "converted_from_cache_key": old_key}
+    save_cached_sae(cache_dir, key, sae, extra=extra)
+    return sae
+
