@@ -67,7 +67,8 @@ def test_validation_round_trips_in_circuits_json_order():
                           "random_baseline_p": 0.01, "validated": True, "ablation": "corrupted"}, "feature")
     d = c.to_dict()
     assert list(d)[-3:] == ["graphs", "kind", "validation"] and c.faithfulness == 0.4
-    assert list(d["validation"]) == list(CircuitValidation.KEYS["feature"])  # no "validated" for features
+    assert list(d["validation"]) == list(CircuitValidation.KEYS["feature"])
+    assert d["validation"]["validated"] is True and d["validation"]["dictionary_quality"] is None
     again = Circuit.from_dict(json.loads(json.dumps(d)))
     assert again.validation == c.validation and again.to_dict() == d and "validation" not in again.extra
     comp = attach_validation(Circuit(name="q"), {"faithfulness": None, "validated": False}).to_dict()["validation"]

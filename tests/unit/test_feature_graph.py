@@ -107,7 +107,8 @@ def test_intervention_changes_downstream_inputs_by_edge_weight(setup):
             if tn.kind == "logit":
                 new = float(f1[0, -1] @ (W_U[tn.node.index] - W_U.mean(0)))
             elif tn.node.layer > l:
-                new = float(x1[tn.node.layer][0, tn.node.position] @ tcs[tn.node.layer].W_enc[:, tn.node.index].detach())
+                w = tcs[tn.node.layer].W_enc[:, tn.node.index].detach()
+                new = float(x1[tn.node.layer][0, tn.node.position] @ w)
             else:
                 continue
             worst = max(worst, abs(new - float(res.node_input[t]) + float(g.adjacency[t, s])))

@@ -115,8 +115,8 @@ def test_replacement_and_completeness_scores(exact, noisy):
 
 def test_graph_scores_follow_circuit_tracer_definition():
     """Hand-built graph: token t -> feature f -> logit, token t -> error e -> logit (weights 3 and 1)."""
-    from circuit_discovery.nodes import Node
     from circuit_discovery.graph.graph import AttributionGraph, NodeInfo
+    from circuit_discovery.nodes import Node
 
     nodes = [NodeInfo(node=Node("feature", 0, 1, 0)), NodeInfo(node=Node("error", 0, 1)),
              NodeInfo(node=Node("embed", -1, 1)), NodeInfo(node=Node("logit", 1, 1, 5))]
@@ -375,3 +375,50 @@ def test_evaluated_metric_equals_the_graphs_linear_prediction(noisy, errors):
         assert float(ablated - full) == pytest.approx(pred, abs=1e-4 * max(1.0, abs(pred)))
         checked += abs(pred) > 1e-3
     assert checked >= 3
+
+
+# ------------------------------------------------------------------------------------------ dictionary quality
+GOOD = {"explained_variance": 0.9, "ce_loss_score": 0.95, "dead_fraction": 0.01, "l0": 32.0}
+
+
+def test_dictionary_quality_contract_fails_on_each_bar():
+    from circuit_discovery.pipeline.feature_stage import QUALITY_BAR, dictionary_quality
+
+    keys = [f"blocks.{l}.mlp.hook_in->blocks.{l}.hook_mlp_out" for l in range(3)]
+    ok = dictionary_quality({k: dict(GOOD) for k in keys}, "trained here: topk_transcoder, 100,000 tokens/layer",
+                            trained_tokens=100_000, expected=keys)
+    assert ok["meets_bar"] and ok["layers_below_bar"] == [] and ok["bar"] == QUALITY_BAR
+    assert set(ok) == {"meets_bar", "bar", "layers_below_bar", "source", "advice"}
+    bad_values = {"explained_variance": 0.79, "ce_loss_score": -0.2, "dead_fraction": 0.11, "l0": 65.0}
+    for metric, bad in bad_values.items():
+        layers = {k: dict(GOOD) for k in keys}
+        layers[keys[1]][metric] = bad
+        q = dictionary_quality(layers, "s", trained_tokens=21_000, expected=keys)
+        assert not q["meets_bar"] and q["layers_below_bar"] == [keys[1]], metric
+        assert "sae_training_tokens" in q["advice"] and "--dictionaries" in q["advice"]
+    nan = {k: dict(GOOD) for k in keys}
+    nan[keys[0]]["ce_loss_score"] = float("nan")
+    assert dictionary_quality(nan, "s", expected=keys)["layers_below_bar"] == [keys[0]]
+    missing = dictionary_quality({k: dict(GOOD) for k in keys[:2]}, "loaded: x", expected=keys)
+    assert missing["layers_below_bar"] == [keys[2]] and "loaded dictionaries" in missing["advice"]
+    unmeasured = dictionary_quality({}, "s", expected=keys)
+    assert not unmeasured["meets_bar"] and "sae_eval_tokens" in unmeasured["advice"]
+    assert not dictionary_quality({}, "s")["meets_bar"]  # nothing known is not a pass
+
+
+def test_feature_circuits_below_the_bar_are_not_validated():
+    from circuit_discovery.pipeline.feature_stage import dictionary_quality, feature_metrics
+
+    held = {"faithfulness": 0.9, "ci": [0.8, 1.0], "random_p": 0.001, "node_share": 0.05, "n_prompts": 5}
+    key = "blocks.0.mlp.hook_in->blocks.0.hook_mlp_out"
+    good = dictionary_quality({key: GOOD}, "s", expected=[key])
+    bad = dictionary_quality({key: {**GOOD, "ce_loss_score": 0.5}}, "s", trained_tokens=1000, expected=[key])
+    m = feature_metrics({"held_out": held, "dictionary_quality": good}, {})
+    assert m["validated"] and m["not_validated_reason"] is None and m["dictionary_quality"] == good
+    m = feature_metrics({"held_out": held, "dictionary_quality": bad}, {})
+    reason = m["not_validated_reason"]
+    assert not m["validated"] and key in reason and "sae_training_tokens" in reason
+    m = feature_metrics({"held_out": held}, {})
+    assert not m["validated"] and "unknown" in m["not_validated_reason"]
+    m = feature_metrics({"held_out": {**held, "faithfulness": 0.5}, "dictionary_quality": good}, {})
+    assert not m["validated"] and "held-out" in m["not_validated_reason"]

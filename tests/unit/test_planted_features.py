@@ -73,7 +73,8 @@ class _Mask:
 def _transcoders(model):
     tcs = {}
     for l in range(model.cfg.n_layers):
-        tc = create_sae(SAEConfig(d_in=model.cfg.d_model, d_sae=D_SAE, architecture="standard", transcoder=True), seed=l)
+        cfg = SAEConfig(d_in=model.cfg.d_model, d_sae=D_SAE, architecture="standard", transcoder=True)
+        tc = create_sae(cfg, seed=l)
         with torch.no_grad():
             tc.b_dec.zero_()
             keep = torch.zeros(tc.cfg.d_sae, 1)

@@ -2,9 +2,22 @@
 
 For one prompt, the *local replacement model* is the model with
 
-* every MLP replaced by its layer's transcoder (which reads ``blocks.{l}.mlp.hook_in`` and predicts
-  ``blocks.{l}.hook_mlp_out``) plus an **error node** per (layer, position) holding what the transcoder
-  misses -- a layer without a transcoder keeps its whole MLP output as the error node;
+* every MLP output (``blocks.{l}.hook_mlp_out``) replaced by what the dictionaries write there plus an **error
+  node** per (layer, position) holding what they miss -- a layer nothing writes to keeps its whole MLP output as
+  the error node. The dictionaries are a :class:`TranscoderSet` (or ``{layer: transcoder}``, per-layer with the
+  default hooks), read through :class:`DictionaryView`:
+
+  - per-layer transcoders reading ``blocks.{l}.mlp.hook_in`` (the MLP norm's output), ``blocks.{l}.ln2.hook_normalized``
+    (its input normalised before the gain) or ``blocks.{l}.hook_resid_mid`` (:data:`IN_HOOKS`);
+  - **affine skip connections** (``skip [d_in, d_out]``, Gemma Scope 2 / circuit-tracer ``W_skip``): the skip term
+    ``x_l @ skip`` is recomputed in every pass from that pass's own transcoder input, which under the frozen
+    norms and attention is linear in the upstream sources. It is therefore neither a node nor part of the error
+    node: its contribution flows as *direct paths* through the edges of the sources that feed ``x_l`` (an edge
+    ``s -> t`` includes ``s``'s effect on ``t`` via every skip term in between), and exactness is unchanged;
+  - a **cross-layer transcoder**: a feature encoded at layer ``s`` writes ``a * W_dec[s -> t][f]`` to every layer
+    ``t >= s``; the error node of ``(t, p)`` is what the CLT misses at layer ``t``;
+  - ReLU, JumpReLU and TopK with or without ReLU: a feature's activation is the dictionary's own ``encode`` on the
+    prompt (TopK's selection frozen like the attention pattern); only its *input* (pre-activation) is a target.
 * every normalisation scale (RMSNorm / LayerNorm, incl. the final norm and Gemma's post-norms) and every
   attention pattern (queries and keys) **frozen** at their values on the prompt.
 
@@ -12,27 +25,26 @@ Given the prompt, that model is affine in its sources -- token embeddings, featu
 vectors -- up to each feature's pre-activation and each logit. An edge ``source -> target`` is the
 source's direct effect on the target's input::
 
-    A[target, source] = a_source * (W_dec[source] . d input_target / d mlp_out(l, p))   (feature source)
-                      = e(l, p) . d input_target / d mlp_out(l, p)                      (error source)
-                      = emb(p) . d input_target / d hook_embed(p)                      (embedding source)
+    A[target, source] = a_source * sum_t (W_dec[s -> t][source] . d input_target / d mlp_out(t, p))  (feature)
+                      = e(l, p) . d input_target / d mlp_out(l, p)                             (error source)
+                      = emb(p) . d input_target / d hook_embed(p)                             (embedding source)
 
 where ``input_target`` is ``x_l(p) . W_enc[:, f]`` for a feature ``f`` at layer ``l``, position ``p``
 (its pre-activation minus ``b_enc``) and ``h_last . (W_U[t] - mean W_U)`` for a logit (before any soft
 cap). Because the replacement is affine, ``input(target) = sum_s A[target, s] + bias(target)``, where
-``bias`` is the target's input with every source set to zero (transcoder ``b_dec``, norm biases). Edges are
-computed in batched backward passes: one batch item per target, the prompt repeated, the frozen values
-replayed.
+``bias`` is the target's input with every source set to zero (``b_dec``, norm biases, the skip terms of what
+remains). Edges are computed in batched backward passes through one kept forward pass.
 
 Only the ``max_feature_nodes`` most influential active features become nodes: rows are computed first for
 the logit nodes, then for features in order of their estimated influence on the logits (through the rows
 computed so far), a batch at a time. The contribution of active features that are not visited is added
-to their (layer, position) error node, so the graph stays exact -- every node's input is still the sum of
-its incoming edges plus its bias. BOS features are folded into the error nodes the same way
-(``include_bos=False``, default: the BOS residual is an outlier that transcoders are not trained on). An error
-node is therefore *everything the MLP writes at (layer, position) except ``b_dec`` and the visited features'
-decoder contributions* (``FeatureGraphResult.errors``); the circuit evaluator
-(:class:`~circuit_discovery.validation.features.FeatureCircuitEvaluator.from_graphs`) uses the same definition.
-:func:`graph_scores` gives circuit-tracer's replacement and completeness scores of a graph.
+to the error node of each (layer, position) they write to (for a CLT, split per target layer from the kept
+gradients), so the graph stays exact -- every node's input is still the sum of its incoming edges plus its bias.
+BOS features are folded into the error nodes the same way (``include_bos=False``, default: the BOS residual is an
+outlier that transcoders are not trained on). An error node is therefore *everything written at (layer, position)
+except ``b_dec``, the skip term and the visited features' decoder contributions* (``FeatureGraphResult.errors``);
+the circuit evaluator (:class:`~circuit_discovery.validation.features.FeatureCircuitEvaluator.from_graphs`) uses
+the same definition. :func:`graph_scores` gives circuit-tracer's replacement and completeness scores of a graph.
 """
 from __future__ import annotations
 
@@ -52,9 +64,12 @@ from circuit_discovery.models.arch import get_module
 from circuit_discovery.models.hooked import frozen
 from circuit_discovery.nodes import Node
 from circuit_discovery.sae.labels import direction_logit_effects
+from circuit_discovery.sae.transcoder_set import CrossLayerTranscoder, DictionaryMismatchError, TranscoderSet
 
-__all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "decoder_directions", "feature_circuit",
-           "feature_graph", "graph_scores", "replacement_inputs"]
+__all__ = ["FrozenReplay", "FeatureGraphResult", "FeatureCircuitResult", "DictionaryView", "IN_HOOKS", "OUT_HOOKS",
+           "TranscoderDict",
+           "as_transcoder_set", "decoder_directions", "dictionary_view", "feature_circuit", "feature_graph",
+           "graph_scores", "replacement_inputs"]
 
 
 # ------------------------------------------------------------------------------------- freezing
@@ -126,6 +141,16 @@ class FrozenReplay:
         s = s.expand(x.shape[0], *s.shape[1:]) if s.shape[0] != x.shape[0] else s
         return (xf * s * self.gamma[key]).to(output.dtype)
 
+    def normalize(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``module``'s input ``x`` normalised with the replayed scale, before the gain (float32; LayerNorm centred):
+        ``ln2.hook_normalized`` of the frozen network."""
+        s = self.scales[id(module)]
+        s = s.expand(x.shape[0], *s.shape[1:]) if s.shape[0] != x.shape[0] else s
+        xf = x.float()
+        if isinstance(module, nn.LayerNorm):
+            xf = xf - xf.mean(-1, keepdim=True)
+        return xf * s
+
     def _qk_hook(self, key, sl, module, args, output):
         if self._mode == "record":
             self.qk[key] = output.detach()[..., sl] if sl is not None else output.detach()
@@ -178,23 +203,257 @@ class FrozenReplay:
         return self._hooks("replay")
 
 
+# ------------------------------------------------------------------------------------- the dictionaries
+#: transcoder input hooks feature graphs read (templates) -> how the replayed pass gets them: ``mlp_in`` the MLP
+#: norm's output (after the gain), ``normalized`` the norm's input times its frozen scale (before the gain),
+#: ``resid`` the residual stream in front of the MLP's norm.
+IN_HOOKS = {"blocks.{layer}.mlp.hook_in": "mlp_in", "blocks.{layer}.ln2.hook_normalized": "normalized",
+            "blocks.{layer}.hook_resid_mid": "resid", "blocks.{layer}.hook_mlp_in": "resid"}
+#: transcoder output hooks feature graphs replace (what the MLP block adds to the residual stream).
+OUT_HOOKS = ("blocks.{layer}.hook_mlp_out",)
+
+
+class TranscoderDict(dict):
+    """Per-layer transcoders ``{layer: transcoder}`` that remember their :class:`TranscoderSet` (``.set``: hooks,
+    source, metadata such as the dictionary quality): a dict for code that indexes layers, the set for feature
+    graphs."""
+
+    def __init__(self, ts: TranscoderSet):
+        if ts.cross_layer is not None:
+            raise InputError("a cross-layer transcoder has no per-layer dictionaries; pass its TranscoderSet")
+        super().__init__(sorted(ts.per_layer.items()))
+        self.set = ts
+
+
+def as_transcoder_set(transcoders: Any) -> TranscoderSet:
+    """``transcoders`` as a :class:`TranscoderSet`: a set as it is, a :class:`CrossLayerTranscoder` or a
+    ``{layer: transcoder}`` mapping (per-layer, default hooks ``blocks.{layer}.mlp.hook_in -> hook_mlp_out``)."""
+    if isinstance(transcoders, (DictionaryView, TranscoderDict)):
+        return transcoders.set
+    if isinstance(transcoders, TranscoderSet):
+        return transcoders
+    if isinstance(transcoders, CrossLayerTranscoder):
+        return TranscoderSet(cross_layer=transcoders, hook_in=transcoders.hook_in, hook_out=transcoders.hook_out)
+    if isinstance(transcoders, Mapping):
+        if not transcoders:
+            raise InputError("feature graphs need at least one transcoder; train them with "
+                             "circuit_discovery.sae.train_transcoders(model)")
+        return TranscoderSet(per_layer={int(l): tc for l, tc in transcoders.items()})
+    raise InputError(f"feature graphs take a TranscoderSet or {{layer: transcoder}}, not {type(transcoders).__name__}")
+
+
+def _hook_of(tc: Any, key: str) -> str | None:
+    """The hook a per-layer dictionary declares (``hook_in``/``hook_out`` or SAELens metadata), if any."""
+    attr = getattr(tc, key, None)
+    if isinstance(attr, str):
+        return attr
+    meta = getattr(getattr(tc, "cfg", None), "metadata", None) or {}
+    v = meta.get("hook_name" if key == "hook_in" else "hook_name_out")
+    return v if isinstance(v, str) else None
+
+
+class DictionaryView:
+    """The affine reading of a transcoder set that feature graphs and the feature-circuit evaluator use.
+
+    For every source layer ``s`` a feature's *input* is ``x_s @ W_enc[s][:, f]`` (its pre-activation minus the
+    effective encoder bias ``b_enc[s]``; ``apply_b_dec_to_input`` and ``rescale_acts_by_decoder_norm`` are folded
+    into ``W_enc``/``b_enc``/the decoder), its activation is the dictionary's own ``encode`` (ReLU, JumpReLU, TopK
+    with or without ReLU: the selection is whatever ``encode`` picked on the prompt), and it writes
+    ``a * dec(s, t)[f]`` to ``hook_mlp_out`` at every target layer ``t`` of :meth:`targets` (``[s]`` for per-layer
+    transcoders, ``s .. L-1`` for a cross-layer transcoder). Layer ``t``'s replacement MLP output is
+    ``b_dec[t] + sum_s a_s dec(s, t) + x_t @ skip[t]`` (the skip term only where the transcoder has one).
+
+    Built from a :class:`TranscoderSet`, a :class:`CrossLayerTranscoder` or ``{layer: transcoder}``; checks the
+    hooks (:data:`IN_HOOKS`, :data:`OUT_HOOKS`), the layers and, numerically on random inputs, that each per-layer
+    dictionary's ``hidden_pre`` and ``decode`` are the affine maps read here (a dictionary with some other
+    computation raises :class:`DictionaryMismatchError` instead of giving wrong graphs).
+    """
+
+    def __init__(self, model, transcoders: Any):
+        ts = as_transcoder_set(transcoders)
+        self.set = ts
+        self.clt: CrossLayerTranscoder | None = ts.cross_layer
+        L, d = model.cfg.n_layers, model.cfg.d_model
+        self.n_layers = L
+        where = ts.source or "the dictionary"
+        if ts.hook_in not in IN_HOOKS:
+            raise DictionaryMismatchError(f"{where} reads {ts.hook_in}; feature graphs read transcoders at "
+                                          f"{', '.join(IN_HOOKS)}")
+        if ts.hook_out not in OUT_HOOKS:
+            raise DictionaryMismatchError(f"{where} writes {ts.hook_out}; feature graphs replace "
+                                          f"{', '.join(OUT_HOOKS)} (what the MLP block adds to the residual)")
+        self.hook_in, self.hook_out = ts.hook_in, ts.hook_out
+        self.in_kind = IN_HOOKS[ts.hook_in]
+        if self.clt is not None and self.clt.n_layers != L:
+            raise DictionaryMismatchError(f"{where}: the cross-layer transcoder covers {self.clt.n_layers} layers, "
+                                          f"the model has {L}; use one made for this model")
+        self.layers = sorted(int(l) for l in ts.layers)
+        for l in self.layers:
+            if not 0 <= l < L:
+                raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
+        self.W_enc: dict[int, Tensor] = {}
+        self.b_enc: dict[int, Tensor] = {}
+        self.b_dec: dict[int, Tensor] = {}
+        self.skip: dict[int, Tensor] = {}
+        self.d_sae: dict[int, int] = {}
+        self._W_dec: dict[int, Tensor] = {}
+        if self.clt is not None:
+            c = self.clt
+            if c.d_in != d or c.d_out != d:
+                raise DictionaryMismatchError(f"{where}: the cross-layer transcoder maps {c.d_in} -> {c.d_out} "
+                                              f"dimensions, the model has d_model = {d}")
+            for l in range(L):
+                self.W_enc[l] = c.W_enc[l].detach().float()
+                self.b_enc[l] = c.b_enc[l].detach().float()
+                self.b_dec[l] = c.b_dec[l].detach().float()
+                self.d_sae[l] = c.d_sae
+                if c.skip is not None:  # Gemma Scope 2's affine CLTs: x_l @ skip[l], a direct path like per-layer
+                    self.skip[l] = c.skip[l].detach().float()
+            self.activation = c.activation_name
+        else:
+            acts = set()
+            for l in self.layers:
+                tc = ts.per_layer[l]
+                self._read_per_layer(l, tc, where, d)
+                acts.add(str(getattr(tc, "architecture", None) or getattr(tc.cfg, "architecture", "?")))
+            self.activation = "/".join(sorted(acts))
+
+    def _read_per_layer(self, l: int, tc: Any, where: str, d: int) -> None:
+        cfg = getattr(tc, "cfg", None)
+        if not getattr(cfg, "transcoder", False):
+            raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
+                             "transcoders (mlp.hook_in -> hook_mlp_out)")
+        for key, template in (("hook_in", self.hook_in), ("hook_out", self.hook_out)):
+            declared = _hook_of(tc, key)
+            if declared is not None and declared != template.format(layer=l):
+                raise DictionaryMismatchError(f"{where}: the transcoder at layer {l} declares {key} {declared}, the "
+                                              f"set uses {template.format(layer=l)}; load it with its own hooks")
+        W_enc, b_enc = tc.W_enc.detach().float(), tc.b_enc.detach().float()
+        W_dec, b_dec = tc.W_dec.detach().float(), tc.b_dec.detach().float()
+        if W_enc.shape[0] != d or W_dec.shape[-1] != d:
+            raise DictionaryMismatchError(f"{where}: layer {l} maps {W_enc.shape[0]} -> {W_dec.shape[-1]} "
+                                          f"dimensions, the model has d_model = {d}")
+        if getattr(cfg, "apply_b_dec_to_input", False):
+            b_enc = b_enc - b_dec @ W_enc
+        if getattr(tc, "rescale_acts_by_decoder_norm", False):
+            nrm = W_dec.norm(dim=-1)
+            W_enc, b_enc, W_dec = W_enc * nrm, b_enc * nrm, W_dec / nrm[:, None]
+        skip = getattr(tc, "skip", None)
+        self.W_enc[l], self.b_enc[l], self._W_dec[l], self.b_dec[l] = W_enc, b_enc, W_dec, b_dec
+        self.d_sae[l] = int(W_enc.shape[1])
+        if skip is not None:
+            self.skip[l] = skip.detach().float()
+        self._check_affine(l, tc, where)
+
+    @torch.no_grad()
+    def _check_affine(self, l: int, tc: Any, where: str) -> None:
+        """``hidden_pre(x) == x @ W_enc + b_enc`` and ``decode(f) == f @ W_dec + b_dec`` on random inputs."""
+        if not hasattr(tc, "hidden_pre") or not hasattr(tc, "decode"):
+            raise DictionaryMismatchError(f"{where}: the transcoder at layer {l} has no hidden_pre/decode; feature "
+                                          "graphs need both")
+        gen = torch.Generator().manual_seed(l)
+        W = self.W_enc[l]
+        x = torch.randn(3, W.shape[0], generator=gen)
+        f = torch.randn(3, self.d_sae[l], generator=gen) * (torch.rand(3, self.d_sae[l], generator=gen) < 0.05)
+        dt = tc.W_enc.dtype
+        tol = 1e-4 if dt in (torch.float32, torch.float64) else 3e-2
+        dev = tc.W_enc.device
+        pre = tc.hidden_pre(x.to(device=dev, dtype=dt)).float().cpu()
+        want = x @ W.cpu() + self.b_enc[l].cpu()
+        rec = tc.decode(f.to(device=dev, dtype=dt)).float().cpu()
+        want_rec = f @ self._W_dec[l].cpu() + self.b_dec[l].cpu()
+        for got, ref, what in ((pre, want, "pre-activations"), (rec, want_rec, "decoder")):
+            if float((got - ref).abs().max()) > tol * max(1.0, float(ref.abs().max())):
+                raise DictionaryMismatchError(f"{where}: the transcoder at layer {l} computes its {what} in a way "
+                                              "feature graphs do not read (not affine in W_enc/W_dec); report this "
+                                              "dictionary format")
+
+    # -- reading
+    @property
+    def kind(self) -> str:
+        """``topk_transcoder``, ``jumprelu_skip_transcoder``, ... for per-layer sets; ``clt`` (activation
+        :attr:`activation`) for a cross-layer transcoder."""
+        if self.clt is not None:
+            return "clt"
+        return f"{self.activation}_{'skip_' if self.skip else ''}transcoder"
+
+    @property
+    def out_layers(self) -> list[int]:
+        """Layers whose MLP output is replaced (has ``b_dec``); the others are whole error nodes."""
+        return list(range(self.n_layers)) if self.clt is not None else list(self.layers)
+
+    def targets(self, s: int) -> list[int]:
+        """Layers a feature encoded at ``s`` writes to."""
+        return list(range(s, self.n_layers)) if self.clt is not None else [s]
+
+    def dec(self, s: int, t: int) -> Tensor:
+        """``[d_sae, d_model]``: how features encoded at ``s`` write to ``hook_mlp_out`` at ``t``."""
+        if self.clt is not None:
+            return self.clt.decoder(s, t).detach().float()
+        if s != t:
+            raise InputError(f"per-layer transcoder features at layer {s} do not write to layer {t}")
+        return self._W_dec[s]
+
+    def encode(self, l: int, x: Tensor) -> Tensor:
+        """Feature activations ``[..., d_sae]`` (float32) of the features encoded at ``l`` from ``x [..., d_in]``."""
+        if self.clt is not None:
+            return self.clt.encode(l, x.to(self.clt.W_enc.dtype)).float()
+        tc = self.set.per_layer[l]
+        return tc.encode(x.to(device=tc.W_enc.device, dtype=tc.W_enc.dtype)).float().to(x.device)
+
+    def decode_to(self, t: int, acts: Mapping[int, Tensor], with_bias: bool = True) -> Tensor:
+        """What the features in ``acts`` (``{source layer: [..., d_sae]}``) write to layer ``t`` (+ ``b_dec[t]``)."""
+        out: Tensor | None = None
+        for s, a in acts.items():
+            if s <= t and t in self.targets(s):
+                part = a.float() @ self.dec(s, t)
+                out = part if out is None else out + part
+        if out is None:
+            raise InputError(f"no features write to layer {t}")
+        return out + self.b_dec[t] if with_bias and t in self.b_dec else out
+
+    def skip_out(self, l: int, x: Tensor) -> Tensor | None:
+        """The skip term ``x @ skip[l]`` of layer ``l`` (None without a skip)."""
+        return x.float() @ self.skip[l] if l in self.skip else None
+
+    def direction(self, l: int, f: int) -> Tensor:
+        """``[d_model]``: feature ``f`` of layer ``l``'s total write to the residual stream (its decoder rows summed
+        over its target layers)."""
+        return torch.stack([self.dec(l, t)[f] for t in self.targets(l)]).sum(0)
+
+    def module(self, l: int) -> Any:
+        """The object holding layer ``l``'s features (a per-layer transcoder, or the cross-layer transcoder)."""
+        return self.clt if self.clt is not None else self.set.per_layer[l]
+
+    def in_hook(self, l: int) -> str:
+        return self.hook_in.format(layer=l)
+
+
+def dictionary_view(model, transcoders: Any) -> DictionaryView:
+    """``transcoders`` as a :class:`DictionaryView` (a view is returned as it is)."""
+    return transcoders if isinstance(transcoders, DictionaryView) else DictionaryView(model, transcoders)
+
+
 # ------------------------------------------------------------------------------------- the prompt's state
 @dataclass
 class _PromptState:
     tokens: Tensor  # [1, n]
     n: int
     emb: Tensor  # [n, d]
-    mlp_out: dict[int, Tensor]  # layer -> [n, d] (true MLP output)
+    mlp_out: dict[int, Tensor]  # layer -> [n, d]: what the replacement writes besides the skip term (the MLP's
+    #                             output minus x @ skip; the whole output without a skip)
     x_in: dict[int, Tensor]  # transcoder layer -> [n, d_in] transcoder input
     acts: dict[int, Tensor]  # transcoder layer -> [n, d_sae] activations
     normed_last: Tensor  # [d] final-normed residual at the last position
     logits_last: Tensor  # [vocab] real logits at the last position
+    mlp_true: dict[int, Tensor] = field(default_factory=dict)  # layer -> [n, d] the MLP block's real output
 
 
-def _prompt_state(model, tokens: Tensor, transcoders: Mapping[int, Any], replay: FrozenReplay) -> _PromptState:
+def _prompt_state(model, tokens: Tensor, transcoders: Any, replay: FrozenReplay) -> _PromptState:
+    view = dictionary_view(model, transcoders)
     L = model.cfg.n_layers
     names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)]
-    names += [f"blocks.{l}.mlp.hook_in" for l in transcoders]
+    names += [view.in_hook(l) for l in view.layers]
     cache: dict[str, Tensor] = {}
 
     def save(x, name):
@@ -208,38 +467,58 @@ def _prompt_state(model, tokens: Tensor, transcoders: Mapping[int, Any], replay:
         logits = model.unembed(h[0, -1])
     acts = {}
     x_in = {}
-    for l, tc in transcoders.items():
-        x = cache[f"blocks.{l}.mlp.hook_in"][0]
+    for l in view.layers:
+        x = cache[view.in_hook(l)][0].float()
         x_in[l] = x
         with torch.no_grad():
-            acts[l] = tc.encode(x.to(tc.W_enc.dtype)).float()
-    return _PromptState(tokens=tokens, n=tokens.shape[1], emb=cache["hook_embed"][0].float(),
-                        mlp_out={l: cache[f"blocks.{l}.hook_mlp_out"][0].float() for l in range(L)},
-                        x_in=x_in, acts=acts, normed_last=h[0, -1].float(), logits_last=logits.float())
+            acts[l] = view.encode(l, x)
+    mlp_true = {l: cache[f"blocks.{l}.hook_mlp_out"][0].float() for l in range(L)}
+    mlp_out = {}
+    for l in range(L):
+        sk = view.skip_out(l, x_in[l]) if l in x_in else None
+        mlp_out[l] = mlp_true[l] - sk if sk is not None else mlp_true[l]
+    return _PromptState(tokens=tokens, n=tokens.shape[1], emb=cache["hook_embed"][0].float(), mlp_out=mlp_out,
+                        x_in=x_in, acts=acts, normed_last=h[0, -1].float(), logits_last=logits.float(),
+                        mlp_true=mlp_true)
 
 
 def replacement_inputs(model, tokens: Tensor, replay: FrozenReplay, emb: Tensor, mlp_out: Mapping[int, Tensor],
-                       transcoders: Mapping[int, Any], requires_grad: bool = False):
+                       transcoders: Any, requires_grad: bool = False):
     """One pass of the frozen replacement model over ``tokens`` [B, n] with the given sources.
 
-    ``emb`` [B, n, d] replaces ``hook_embed`` and ``mlp_out[l]`` [B, n, d] replaces ``blocks.{l}.hook_mlp_out``
-    for every layer. Returns ``(x_in, final)``: ``x_in[l]`` [B, n, d_in] the transcoder inputs (so a
-    feature's input is ``x_in[l][:, p] @ W_enc[:, f]``) and ``final`` [B, n, d] the final-normed residual.
-    Norm scales and attention queries/keys are replayed from ``replay``'s recording.
+    ``emb`` [B, n, d] replaces ``hook_embed``; ``blocks.{l}.hook_mlp_out`` becomes ``mlp_out[l]`` [B, n, d] plus,
+    where layer ``l``'s transcoder has a skip connection, the skip term ``x_l @ skip`` of this pass's own
+    transcoder input (linear in the sources under the replay, so it stays part of the affine network). Returns
+    ``(x_in, final)``: ``x_in[l]`` [B, n, d_in] the transcoder inputs (so a feature's input is
+    ``x_in[l][:, p] @ W_enc[:, f]``) and ``final`` [B, n, d] the final-normed residual. Norm scales and attention
+    queries/keys are replayed from ``replay``'s recording; a transcoder reading ``ln2.hook_normalized`` gets the
+    MLP norm's input times its replayed scale.
     """
+    view = dictionary_view(model, transcoders)
     store: dict[int, Tensor] = {}
 
-    def put(value):
-        return lambda act, name: value.to(act.dtype)
-
-    def keep(layer):
+    def put(l, value):
         def fn(act, name):
-            store[layer] = act
+            out = value
+            if l in view.skip and l in store:
+                out = out + store[l].float() @ view.skip[l]
+            return out.to(act.dtype)
         return fn
 
-    hooks = [("hook_embed", put(emb))]
-    hooks += [(f"blocks.{l}.hook_mlp_out", put(v)) for l, v in mlp_out.items()]
-    hooks += [(f"blocks.{l}.mlp.hook_in", keep(l)) for l in transcoders]
+    def keep(l, ln2=None):
+        def fn(act, name):
+            store[l] = act if ln2 is None else replay.normalize(ln2, act)
+        return fn
+
+    hooks = [("hook_embed", put(-1, emb))]
+    for l in view.layers:
+        if view.in_kind == "mlp_in":
+            hooks.append((f"blocks.{l}.mlp.hook_in", keep(l)))
+        elif view.in_kind == "normalized":
+            hooks.append((f"blocks.{l}.hook_mlp_in", keep(l, get_module(model._layers[l], model.spec.ln2))))
+        else:
+            hooks.append((f"blocks.{l}.hook_mlp_in", keep(l)))
+    hooks += [(f"blocks.{l}.hook_mlp_out", put(l, v)) for l, v in mlp_out.items()]
     with torch.set_grad_enabled(requires_grad), frozen(model), replay.replaying(), model.hooks(hooks):
         final = model.final_hidden(tokens)
     return store, final
@@ -275,22 +554,12 @@ def _logit_targets(model, state: _PromptState, max_n_logits: int, desired_logit_
     return toks, probs[toks].float()
 
 
-def _checked_transcoders(model, transcoders: Mapping[int, Any], max_feature_nodes: int,
-                         batch_size: int) -> dict[int, Any]:
-    """``transcoders`` keyed by int layer in layer order, after checking layers, kinds and the search limits."""
-    if not transcoders:
-        raise InputError("feature graphs need at least one transcoder; train them with "
-                         "circuit_discovery.sae.train_transcoders(model)")
-    L = model.cfg.n_layers
-    for l, tc in transcoders.items():
-        if not 0 <= int(l) < L:
-            raise InputError(f"transcoder layer {l} out of range for a {L}-layer model")
-        if not getattr(tc.cfg, "transcoder", False):
-            raise InputError(f"the dictionary at layer {l} is an SAE, not a transcoder; feature graphs need "
-                             "transcoders (mlp.hook_in -> hook_mlp_out)")
+def _checked_transcoders(model, transcoders: Any, max_feature_nodes: int, batch_size: int) -> DictionaryView:
+    """``transcoders`` as a checked :class:`DictionaryView` (layers, kinds, hooks), after checking the limits."""
+    view = dictionary_view(model, transcoders)
     if max_feature_nodes < 0 or batch_size <= 0:
         raise InputError("max_feature_nodes must be >= 0 and batch_size > 0")
-    return {int(l): tc for l, tc in sorted(transcoders.items())}
+    return view
 
 
 def _prompt_tokens(model, prompt: str | Sequence[int] | Tensor) -> tuple[Tensor, str]:
@@ -304,9 +573,9 @@ def _prompt_tokens(model, prompt: str | Sequence[int] | Tensor) -> tuple[Tensor,
     return tokens.to(model.device), text
 
 
-def _feature_input(x: Tensor, tc, f: int) -> Tensor:
-    """Feature ``f``'s input (pre-activation minus ``b_enc``) from its transcoder input ``x`` [d_in]."""
-    return x.float() @ tc.W_enc[:, f].detach().float()
+def _feature_input(x: Tensor, view: DictionaryView, l: int, f: int) -> Tensor:
+    """Feature ``f``'s input at layer ``l`` (pre-activation minus ``b_enc``) from its transcoder input ``x`` [d_in]."""
+    return x.float() @ view.W_enc[l][:, f]
 
 
 def _logit_input(h: Tensor, W_U: Tensor, u_mean: Tensor, t: int) -> Tensor:
@@ -359,9 +628,10 @@ class _Sources:
         return self.emb_off + self.n
 
 
-def _active_sources(st: _PromptState, transcoders: Mapping[int, Any], n_layers: int, include_bos: bool) -> _Sources:
+def _active_sources(st: _PromptState, view: DictionaryView, n_layers: int, include_bos: bool) -> _Sources:
     """Phase 1: the active features of every transcoder layer (BOS excluded unless ``include_bos``) and the error
-    vectors."""
+    vectors: what the replacement writes at (layer, position) besides the skip term, minus ``b_dec`` and every
+    active feature's decoder contribution (from every source layer, for a cross-layer transcoder)."""
     feat_l, feat_p, feat_f, feat_a = [], [], [], []
     first = 0 if include_bos else 1
     for l, a in st.acts.items():
@@ -370,13 +640,12 @@ def _active_sources(st: _PromptState, transcoders: Mapping[int, Any], n_layers: 
         feat_p += (pp + first).tolist()
         feat_f += ff.tolist()
         feat_a += a[pp + first, ff].tolist()
-    recon = {l: st.acts[l] @ tc.W_dec.detach().float() + tc.b_dec.detach().float()  # all active features + b_dec
-             for l, tc in transcoders.items()}
-    errors = torch.stack([st.mlp_out[l] - recon[l] if l in transcoders else st.mlp_out[l]
-                          for l in range(n_layers)])  # [L, n, d] true reconstruction errors
+    outs = set(view.out_layers)
+    errors = torch.stack([st.mlp_out[t] - view.decode_to(t, st.acts) if t in outs else st.mlp_out[t].clone()
+                          for t in range(n_layers)])  # [L, n, d] true reconstruction errors
     if not include_bos:  # BOS features are folded into the BOS error node
-        for l, tc in transcoders.items():
-            errors[l, 0] = st.mlp_out[l][0] - tc.b_dec.detach().float()
+        for t in outs:
+            errors[t, 0] = st.mlp_out[t][0] - view.b_dec[t]
     return _Sources(feat_l, feat_p, feat_f, feat_a, errors, n_layers, st.n)
 
 
@@ -386,29 +655,48 @@ class _RowComputer:
     One forward pass of the frozen replacement model (batch 1) with zero-valued leaves at the sources; its
     graph is kept, and each batch of targets is one vmapped backward (``is_grads_batched``) through it. The
     network is affine in the sources under the replay, so every target's row comes from the same forward
-    (3-4x faster than a forward of B copies of the prompt per batch).
+    (3-4x faster than a forward of B copies of the prompt per batch). A feature's entry sums its effect through
+    every layer it writes to; for a cross-layer transcoder each row's gradients at the MLP outputs are kept
+    (``grads``), so that unvisited features can be folded into the error node of each layer they write to.
     """
 
-    def __init__(self, model, st: _PromptState, src: _Sources, transcoders: Mapping[int, Any], replay: FrozenReplay):
+    def __init__(self, model, st: _PromptState, src: _Sources, view: DictionaryView, replay: FrozenReplay):
         L, n, d = model.cfg.n_layers, st.n, model.cfg.d_model
-        self.st, self.src, self.transcoders, self.d = st, src, transcoders, d
+        self.st, self.src, self.view, self.d = st, src, view, d
         self.W_U = model.W_U.detach().float()
         self.u_mean = self.W_U.mean(0)
         d_e = torch.zeros(1, n, d, requires_grad=True)
         d_m = {l: torch.zeros(1, n, d, requires_grad=True) for l in range(L)}
         self.x_in, self.final = replacement_inputs(model, st.tokens, replay, st.emb[None] + d_e,
                                                    {l: st.mlp_out[l][None] + d_m[l] for l in range(L)},
-                                                   transcoders, requires_grad=True)
+                                                   view, requires_grad=True)
         self.leaves = [d_e] + [d_m[l] for l in range(L)]
-        self.sel_of = {l: (src.layer_t == l).nonzero().flatten() for l in transcoders}  # active-feature columns
-        self.dec_rows = {l: tc.W_dec.detach().float()[src.feat_t[self.sel_of[l]]]  # [S, d] their decoder rows
-                         for l, tc in transcoders.items()}
+        self.sel_of = {l: (src.layer_t == l).nonzero().flatten() for l in view.layers}  # active-feature columns
+        # the active features of each layer grouped by position: (position, their indices within sel_of[l])
+        self.by_pos = {l: [(int(p), (src.pos_t[sel] == p).nonzero().flatten()) for p in src.pos_t[sel].unique()]
+                       for l, sel in self.sel_of.items()}
+        self._dec: dict[int, Tensor] = {}
+        self.keep_grads = view.clt is not None
+        self.grads: list[Tensor] = []  # [B, L, n, d] per rows() call (cross-layer transcoders only)
+
+    def dec_block(self, s: int) -> Tensor:
+        """``[S, T * d]``: the decoder rows of layer ``s``'s active features to each of their ``T`` target layers,
+        concatenated; cached for per-layer sets, gathered per call for a cross-layer transcoder (whose blocks for
+        all layers would take hundreds of MB)."""
+        if s in self._dec:
+            return self._dec[s]
+        feat = self.src.feat_t[self.sel_of[s]]
+        if self.view.clt is not None:  # W_dec[s]: [d_sae, T, d]
+            return self.view.clt.W_dec[s].detach()[feat].float().reshape(len(feat), -1)
+        block = self.view.dec(s, s)[feat]
+        self._dec[s] = block
+        return block
 
     def _target_input(self, kind: str, j: int) -> Tensor:
         if kind == "logit":
             return _logit_input(self.final[0, -1], self.W_U, self.u_mean, j)
         l, p, f = self.src.layer[j], self.src.pos[j], self.src.feat[j]
-        return _feature_input(self.x_in[l][0, p], self.transcoders[l], f)
+        return _feature_input(self.x_in[l][0, p], self.view, l, f)
 
     def rows(self, targets: list[tuple[str, int]]) -> Tensor:
         """Rows [len(targets), n_cols] of direct effects on each target ('logit', token) / ('feat', j)."""
@@ -423,13 +711,21 @@ class _RowComputer:
         rows[:, src.emb_off:] = (g_e * st.emb[None]).sum(-1)
         for l in range(src.n_layers):
             rows[:, src.err_off + l * n: src.err_off + (l + 1) * n] = (g_m[l] * src.errors[l][None]).sum(-1)
-        for l in self.transcoders:
-            sel = self.sel_of[l]
+        G = torch.stack(g_m, 1)  # [B, L, n, d]
+        for s in self.view.layers:
+            sel = self.sel_of[s]
             if len(sel) == 0:
                 continue
-            # gradient . decoder row of the active features only ([B, n, S]), read at each one's position
-            proj = g_m[l] @ self.dec_rows[l].T
-            rows[:, sel] = proj[:, src.pos_t[sel], torch.arange(len(sel))] * src.act_t[sel][None]
+            tg = self.view.targets(s)  # consecutive layers
+            D = self.dec_block(s)  # [S, T * d]
+            # gradient at each active feature's position . its decoder rows, summed over the layers it writes to:
+            # one matmul per position over the concatenated targets
+            total = torch.empty(B, len(sel))
+            for p, j in self.by_pos[s]:
+                total[:, j] = G[:, tg[0]: tg[-1] + 1, p].reshape(B, -1) @ D[j].T
+            rows[:, sel] = total * src.act_t[sel][None]
+        if self.keep_grads:
+            self.grads.append(G.detach())
         return rows.detach()
 
 
@@ -470,28 +766,41 @@ def _visit_features(rc: _RowComputer, logit_toks: list[int], logit_probs: Tensor
     return logit_rows, visited, feat_rows
 
 
-def _assemble(src: _Sources, transcoders: Mapping[int, Any], logit_rows: Tensor, visited: list[int],
-              feat_rows: list[Tensor]) -> Tensor:
+def _assemble(src: _Sources, view: DictionaryView, logit_rows: Tensor, visited: list[int], feat_rows: list[Tensor],
+              grads: Sequence[Tensor] = ()) -> Tensor:
     """Phase 4: the adjacency [n_nodes, n_nodes] (rows are targets) in node order: visited features, error nodes,
     embeddings, logits.
 
-    Each unvisited feature is folded into its (layer, position) error node -- its column is added to the error
-    node's column and its decoder contribution to the error vector (``src.errors``, updated in place) -- which
-    keeps the graph exact."""
+    Each unvisited feature is folded into the error node of every (layer, position) it writes to -- its decoder
+    contribution is added to the error vector (``src.errors``, updated in place) and its effect on each target
+    to that error node's column -- which keeps the graph exact. For per-layer transcoders that is the feature's
+    column added to its own layer's error column; for a cross-layer transcoder the per-layer split comes from
+    the kept gradients (``grads``: ``[B, L, n, d]`` per rows() call, logits first, as computed)."""
     L, n = src.n_layers, src.n
     is_visited = torch.zeros(src.n_feat, dtype=torch.bool)
     is_visited[visited] = True
     R_all = torch.cat(feat_rows + [logit_rows], 0)  # targets: visited features, then logits
     rest = (~is_visited).nonzero().flatten()
-    if len(rest):
+    if len(rest) and view.clt is None:
         err_cols = src.err_off + src.layer_t[rest] * n + src.pos_t[rest]
         R_all.index_add_(1, err_cols, R_all[:, rest])
         # the error node's vector: reconstruction error + the decoder contributions of the folded features
-        for l, tc in transcoders.items():
+        for l in view.layers:
             sel = rest[src.layer_t[rest] == l]
             if len(sel):
-                contrib = src.act_t[sel][:, None] * tc.W_dec.detach().float()[src.feat_t[sel]]
+                contrib = src.act_t[sel][:, None] * view.dec(l, l)[src.feat_t[sel]]
                 src.errors[l].index_add_(0, src.pos_t[sel], contrib)
+    elif len(rest):
+        U = torch.zeros_like(src.errors)  # [L, n, d] what the unvisited features write at each (layer, position)
+        for s in view.layers:
+            sel = rest[src.layer_t[rest] == s]
+            if len(sel):
+                a = src.act_t[sel][:, None]
+                for t in view.targets(s):
+                    U[t].index_add_(0, src.pos_t[sel], a * view.dec(s, t)[src.feat_t[sel]])
+        src.errors += U
+        G = torch.cat(list(grads[1:]) + [grads[0]], 0)  # rows in R_all's order: features, then logits
+        R_all[:, src.err_off: src.err_off + L * n] += torch.einsum("rlnd,lnd->rln", G, U).reshape(len(G), L * n)
     n_vis, n_logits = len(visited), logit_rows.shape[0]
     vis = torch.tensor(visited, dtype=torch.long)
     src_cols = torch.cat([vis, torch.arange(src.err_off, src.n_cols)])  # visited features, errors, embeddings
@@ -502,7 +811,7 @@ def _assemble(src: _Sources, transcoders: Mapping[int, Any], logit_rows: Tensor,
     return A
 
 
-def _node_infos(model, transcoders: Mapping[int, Any], st: _PromptState, src: _Sources, visited: list[int],
+def _node_infos(model, view: DictionaryView, st: _PromptState, src: _Sources, visited: list[int],
                 logit_toks: list[int], logit_probs: Tensor, str_tokens: list[str], *,
                 labels: Mapping[tuple[int, int], str] | None, roles: Sequence[str] | None,
                 auto_labels: bool) -> list[NodeInfo]:
@@ -514,7 +823,7 @@ def _node_infos(model, transcoders: Mapping[int, Any], st: _PromptState, src: _S
         return roles[p] if roles is not None and p < len(roles) else None
 
     nodes: list[NodeInfo] = []
-    promoted = _promoted_tokens(model, transcoders, [(src.layer[j], src.feat[j]) for j in visited
+    promoted = _promoted_tokens(model, view, [(src.layer[j], src.feat[j]) for j in visited
                                                      if (src.layer[j], src.feat[j]) not in (labels or {})]) \
         if auto_labels else {}
     for j in visited:
@@ -548,7 +857,7 @@ def _target_inputs(rc: _RowComputer, visited: list[int], logit_toks: list[int], 
     out = torch.zeros(n_nodes, dtype=torch.float64)
     for i, j in enumerate(visited):
         l = src.layer[j]
-        out[i] = float(_feature_input(x_in[l][src.pos[j]], rc.transcoders[l], src.feat[j]))
+        out[i] = float(_feature_input(x_in[l][src.pos[j]], rc.view, l, src.feat[j]))
     for i, t in enumerate(logit_toks, start=n_nodes - len(logit_toks)):
         out[i] = float(_logit_input(h_last, rc.W_U, rc.u_mean, t))
     return out
@@ -556,17 +865,18 @@ def _target_inputs(rc: _RowComputer, visited: list[int], logit_toks: list[int], 
 
 def _biases(model, rc: _RowComputer, replay: FrozenReplay, visited: list[int], logit_toks: list[int],
             n_nodes: int) -> Tensor:
-    """Phase 5: each target's input with every source at zero -- embeddings 0, MLP outputs ``b_dec``
-    (transcoder layers) or 0 -- through the frozen replacement model."""
+    """Phase 5: each target's input with every source at zero -- embeddings 0, MLP outputs ``b_dec`` (layers the
+    dictionaries write to) or 0, skip terms of whatever reaches their transcoder inputs -- through the frozen
+    replacement model."""
     L, n, d = model.cfg.n_layers, rc.st.n, model.cfg.d_model
+    outs = set(rc.view.out_layers)
     with torch.no_grad():
-        zero_mlp = {l: (rc.transcoders[l].b_dec.detach().float().expand(1, n, d) if l in rc.transcoders
-                        else torch.zeros(1, n, d)) for l in range(L)}
-        x0, f0 = replacement_inputs(model, rc.st.tokens, replay, torch.zeros(1, n, d), zero_mlp, rc.transcoders)
+        zero_mlp = {l: (rc.view.b_dec[l].expand(1, n, d) if l in outs else torch.zeros(1, n, d)) for l in range(L)}
+        x0, f0 = replacement_inputs(model, rc.st.tokens, replay, torch.zeros(1, n, d), zero_mlp, rc.view)
     return _target_inputs(rc, visited, logit_toks, n_nodes, {l: x[0] for l, x in x0.items()}, f0[0, -1])
 
 
-def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[int] | Tensor, *,
+def feature_graph(model, transcoders: Any, prompt: str | Sequence[int] | Tensor, *,
                   extra_logits: Sequence[int] = (), max_n_logits: int = 10, desired_logit_prob: float = 0.95,
                   max_feature_nodes: int = 512, batch_size: int = 32, include_bos: bool = False,
                   labels: Mapping[tuple[int, int], str] | None = None, roles: Sequence[str] | None = None,
@@ -574,7 +884,9 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
     """The attribution graph of ``prompt`` over transcoder features (see the module docstring).
 
     Args:
-        transcoders: ``{layer: SparseAutoencoder}`` with ``cfg.transcoder`` (any subset of layers).
+        transcoders: a :class:`TranscoderSet` (per-layer transcoders, with or without skip connections, or a
+            cross-layer transcoder; input hook one of :data:`IN_HOOKS`), a :class:`CrossLayerTranscoder`, a
+            :class:`DictionaryView`, or ``{layer: transcoder}`` (per-layer, default hooks; any subset of layers).
         prompt: text (BOS prepended) or token ids.
         extra_logits: token ids always given a logit node (e.g. the answer and the counterfactual answer).
         max_n_logits / desired_logit_prob: logit nodes are the most likely next tokens until their
@@ -586,27 +898,28 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
             is active and the two tokens its decoder direction promotes most through the unembedding.
         roles: per-position role names stored on the nodes (for relation-level combination).
     """
-    transcoders = _checked_transcoders(model, transcoders, max_feature_nodes, batch_size)
+    view = _checked_transcoders(model, transcoders, max_feature_nodes, batch_size)
     tokens, text = _prompt_tokens(model, prompt)
     L = model.cfg.n_layers
 
     # Phase 0: the ordinary forward pass (the prompt's state) and the recording of norm scales and attention
     replay = FrozenReplay(model)
-    st = _prompt_state(model, tokens, transcoders, replay)
+    st = _prompt_state(model, tokens, view, replay)
     # Phase 1: candidate sources -- active features, error nodes, embeddings
-    src = _active_sources(st, transcoders, L, include_bos)
+    src = _active_sources(st, view, L, include_bos)
     # Phase 2: logit targets, and the kept forward pass of the frozen replacement model that gives every row
     logit_toks, logit_probs = _logit_targets(model, st, max_n_logits, desired_logit_prob, extra_logits)
-    rc = _RowComputer(model, st, src, transcoders, replay)
+    rc = _RowComputer(model, st, src, view, replay)
     # Phase 3: logit rows, then feature rows in order of estimated influence
     logit_rows, visited, feat_rows = _visit_features(rc, logit_toks, logit_probs, max_feature_nodes, batch_size,
                                                      progress)
     # Phase 4: unvisited features folded into the error nodes; the adjacency matrix
-    A = _assemble(src, transcoders, logit_rows, visited, feat_rows)
+    A = _assemble(src, view, logit_rows, visited, feat_rows, rc.grads)
+    rc.grads.clear()
     # Phase 5: nodes, their actual inputs and their biases
     n_nodes = A.shape[0]
     str_tokens = [model.tokenizer.decode([t]) for t in tokens[0].tolist()]
-    nodes = _node_infos(model, transcoders, st, src, visited, logit_toks, logit_probs, str_tokens, labels=labels,
+    nodes = _node_infos(model, view, st, src, visited, logit_toks, logit_probs, str_tokens, labels=labels,
                         roles=roles, auto_labels=auto_labels)
     node_input = _target_inputs(rc, visited, logit_toks, n_nodes, st.x_in, st.normed_last)
     bias = _biases(model, rc, replay, visited, logit_toks, n_nodes)
@@ -615,26 +928,28 @@ def feature_graph(model, transcoders: Mapping[int, Any], prompt: str | Sequence[
         nodes=nodes, adjacency=A.double(), logit_indices=list(range(n_nodes - len(logit_toks), n_nodes)),
         logit_probabilities=logit_probs.double(), prompt=text, prompt_tokens=str_tokens,
         prompt_token_ids=tokens[0].tolist(), n_layers=L,
-        metadata={"kind": "feature", "model": model.cfg.model_name, "transcoder_layers": sorted(transcoders),
-                  "n_active_features": src.n_feat, "max_feature_nodes": max_feature_nodes,
-                  "include_bos": include_bos})
+        metadata={"kind": "feature", "model": model.cfg.model_name, "transcoder_layers": list(view.layers),
+                  "dictionary_kind": view.kind, "activation": view.activation, "hook_in": view.hook_in,
+                  "hook_out": view.hook_out, "n_active_features": src.n_feat,
+                  "max_feature_nodes": max_feature_nodes, "include_bos": include_bos})
     return FeatureGraphResult(graph=graph, bias=bias, node_input=node_input, n_active_features=src.n_feat,
                               n_visited=len(visited), logit_tokens=logit_toks, errors=src.errors)
 
 
-#: ``{transcoder: {(feature, top_n): "'a'/'b'"}}``: features recur across the prompts of a relation.
+#: ``{dictionary module: {(layer, feature, top_n): "'a'/'b'"}}``: features recur across the prompts of a relation.
 _PROMOTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tuple[int, int]], top_n: int = 2,
+def _promoted_tokens(model, view: DictionaryView, feats: Sequence[tuple[int, int]], top_n: int = 2,
                      chunk: int = 64) -> dict[tuple[int, int], str]:
-    """``{(layer, feature): "'a'/'b'"}``: the tokens each decoder direction promotes most (final norm, unembedding,
-    demeaned over the vocabulary); cached per transcoder in :data:`_PROMOTED`."""
+    """``{(layer, feature): "'a'/'b'"}``: the tokens each feature's residual write (:meth:`DictionaryView.direction`)
+    promotes most (final norm, unembedding, demeaned over the vocabulary); cached per dictionary module in
+    :data:`_PROMOTED`."""
     out: dict[tuple[int, int], str] = {}
     todo = []
     for l, f in dict.fromkeys(feats):
-        hit = _PROMOTED.get(transcoders[l], {}).get((f, top_n))
+        hit = _PROMOTED.get(view.module(l), {}).get((l, f, top_n))
         if hit is None:
             todo.append((l, f))
         else:
@@ -642,10 +957,10 @@ def _promoted_tokens(model, transcoders: Mapping[int, Any], feats: Sequence[tupl
     for s in range(0, len(todo), chunk):
         part = todo[s: s + chunk]
         # directions of several layers stacked: one unembedding call per chunk
-        _, top, _, _ = direction_logit_effects(model, torch.stack([transcoders[l].W_dec[f] for l, f in part]), top_n)
+        _, top, _, _ = direction_logit_effects(model, torch.stack([view.direction(l, f) for l, f in part]), top_n)
         for (l, f), ids in zip(part, top.tolist()):
             out[(l, f)] = "/".join(repr(model.tokenizer.decode([t])) for t in ids)
-            _PROMOTED.setdefault(transcoders[l], {})[(f, top_n)] = out[(l, f)]
+            _PROMOTED.setdefault(view.module(l), {})[(l, f, top_n)] = out[(l, f)]
     return out
 
 
@@ -725,7 +1040,7 @@ class FeatureCircuitResult:
     info: dict[str, Any]
 
 
-def feature_circuit(model, transcoders: Mapping[int, Any], pairs: Sequence, *, name: str | None = None,
+def feature_circuit(model, transcoders: Any, pairs: Sequence, *, name: str | None = None,
                     max_feature_nodes: int = 256, batch_size: int = 32, max_n_logits: int = 10,
                     desired_logit_prob: float = 0.95, node_threshold: float = 0.8, edge_threshold: float = 0.98,
                     labels: Mapping[tuple[int, int], str] | None = None, progress: bool = False,
@@ -740,6 +1055,7 @@ def feature_circuit(model, transcoders: Mapping[int, Any], pairs: Sequence, *, n
 
     check_pairs(pairs)
     t0 = time.perf_counter()
+    transcoders = dictionary_view(model, transcoders)  # read and checked once for every prompt
     results = []
     it = pairs
     if progress:
@@ -790,7 +1106,19 @@ def _answer_only(graph: AttributionGraph, answer: int) -> AttributionGraph:
     return g.subgraph(keep)
 
 
-def decoder_directions(graph: AttributionGraph, transcoders: Mapping[int, Any]) -> dict[str, list[float]]:
-    """``{node_id: W_dec[feature]}`` of the graph's feature nodes (for :func:`find_supernodes`)."""
-    return {nd.id: transcoders[nd.node.layer].W_dec[nd.node.index].detach().float().tolist()
-            for nd in graph.nodes if nd.node.component == "feature" and nd.node.layer in transcoders}
+def decoder_directions(graph: AttributionGraph, transcoders: Any, model=None) -> dict[str, list[float]]:
+    """``{node_id: direction}`` of the graph's feature nodes (for :func:`find_supernodes`): ``W_dec[feature]`` for
+    per-layer transcoders, the decoder rows summed over the target layers for a cross-layer transcoder
+    (:meth:`DictionaryView.direction`; pass ``model`` unless ``transcoders`` is a :class:`DictionaryView`)."""
+    if isinstance(transcoders, DictionaryView):
+        view = transcoders
+    elif model is not None:
+        view = DictionaryView(model, transcoders)
+    else:
+        ts = as_transcoder_set(transcoders)
+        if ts.cross_layer is not None:
+            raise InputError("decoder_directions of a cross-layer transcoder needs model= (or a DictionaryView)")
+        return {nd.id: ts.per_layer[nd.node.layer].W_dec[nd.node.index].detach().float().tolist()
+                for nd in graph.nodes if nd.node.component == "feature" and nd.node.layer in ts.per_layer}
+    return {nd.id: view.direction(nd.node.layer, int(nd.node.index or 0)).tolist()
+            for nd in graph.nodes if nd.node.component == "feature" and nd.node.layer in view.layers}

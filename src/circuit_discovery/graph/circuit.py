@@ -74,8 +74,9 @@ class CircuitValidation:
     ``faithfulness``: in-sample (discovery facts); ``held_out_faithfulness`` and its bootstrap ``held_out_ci``: on
     the held-out facts (``None`` without held-out facts or where the metric gap is degenerate); ``node_share``,
     ``cpr``, ``random_baseline_p``: held out. ``kind`` (``"component"`` or ``"feature"``) chooses the keys
-    written: ``validated`` for component circuits, ``held_out_faithfulness_live`` (live error nodes) for feature
-    circuits.
+    written: feature circuits add ``held_out_faithfulness_live`` (live error nodes), ``not_validated_reason`` and
+    ``dictionary_quality`` (whether the transcoders meet the quality bar; a feature circuit on dictionaries below it
+    is not validated).
     """
 
     kind: str = "component"
@@ -87,13 +88,16 @@ class CircuitValidation:
     cpr: float | None = None
     random_baseline_p: float | None = None
     validated: bool | None = None
+    not_validated_reason: str | None = None
+    dictionary_quality: dict | None = None
     ablation: str | None = None
 
     #: the keys written per kind, in ``circuits.json`` order
     KEYS = {"component": ("faithfulness", "held_out_faithfulness", "held_out_ci", "node_share", "cpr",
                           "random_baseline_p", "validated", "ablation"),
             "feature": ("faithfulness", "held_out_faithfulness", "held_out_ci", "held_out_faithfulness_live",
-                        "node_share", "cpr", "random_baseline_p", "ablation")}
+                        "node_share", "cpr", "random_baseline_p", "validated", "not_validated_reason",
+                        "dictionary_quality", "ablation")}
 
     def __post_init__(self) -> None:
         if self.kind not in self.KEYS:

@@ -10,10 +10,16 @@ position ``p`` the *feature nodes* are a chosen set ``F(p)`` of transcoder featu
 every feature at a non-BOS position; :meth:`FeatureCircuitEvaluator.from_graphs` uses exactly the features each
 prompt's attribution graph visited). The **error node** of ``(l, p)`` is everything else the MLP writes there::
 
-    error(l, p) = mlp_out(l, p) - b_dec - sum_{f in F(p)} a_f W_dec[f]
+    error(l, p) = mlp_out(l, p) - x_l(p) @ skip - b_dec - sum_{f in F(p)} a_f W_dec[f]
 
 i.e. the transcoder's reconstruction error *plus* the contribution of every feature that is not a node (features
-not visited by the graph's cap, BOS features). This is the error node of
+not visited by the graph's cap, BOS features); the skip term only where the transcoder has an affine skip (it is
+recomputed from the live input, like the features). For a cross-layer transcoder the sum runs over the feature
+nodes of every layer ``s <= l`` with their decoders ``W_dec[s -> l]``; a feature node is keyed by the layer it
+is encoded at and its ablation changes what it writes to every later layer. Any kind
+:func:`~circuit_discovery.attribution.feature_graph.feature_graph` takes is accepted (read through the same
+:class:`~circuit_discovery.attribution.feature_graph.DictionaryView`; other dictionaries raise its typed errors).
+This is the error node of
 :func:`circuit_discovery.attribution.feature_graph.feature_graph` (``FeatureGraphResult.errors``), so the same id
 means the same vector in the graph and here. A layer without a transcoder has only its error node, the whole MLP output.
 
@@ -53,6 +59,7 @@ import torch
 from torch import Tensor
 
 from circuit_discovery.attribution import PairInputs, check_pairs, noise_hook
+from circuit_discovery.attribution.feature_graph import DictionaryView, dictionary_view
 from circuit_discovery.errors import InputError
 from circuit_discovery.facts.types import ROLES
 from circuit_discovery.metrics import PromptBatch, batch_from_pairs, get_metric
@@ -115,7 +122,9 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
     """``m(C)`` for feature circuits on fact pairs (see module docstring).
 
     Args:
-        model: a HookedModel. transcoders: ``{layer: transcoder}``. pairs: FactPairs.
+        model: a HookedModel. transcoders: anything :func:`~circuit_discovery.attribution.feature_graph.feature_graph`
+            takes (``{layer: transcoder}``, a ``TranscoderSet`` of per-layer transcoders with or without skip
+            connections or of a cross-layer transcoder, any supported input hook). pairs: FactPairs.
         metric: a metric name or callable (as for :class:`CircuitEvaluator`).
         ablation: ``"corrupted"`` or ``"zero"``.
         errors: ``"frozen"`` (replacement model) or ``"live"`` (real MLPs plus feature deltas).
@@ -127,7 +136,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         max_batch: rows per forward pass (variants x prompts).
     """
 
-    def __init__(self, model, transcoders: Mapping[int, Any], pairs: Sequence, metric: Any = "logit_diff",
+    def __init__(self, model, transcoders: Any, pairs: Sequence, metric: Any = "logit_diff",
                  ablation: str = "corrupted", max_batch: int = 64, errors: str = "frozen",
                  feature_nodes: Any = None, include_bos: bool = False) -> None:
         if not pairs:
@@ -137,11 +146,13 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         if errors not in ERROR_MODES:
             raise InputError(f"errors must be one of {ERROR_MODES} ('frozen': replacement model, 'live': real "
                              f"MLPs plus feature deltas), got {errors!r}")
-        if not transcoders:
+        if isinstance(transcoders, Mapping) and not transcoders:
             raise InputError("FeatureCircuitEvaluator needs transcoders; train them with sae.train_transcoders")
         check_pairs(pairs)
         self.model, self.pairs = model, list(pairs)
-        self.tcs = {int(l): tc for l, tc in sorted(transcoders.items())}
+        self.view: DictionaryView = dictionary_view(model, transcoders)
+        self.tcs = {l: self.view.d_sae[l] for l in self.view.layers}  # source layer -> d_sae
+        self._outs = set(self.view.out_layers)
         self.metric_fn = get_metric(metric)
         self.ablation = ablation
         self.errors = errors
@@ -150,7 +161,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         spec = _feature_node_spec(feature_nodes, self.pairs)
         L = model.cfg.n_layers
         names = ["hook_embed"] + [f"blocks.{l}.hook_mlp_out" for l in range(L)] + \
-                [f"blocks.{l}.mlp.hook_in" for l in self.tcs]
+                [self.view.in_hook(l) for l in self.tcs]
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(self.pairs):
             by_len.setdefault(len(p.clean_tokens), []).append(i)
@@ -164,8 +175,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                             for r in ROLES}
             g.role_stack = torch.stack([g.role_masks[r] for r in ROLES]).float()  # [R, b, n]
             g.node_mask = {}
-            for l, tc in self.tcs.items():
-                d_sae = tc.cfg.d_sae
+            for l, d_sae in self.tcs.items():
                 if spec is None:
                     m = torch.ones(b, n, d_sae, dtype=torch.bool)
                     if not include_bos:
@@ -190,9 +200,8 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                 _, clean = model.run_with_cache(g.batch.tokens, names=names, attention_mask=g.batch.mask,
                                                 return_logits=False)
                 g.clean_emb = clean["hook_embed"]
-                g.clean_acts = {l: tc.encode(clean[f"blocks.{l}.mlp.hook_in"]) for l, tc in self.tcs.items()}
-                g.clean_err = {l: self._error(l, clean[f"blocks.{l}.hook_mlp_out"], g.clean_acts.get(l), g.node_mask)
-                               for l in range(L)}
+                g.clean_acts = self._acts(clean)
+                g.clean_err = self._errors(clean, g.clean_acts, g.node_mask)
                 if ablation == "corrupted":
                     cb = batch_from_pairs(model, g.pairs, corrupted=True)
                     noise = PairInputs.from_pairs(model, g.pairs).noise
@@ -200,9 +209,8 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                         _, corr = model.run_with_cache(cb.tokens, names=names, attention_mask=cb.mask,
                                                        return_logits=False)
                     g.abl_emb = corr["hook_embed"]
-                    g.abl_acts = {l: tc.encode(corr[f"blocks.{l}.mlp.hook_in"]) for l, tc in self.tcs.items()}
-                    g.abl_err = {l: self._error(l, corr[f"blocks.{l}.hook_mlp_out"], g.abl_acts.get(l), g.node_mask)
-                                 for l in range(L)}
+                    g.abl_acts = self._acts(corr)
+                    g.abl_err = self._errors(corr, g.abl_acts, g.node_mask)
                 else:
                     g.abl_emb = torch.zeros_like(clean["hook_embed"])
                     g.abl_acts = {l: torch.zeros_like(a) for l, a in g.clean_acts.items()}
@@ -223,12 +231,25 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         self._inert: list[str] | None = None
 
     # ------------------------------------------------------------------ construction helpers
-    def _error(self, l: int, mlp_out: Tensor, acts: Tensor | None, node_mask: Mapping[int, Tensor]) -> Tensor:
-        """The error node's value: ``mlp_out - b_dec - sum over feature nodes of a_f W_dec[f]``."""
-        if l not in self.tcs:
-            return mlp_out
-        assert acts is not None  # a transcoder layer has activations
-        return mlp_out - self.tcs[l].decode(acts * node_mask[l]).to(mlp_out.dtype)
+    def _acts(self, cache) -> dict[int, Tensor]:
+        """Feature activations ``{source layer: [b, n, d_sae]}`` (float32) from a run's cached transcoder inputs."""
+        return {l: self.view.encode(l, cache[self.view.in_hook(l)]) for l in self.tcs}
+
+    def _errors(self, cache, acts: Mapping[int, Tensor], node_mask: Mapping[int, Tensor]) -> dict[int, Tensor]:
+        """Each layer's error node value: ``mlp_out - x @ skip - b_dec - sum over feature nodes writing there of
+        a_f W_dec[f]`` (every source layer's for a cross-layer transcoder; the whole MLP output where nothing
+        writes)."""
+        out = {}
+        masked = {l: a * node_mask[l] for l, a in acts.items()}
+        for t in range(self.model.cfg.n_layers):
+            y = cache[f"blocks.{t}.hook_mlp_out"].float()
+            if t in self._outs:
+                y = y - self.view.decode_to(t, masked)
+                sk = self.view.skip_out(t, cache[self.view.in_hook(t)]) if t in self.view.skip else None
+                if sk is not None:
+                    y = y - sk
+            out[t] = y
+        return out
 
     @classmethod
     def from_graphs(cls, model, transcoders: Mapping[int, Any], pairs: Sequence, graphs: Sequence, **kwargs):
@@ -353,7 +374,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
         if comp == "feature":
             if layer not in self.tcs:
                 raise InputError(f"node {node_id!r}: no transcoder at layer {layer}")
-            if index is None or not 0 <= index < self.tcs[layer].cfg.d_sae:
+            if index is None or not 0 <= index < self.tcs[layer]:
                 raise InputError(f"node {node_id!r}: feature index missing or out of range")
         return comp, layer, index, role
 
@@ -419,7 +440,7 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
                 fl.append(layer)
                 ff.append(index)
                 fr.append(r)
-        feat = {l: torch.zeros(tc.cfg.d_sae, R, dtype=torch.bool) for l, tc in self.tcs.items()}
+        feat = {l: torch.zeros(d_sae, R, dtype=torch.bool) for l, d_sae in self.tcs.items()}
         if fl:
             fl_t, ff_t, fr_t = torch.tensor(fl), torch.tensor(ff), torch.tensor(fr)
             for l in fl_t.unique().tolist():
@@ -430,8 +451,11 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
     def _run(self, g, V, k_emb, k_err, k_feat) -> Tensor:
         b, n = g.batch.tokens.shape
         L = self.model.cfg.n_layers
+        view = self.view
         live_mode = self.errors == "live"
         live: dict[int, Tensor] = {}
+        acts: dict[int, Tensor] = {}  # source layer -> the activations used (kept live or ablated, node mask)
+        acts_live: dict[int, Tensor] = {}  # source layer -> live activations on the node mask
 
         def rep(x):
             return x.repeat(V, *([1] * (x.ndim - 1)))
@@ -448,23 +472,30 @@ class FeatureCircuitEvaluator(EvaluatorMethods):
             ke = k_err[l].reshape(V * b, n, 1)
 
             def fn(x, _):
-                if l not in self.tcs:
+                if l not in self._outs:
                     kept = x if live_mode else rep(g.clean_err[l]).to(x.dtype)
                     return torch.where(ke, kept, rep(g.abl_err[l]).to(x.dtype))
-                tc = self.tcs[l]
-                nm = rep(g.node_mask[l])
-                acts_live = tc.encode(live.pop(l))
-                kf = k_feat[l].reshape(V * b, n, -1)
-                acts = torch.where(kf, acts_live, rep(g.abl_acts[l])) * nm
-                # live mode: the real MLP output minus its own feature-node part, i.e. the live error
-                kept = (x.to(acts.dtype) - tc.decode(acts_live * nm) if live_mode
-                        else rep(g.clean_err[l]).to(acts.dtype))
-                err = torch.where(ke, kept, rep(g.abl_err[l]).to(acts.dtype))
-                return (tc.decode(acts) + err).to(x.dtype)
+                x_in = live.pop(l) if l in live else None
+                if l in self.tcs:
+                    assert x_in is not None  # the input hook runs before the output hook of the same layer
+                    nm = rep(g.node_mask[l])
+                    a_live = view.encode(l, x_in)
+                    kf = k_feat[l].reshape(V * b, n, -1)
+                    acts[l] = torch.where(kf, a_live, rep(g.abl_acts[l])) * nm
+                    acts_live[l] = a_live * nm
+                sk = view.skip_out(l, x_in) if x_in is not None and l in view.skip else None
+                # live mode: the real MLP output minus its skip term and its own feature-node part (the live error)
+                if live_mode:
+                    kept = x.float() - view.decode_to(l, acts_live) - (sk if sk is not None else 0.0)
+                else:
+                    kept = rep(g.clean_err[l]).float()
+                err = torch.where(ke, kept, rep(g.abl_err[l]).float())
+                out = view.decode_to(l, acts) + err
+                return (out + sk if sk is not None else out).to(x.dtype)
             return fn
 
         hooks = [("hook_embed", emb_fn)]
-        hooks += [(f"blocks.{l}.mlp.hook_in", keep_in(l)) for l in self.tcs]
+        hooks += [(view.in_hook(l), keep_in(l)) for l in self.tcs]
         hooks += [(f"blocks.{l}.hook_mlp_out", mlp_fn(l)) for l in range(L)]
         return self._metric_with_hooks(g.batch, V, hooks)
 
