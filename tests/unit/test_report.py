@@ -19,7 +19,14 @@ import pytest
 from matplotlib.image import imread
 
 from circuit_discovery.report import figures as F
-from circuit_discovery.report.markdown import ReportInputError, escape_cell, format_value, write_report
+from circuit_discovery.report.markdown import (
+    ReportInputError,
+    escape_cell,
+    format_seconds,
+    format_value,
+    glossary_table,
+    write_report,
+)
 from circuit_discovery.report.viewer import ViewerInputError, embed_json, write_viewer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -174,16 +181,16 @@ def test_write_report_contents(tmp_path):
     text = path.read_text("utf-8")
     lines = text.splitlines()
 
-    header_i = lines.index(next(line for line in lines if line.startswith("| relation |")))
+    header_i = lines.index(next(line for line in lines if line.startswith("| circuit |")))
     header = _split_row(lines[header_i])
-    assert header == ["relation", "facts", "known", "discovery / held out", "held-out f [95% CI]",
+    assert header == ["circuit", "facts used (discovery / held out)", "held-out f [95% CI]",
                       "matched random p (draws)", "nodes (% of non-inert)", "validated", "in-sample f",
                       "held-out CPR", "top nodes", "verdicts"]
     row1 = _split_row(lines[header_i + 2])
-    assert row1 == ["capital\\|city", "20", "17", "12 / 8", "0.81 [0.62, 0.95]", "0.005 (200)", "12 (4.1%)", "yes",
+    assert row1 == ["capital\\|city", "12 / 8", "0.81 [0.62, 0.95]", "0.005 (200)", "12 (4.1%)", "yes",
                     "0.912", "—", "L3 MLP, L5 head 2", "H1: supported; H2: rejected"]
     row2 = _split_row(lines[header_i + 3])
-    assert row2 == ["language", "5"] + ["—"] * 10
+    assert row2 == ["language"] + ["—"] * 9  # the relation's fact count (n_facts) is not a column
     assert "- f = (m(C) - m(empty)) / (m(N) - m(empty))" in text  # definitions under the table
 
     assert "![causal tracing](<figures/capital city.png>)" in text  # absolute -> relative
@@ -194,9 +201,29 @@ def test_write_report_contents(tmp_path):
     assert _split_row(lines[hyp_i]) == ["id", "statement", "effect_size", "p_value", "verdict"]
     assert _split_row(lines[hyp_i + 2]) == ["H1", "MLPs at subject_last \\| matter", "—", "1.23e-04", "supported"]
 
-    assert "| **total** | 1 min 4 s |" in text
+    assert "| attribution | 61.5 s (1 min 2 s) |" in text  # seconds as given, then minutes
+    assert "| **sum of the stages above** | 64.5 s (1 min 4 s) |" in text
     assert "unknown_key" not in text and "whatever" not in text and "nested" not in text
     assert "| n_layers | 18 |" in text
+
+
+def test_format_seconds_never_shows_60_seconds():
+    assert format_seconds(1079.62) == "1079.6 s (18 min 0 s)"  # not "17 min 60 s"
+    assert format_seconds(3599.7) == "3599.7 s (1 h 0 min 0 s)"
+    assert format_seconds(59.96) == "60.0 s" and format_seconds(None) == "—"
+
+
+def test_glossary_section(tmp_path):
+    gloss = [{"term": "f", "meaning": "faithfulness | ratio", "unit": "ratio", "observation": "prompt"},
+             {"term": "CPR", "meaning": "area", "unit": "ratio", "observation": "curve"}]
+    text = write_report(tmp_path, {"relations": [{"name": "r"}], "glossary": gloss}).read_text("utf-8")
+    lines = text.splitlines()
+    i = lines.index("## Glossary")
+    assert _split_row(lines[i + 2]) == ["term", "meaning", "unit", "unit of observation"]
+    assert _split_row(lines[i + 4]) == ["f", "faithfulness \\| ratio", "ratio", "prompt"]
+    assert "[Glossary](#glossary)" in text and lines.index("## Relations") < i
+    with pytest.raises(ReportInputError):
+        glossary_table(gloss + [gloss[0]])
 
 
 def test_write_report_omits_missing_sections(tmp_path):

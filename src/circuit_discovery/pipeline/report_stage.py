@@ -3,11 +3,19 @@ stage), figures/*.png, graphs/*.json (written by the circuits stage), index.html
 
 :func:`write_outputs` runs the phases in order: :func:`circuit_objects` (then ``circuits.json``),
 :func:`write_metrics`, :func:`write_figures`, the viewer and :func:`write_markdown`.
+
+One source per number: every value report.md shows comes from the metrics entry of its circuit
+(:func:`relation_metrics`, :func:`feature_metrics`: what ``metrics.json`` holds), from :func:`circuit_overlap` (the
+Jaccard matrix that ``circuit_overlap.png`` draws and the overlap table lists), or from the stages' own ``_seconds``
+(:func:`stage_timings`: the timings ``config.json`` stores). Whether a circuit counts as a finding is decided by
+:func:`circuit_finding` alone (the report and the command-line summary call it).
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,13 +26,14 @@ from circuit_discovery.graph.circuit import write_circuits_json
 from circuit_discovery.io import atomic_write_json, safe_name
 from circuit_discovery.pipeline.circuit_stage import component_circuit, relation_metrics
 from circuit_discovery.pipeline.config import RunConfig
-from circuit_discovery.pipeline.feature_stage import feature_circuit, feature_metrics
+from circuit_discovery.pipeline.feature_stage import QUALITY_BAR, feature_circuit, feature_metrics
 from circuit_discovery.report import figures as fig
-from circuit_discovery.report.markdown import write_report
+from circuit_discovery.report.markdown import markdown_table, write_report
 from circuit_discovery.report.viewer import write_viewer
 
 __all__ = ["write_outputs", "circuit_objects", "write_metrics", "write_figures", "write_markdown",
-           "relation_metrics", "feature_metrics"]
+           "relation_metrics", "feature_metrics", "circuit_finding", "Finding", "dictionary_quality",
+           "DICTIONARY_QUALITY_BAR", "circuit_overlap", "stage_timings", "role_tokens", "node_name", "GLOSSARY"]
 
 
 def _rel(p: Path, out: Path) -> str:
@@ -43,19 +52,26 @@ def write_outputs(out_dir: str | Path, cfg: RunConfig, timings: dict, known: dic
                   circuits: dict, validation: dict, hypotheses: dict, dictionaries: dict | None = None,
                   features: dict | None = None) -> dict:
     """Write the run folder ``out_dir`` from the stage results; returns the summary's ``relations`` and
-    ``notes``. ``timings`` (seconds per stage) goes into report.md."""
+    ``notes``. ``timings`` (seconds per stage; the dict config.json is written from) gets the saved ``_seconds`` of
+    every stage this process did not run (:func:`stage_timings`), and report.md shows those same values."""
     out = Path(out_dir)
     val = validation["relations"]
+    stage_timings(timings, {"known": known, "attribution": attribution, "causal_tracing": causal,
+                            "circuits": circuits, "validation": validation, "dictionaries": dictionaries,
+                            "feature_circuits": features, "hypotheses": hypotheses})
     circ_objs, feat_objs = circuit_objects(circuits, validation, features)
     cj = {"model": _model_name(cfg), "circuits": [c.to_dict() for c in circ_objs + feat_objs]}
     write_circuits_json(circ_objs + feat_objs, out / "circuits.json", model=_model_name(cfg))
     write_metrics(out, cfg, known, circuits, validation, dictionaries, features)
-    figures = write_figures(out, attribution, causal, circ_objs, val)
+    names = node_names(circ_objs + feat_objs, known)
+    figures = write_figures(out, attribution, causal, circ_objs, val, names)
     if features is not None:
         fval = {r: c["validation"] for r, c in features["relations"].items()}
-        figures.feature_section = _feature_section(out, out / "figures", feat_objs, fval, features, dictionaries)
+        figures.feature_section = _feature_section(out, out / "figures", feat_objs, fval, features, dictionaries,
+                                                   names)
     write_viewer(out, cj, feature_details=(features or {}).get("feature_details") or None)
-    return write_markdown(out, cfg, timings, known, attribution, hypotheses, val, circ_objs, figures)
+    return write_markdown(out, cfg, timings, known, attribution, hypotheses, val, circ_objs, figures,
+                          features=features, dictionaries=dictionaries, names=names)
 
 
 def circuit_objects(circuits: dict, validation: dict, features: dict | None = None) -> tuple[list, list]:
@@ -103,11 +119,14 @@ class Figures:
     curves: str | None = None
     overlap: str | None = None
     feature_section: dict | None = None
+    overlap_text: str | None = None
 
 
-def write_figures(out: Path, attribution: dict, causal: dict, circ_objs: list, val: dict) -> Figures:
-    """Draw the patching heatmaps, the causal-tracing figure, the component circuits, the held-out faithfulness
-    curves and the circuits' overlap into ``out/figures``."""
+def write_figures(out: Path, attribution: dict, causal: dict, circ_objs: list, val: dict,
+                  names: Mapping[str, Mapping[str, str]] | None = None) -> Figures:
+    """Draw the patching heatmaps, the causal-tracing figure, the component circuits (nodes labelled with
+    ``names[circuit][node id]`` where given, see :func:`node_names`), the held-out faithfulness curves and the
+    circuits' overlap (:func:`circuit_overlap`) into ``out/figures``."""
     figs = out / "figures"
     sections: dict[str, list[dict[str, str]]] = {}
     for rel, r in attribution["relations"].items():
@@ -127,7 +146,8 @@ def write_figures(out: Path, attribution: dict, causal: dict, circ_objs: list, v
                                       title=f"Causal tracing (ROME), mean over {full['n_facts']} facts")
         causal_fig = _rel(p, out)
     for c in circ_objs:
-        p = fig.circuit_drawing(c.to_dict(), figs / f"circuit_{safe_name(c.relation)}.png",
+        p = fig.circuit_drawing(_labelled(c.to_dict(), (names or {}).get(c.name)),
+                                figs / f"circuit_{safe_name(c.relation)}.png",
                                 title=f"{c.relation}: pruned component circuit")
         sections.setdefault(c.relation, []).append({"path": _rel(p, out), "caption": (
             "The pruned circuit: layer on the vertical axis, token role on the horizontal; edge width and colour "
@@ -141,15 +161,24 @@ def write_figures(out: Path, attribution: dict, causal: dict, circ_objs: list, v
         curves_fig = None
     overlap_fig = None
     if len(circ_objs) >= 2:
-        names = [c.relation for c in circ_objs]
-        mat = np.array([[a.compare(b)["jaccard"] for b in circ_objs] for a in circ_objs])
-        overlap_fig = _rel(fig.overlap_matrix(names, mat, figs / "circuit_overlap.png"), out)
-    return Figures(sections, causal_fig, curves_fig, overlap_fig)
+        rels, mat = circuit_overlap(circ_objs, val)
+        overlap_fig = _rel(fig.overlap_matrix(rels, mat, figs / "circuit_overlap.png",
+                                              title="Circuit overlap (non-inert nodes)"), out)
+        overlap_text = _overlap_section(rels, mat)
+    else:
+        overlap_text = None
+    return Figures(sections, causal_fig, curves_fig, overlap_fig, overlap_text=overlap_text)
 
 
 def write_markdown(out: Path, cfg: RunConfig, timings: dict, known: dict, attribution: dict, hypotheses: dict,
-                   val: dict, circ_objs: list, figures: Figures) -> dict:
-    """Write ``report.md`` (and ``known_facts.json``); returns the summary's ``relations`` and ``notes``."""
+                   val: dict, circ_objs: list, figures: Figures, *, features: dict | None = None,
+                   dictionaries: dict | None = None, names: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+    """Write ``report.md`` (and ``known_facts.json``); returns the summary's ``relations`` and ``notes``.
+
+    Every table column and every row of a per-circuit table is a term of :data:`GLOSSARY`; the findings are
+    decided by :func:`circuit_finding`; the timings are ``timings`` without ``report`` and ``total`` (not known
+    while the report is written)."""
+    names = names or {}
     sections = figures.sections
     causal_fig, curves_fig, overlap_fig = figures.causal, figures.curves, figures.overlap
     feature_section = figures.feature_section
@@ -161,92 +190,453 @@ def write_markdown(out: Path, cfg: RunConfig, timings: dict, known: dict, attrib
             key = h["hypothesis_id"] if h["hypothesis_id"] not in d else f"{h['hypothesis_id']} ({h['statistic']})"
             d[key] = h["verdict"]
     rows = []
+    comp_status: dict[str, Finding] = {}
     for c in circ_objs:
         m = relation_metrics(val[c.relation]) if c.relation in val else {}
-        acc = known["per_relation"].get(c.relation, {})
-        top = sorted((n for n in c.nodes if n.component not in ("logit",)), key=lambda n: -abs(n.score or 0))[:5]
-        rows.append({"name": c.relation, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
-                     "n_split": f"{m.get('n_discovery')} / {m.get('n_held_out')}",
+        comp_status[c.name] = circuit_finding(m, "component")
+        rows.append({"name": c.name, "n_split": _split(m),
                      "held_out_f": _f_ci(m.get("held_out_faithfulness"), m.get("held_out_ci"), m.get("degenerate")),
                      "random_p": _p_draws(m.get("random_baseline_p"), m.get("random_draws")),
                      "node_share": _share(m), "validated": "yes" if m.get("validated") else "**no**",
-                     "faithfulness": m.get("faithfulness"), "cpr": m.get("cpr"),
-                     "top_nodes": [n.label for n in top], "verdicts": verdicts.get(c.relation, {})})
+                     "faithfulness": _fmt(m.get("faithfulness")), "cpr": _fmt(m.get("cpr")),
+                     "top_nodes": _top(c, names.get(c.name, {}), 5, scores=False),
+                     "verdicts": verdicts.get(c.relation, {})})
     done = {c.relation for c in circ_objs}
+    skipped = []
     for rel, acc in known["per_relation"].items():
         if rel not in done:
             why = attribution.get("skipped", {}).get(rel) or ("no known facts" if not acc.get("n_known")
                                                                else "no usable subject-swap pair")
-            rows.append({"name": rel, "n_facts": acc.get("n"), "n_known": acc.get("n_known"),
-                         "top_nodes": [f"(skipped: {why})"]})
+            skipped.append(f"{rel}: no circuit ({why}).")
+    feat_status = _feature_status(features, dictionaries)
     sec_list = []
     for c in circ_objs:
         v = val.get(c.relation, {})
         m = relation_metrics(v) if v else {}
         h = v.get("held_out") or {}
-        warn = _warning(m)
-        sec_list.append({"name": c.relation, "text": ((f"**Warning: {warn}**\n\n" if warn else "") +
-                                                      "Per-prompt graphs (Neuronpedia JSON): "
-                                                      + ", ".join(c.extra.get("graphs", []))), "metrics": {
-            **({"prompt template (how it was found)": "; ".join(known["templates"][c.relation])}
+        text = [_warning_line(c.name, comp_status[c.name])]
+        fname = f"{c.relation}/features"
+        if fname in feat_status:
+            st = feat_status[fname]
+            text.append((_warning_line(fname, st, with_advice=False) or
+                         f"The feature circuit `{fname}` is a finding (table in \"Feature circuits\").")
+                        + (" What to do: see \"Feature circuits\"." if st.advice else ""))
+        text.append("Per-prompt graphs (Neuronpedia JSON): " + ", ".join(c.extra.get("graphs", [])))
+        prompt = (c.extra.get("prompt_tokens") or [])
+        metrics: dict[str, Any] = {
+            **({"prompt template": "; ".join(known["templates"][c.relation])}
                if known.get("templates", {}).get(c.relation) else {}),
-            "facts (discovery / held out)": f"{m.get('n_discovery')} / {m.get('n_held_out')}",
-            "held-out faithfulness [95% bootstrap CI over prompts]": _f_ci(m.get("held_out_faithfulness"),
-                                                                           m.get("held_out_ci"), m.get("degenerate")),
-            "in-sample faithfulness (discovery facts)": m.get("faithfulness"),
-            "circuit nodes / non-inert nodes (held out)": (
-                f"{h.get('circuit_size')} / {h.get('n_universe')} ({_pct(m.get('node_share'))}; "
-                f"{h.get('n_inert')} inert nodes left out)"),
+            **({"representative prompt": "".join(prompt)} if prompt else {}),
+            "facts used (discovery / held out)": _split(m),
+            "held-out f [95% CI]": _f_ci(m.get("held_out_faithfulness"), m.get("held_out_ci"), m.get("degenerate")),
+            "in-sample f": _fmt(m.get("faithfulness")),
+            "logit difference m(N) / m(empty) (held out)": f"{_fmt(h.get('m_full'))} / {_fmt(h.get('m_empty'))}",
+            "nodes (% of non-inert)": _share(m),
+            "non-inert nodes (held out)": h.get("n_universe"),
+            "inert nodes left out": h.get("n_inert"),
             "held-out f at 1 / 2 / 5 / 10 / 20% of the non-inert nodes": _at(h.get("faithfulness_at")),
-            "node-level held-out CPR / CMD": f"{_fmt(h.get('cpr'))} / {_fmt(h.get('cmd'))}",
-            "matched random circuits: mean f, p (draws), exact zeros": (
-                f"{_fmt(h.get('random_mean'))}, {_p_draws(h.get('random_p'), h.get('random_draws'))}, "
-                f"{_fmt(h.get('random_null_zero_share'))}"),
-            **({"random circuits matched on (component, role) only, other layers allowed: mean f, p": (
+            "held-out CPR": _fmt(m.get("cpr")),
+            "held-out CMD": _fmt(h.get("cmd")),
+            "matched random p (draws)": _p_draws(m.get("random_baseline_p"), m.get("random_draws")),
+            "matched random mean f": _fmt(h.get("random_mean")),
+            "matched random exact zeros": _fmt(h.get("random_null_zero_share")),
+            **({"(component, role) random: mean f, p": (
                 f"{_fmt(h.get('role_random_mean'))}, {_fmt(h.get('role_random_p'), 3)}")}
                if h.get("role_random_p") is not None else {}),
-            "random subsets of the top-ranked nodes: mean f, p": (
-                f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}"),
-            "every last-token node (+ embeddings): f": h.get("last_token_faithfulness"),
-            "on another relation's facts: f": _cross(v.get("cross_relation")),
-            "validated": "yes" if m.get("validated") else "no",
-            "attribution score": c.attribution_score},
-            "figures": sections.get(c.relation, [])})
-    headline = _headline(val)
+            "top-ranked random subsets: mean f, p": f"{_fmt(h.get('topm_mean'))}, {_fmt(h.get('topm_p'), 3)}",
+            "last-token f": _fmt(h.get("last_token_faithfulness")),
+            "cross-relation f": _cross(v.get("cross_relation")),
+            "validated": "yes" if m.get("validated") else "**no**",
+            "attribution score": _fmt(c.attribution_score),
+            "top nodes (score)": _top(c, names.get(c.name, {}), 10, scores=True)}
+        sec_list.append({"name": c.relation, "text": "\n\n".join(t for t in text if t), "metrics": metrics,
+                         "figures": sections.get(c.relation, [])})
+    n_comp = sum(st.finding for st in comp_status.values())
+    n_feat = sum(st.finding for st in feat_status.values())
+    found = [n for n, st in {**comp_status, **feat_status}.items() if st.finding]
+    summary_lines = [
+        f"Findings: {n_comp} of {len(comp_status)} component circuits"
+        + (f" and {n_feat} of {len(feat_status)} feature circuits" if feat_status else "")
+        + " pass their checks" + (": " + ", ".join(found) + "." if found else "."),
+        "A circuit is a finding only if it is validated (held-out f >= 0.7 with CI lower bound >= 0.5, matched "
+        "random p < 0.01, <= 10% of the non-inert nodes) and, for feature circuits, every layer's transcoder meets "
+        "the dictionary quality bar; every other circuit carries a warning below and is not counted.",
+        *skipped]
+    deg = [n for n, st in comp_status.items() if any("degenerate" in r for r in st.reasons)]
+    if deg:
+        summary_lines.append(f"Degenerate (no metric difference to explain): {', '.join(deg)}.")
     notes = [f"Known-fact accuracy (every answer token ranked <= {known['k']}): "
-             f"{known['n_known']}/{known['n']} = {known['accuracy']:.1%}.", headline,
+             f"{known['n_known']}/{known['n']} = {known['accuracy']:.1%}.",
              *[f"Hypothesis {k} not run: {why}" for k, why in hypotheses.get("not_run", {}).items()],
-             "Hypothesis p-values are adjusted with Benjamini-Hochberg within each family (column family); n is "
-             "the number of independent units (prompts, facts or relations), never resamples."]
-    extra_sections = []
+             "Hypothesis p-values are adjusted with Benjamini-Hochberg within each family (hypotheses.csv column "
+             "family); n is the number of independent units (prompts, facts or relations), never resamples.",
+             "Timings: each stage's compute time when it ran, as saved with the stage (stages/*.json) and in "
+             "config.json; config.json's `total` is the wall time of the command that wrote this folder last."]
+    extra_sections: list[dict] = [_known_section(known)]
     if causal_fig:
         extra_sections.append({"name": "Causal tracing (ROME)", "figures": [{"path": causal_fig, "caption": (
             "Average indirect effect on the answer probability of restoring a window of MLP / attention outputs "
             "at one token class into a run with noised subject embeddings.")}]})
     if curves_fig or overlap_fig:
-        extra_sections.append({"name": "Across relations", "figures": [
+        extra_sections.append({"name": "Across relations", "text": figures.overlap_text or None, "figures": [
             *([{"path": curves_fig, "caption": "Node-level held-out faithfulness curves: f on the held-out facts "
                                                 "against the fraction of the non-inert nodes kept, in the order of "
                                                 "the discovery ranking."}] if curves_fig else []),
-            *([{"path": overlap_fig, "caption": "Jaccard overlap of the circuits' nodes."}] if overlap_fig else [])]})
+            *([{"path": overlap_fig, "caption": OVERLAP_CAPTION}] if overlap_fig else [])]})
     if feature_section:
         extra_sections.append(feature_section)
     summary = {"title": "Factual-recall circuits", "created": _dt.datetime.now().isoformat(timespec="seconds"),
-               "model": _model_name(cfg),
+               "model": _model_name(cfg), "summary": summary_lines,
                "config": {"seed": cfg.seed, "quick": cfg.quick, "metric": cfg.metric, "max_facts": cfg.max_facts,
                           "held_out_facts": cfg.held_out_facts, "n_random": cfg.n_random,
-                          "granularity": cfg.granularity, "method": cfg.component_method, "ablation": cfg.ablation,
+                          "granularity": cfg.granularity, "method": cfg.component_method,
+                          "circuit_search": cfg.circuit_search, "ablation": cfg.ablation,
                           "node_threshold": cfg.node_threshold, "known_k": cfg.known_k},
-               "relations": rows, "definitions": DEFINITIONS, "sections": extra_sections + sec_list,
+               "relations": rows, "glossary": GLOSSARY, "sections": extra_sections + sec_list,
                "hypotheses": [{k: h[k] for k in ("hypothesis_id", "relation", "statistic", "effect", "ci_low",
                                                  "ci_high", "p_value", "p_adjusted", "n", "verdict")}
                               for h in hyp_rows],
-               "timings": dict(timings), "notes": notes,
+               "timings": {k: v for k, v in timings.items() if k not in ("report", "total")}, "notes": notes,
                "files": ["circuits.json", "metrics.json", "hypotheses.csv", "config.json", "known_facts.json",
                          "index.html"]}
     atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})
     write_report(out, summary)
     return {k: summary[k] for k in ("relations", "notes")}
+
+
+# --------------------------------------------------------------------------- one source per number
+
+def stage_timings(timings: dict, stages: Mapping[str, Mapping[str, Any] | None]) -> dict:
+    """Fill ``timings`` (in place; also returned) with the saved ``_seconds`` of each stage result in ``stages``
+    that this process did not time itself, as a resumed stage does: the one set of timings that report.md shows
+    and config.json stores. Stages run by this process keep their measured time."""
+    for name, data in stages.items():
+        if isinstance(data, Mapping) and isinstance(data.get("_seconds"), (int, float)):
+            timings.setdefault(name, float(data["_seconds"]))
+    return timings
+
+
+def circuit_overlap(circ_objs: Sequence, val: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], np.ndarray]:
+    """``(circuit names, [n, n] Jaccard matrix)`` of the component circuits' node sets, each set being the circuit's
+    nodes inside its relation's non-inert universe (``validation["universe"]``: what node shares, random draws and
+    the ``shared_mechanism`` hypothesis count); without a universe, every node but the logit. The logit node, which
+    every circuit has, and inert embeddings would otherwise raise every pair's overlap. ``circuit_overlap.png`` and
+    report.md's overlap table both read this matrix."""
+    sets = []
+    for c in circ_objs:
+        ids = {n.id for n in c.nodes if n.component != "logit"}
+        uni = (val.get(c.relation) or {}).get("universe")
+        sets.append(ids & set(uni) if uni else ids)
+    n = len(sets)
+    mat = np.ones((n, n))
+    for i in range(n):
+        for j in range(n):
+            union = sets[i] | sets[j]
+            mat[i, j] = len(sets[i] & sets[j]) / len(union) if union else 1.0
+    return [c.name for c in circ_objs], mat
+
+
+#: what ``circuit_overlap.png`` shows (its caption in report.md)
+OVERLAP_CAPTION = ("Jaccard overlap |A ∩ B| / |A ∪ B| of the component circuits' non-inert nodes (logit node and "
+                   "inert nodes left out); the same matrix as the overlap table above.")
+
+
+def _overlap_section(names: list[str], mat: np.ndarray) -> str:
+    """The overlap table: per circuit its most-overlapping circuit, that Jaccard and the mean over the others
+    (all read from ``mat``, the matrix the figure draws)."""
+    rows = []
+    n = len(names)
+    for i, a in enumerate(names):
+        others = [j for j in range(n) if j != i]
+        if not others:
+            continue
+        best = max(others, key=lambda j: (mat[i, j], -j))
+        rows.append([a, names[best], f"{mat[i, best]:.2f}", f"{float(np.mean([mat[i, j] for j in others])):.2f}"])
+    between = [mat[i, j] for i in range(n) for j in range(n) if i < j]
+    text = (f"Mean Jaccard over the {len(between)} pairs of component circuits: {float(np.mean(between)):.2f}. "
+            "The shared_mechanism hypothesis (hypotheses.csv) compares split-half circuits against a stratified "
+            "null; its effect is a share, not this Jaccard.\n\n" if between else "")
+    return text + markdown_table(["circuit", "most-overlapping circuit", "Jaccard",
+                                  "mean Jaccard with the other circuits"], rows, ["l", "l", "r", "r"])
+
+
+# --------------------------------------------------------------------------- findings
+
+#: The dictionary (transcoder / SAE) quality bar as (comparison, threshold) per SAELens metric name: the
+#: feature stage's ``QUALITY_BAR`` (EV >= 0.8, CE-loss score >= 0.85, dead share <= 0.1, L0 <= 64).
+DICTIONARY_QUALITY_BAR: dict[str, tuple[str, float]] = {
+    k: (">=" if k in ("explained_variance", "ce_loss_score") else "<=", float(v)) for k, v in QUALITY_BAR.items()}
+
+_DICTIONARY_ADVICE = ("treat this feature circuit as a description of the transcoder replacement model, not of the "
+                      "model: train the transcoders on more tokens (`frc train-sae --training-tokens N`, "
+                      "docs/sae.md) or use pretrained ones until every layer meets the bar, then rebuild the "
+                      "feature circuits (`frc circuits`)")
+
+
+def _meets(value: Any, op: str, bar: float) -> bool:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(float(value)):
+        return False
+    return float(value) >= bar if op == ">=" else float(value) <= bar
+
+
+def dictionary_quality(validation: Mapping[str, Any] | None, dictionaries: Mapping[str, Any] | None
+                       ) -> dict | None:
+    """The quality of the dictionaries a feature circuit rests on: ``validation["dictionary_quality"]`` when the
+    feature-circuit validation carries it, else ``dictionaries["dictionary_quality"]`` (the dictionaries stage's),
+    else computed from ``dictionaries["layers"]`` (metrics.json's
+    ``dictionaries``: every layer, since the replacement model replaces every MLP) against
+    :data:`DICTIONARY_QUALITY_BAR`. ``{"meets_bar", "bar", "layers_below_bar", "source", "advice"}``, or ``None``
+    when neither is available."""
+    for given in ((validation or {}).get("dictionary_quality"), (dictionaries or {}).get("dictionary_quality")):
+        if isinstance(given, Mapping):
+            return dict(given)
+    layers = (dictionaries or {}).get("layers")
+    if not isinstance(layers, Mapping) or not layers:
+        return None
+    below = [_layer_number(key) for key, row in layers.items() if not _row_meets(row)]
+    return {"meets_bar": not below,
+            "bar": {k: f"{op} {bar:g}" for k, (op, bar) in DICTIONARY_QUALITY_BAR.items()},
+            "layers_below_bar": sorted(below, key=lambda x: (isinstance(x, str), str(x).zfill(4))),
+            "source": "metrics.json dictionaries.layers (computed by the report)",
+            "advice": None if not below else _DICTIONARY_ADVICE}
+
+
+def _row_meets(row: Any) -> bool:
+    """A layer's metrics meet every bar (a layer without metrics does not: its quality is unknown)."""
+    return isinstance(row, Mapping) and all(_meets(row.get(k), op, bar)
+                                            for k, (op, bar) in DICTIONARY_QUALITY_BAR.items())
+
+
+def _layer_number(key: Any) -> int | str:
+    head = str(key).split(".")
+    if len(head) > 1 and head[0] == "blocks" and head[1].isdigit():
+        return int(head[1])
+    return int(key) if str(key).isdigit() else str(key)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Whether a circuit counts as a finding (``finding``), why not (``reasons``, plain sentences) and what to
+    do about dictionaries below the bar (``advice``)."""
+
+    finding: bool
+    reasons: tuple[str, ...] = ()
+    advice: str | None = None
+
+    def warning(self) -> str | None:
+        """The plain warning a circuit that is not a finding carries, or ``None``."""
+        if self.finding:
+            return None
+        return "; ".join(self.reasons) + (f". What to do: {self.advice}" if self.advice else "")
+
+
+def circuit_finding(metrics: Mapping[str, Any] | None, kind: str = "component",
+                    dictionaries: Mapping[str, Any] | None = None) -> Finding:
+    """The one decision whether a circuit is a finding, from its metrics.json entry (``metrics["relations"][r]`` for
+    ``kind="component"``, ``metrics["feature_circuits"][r]`` for ``kind="feature"``): it must be validated
+    (held-out f >= 0.7 with CI lower bound >= 0.5, matched random p < 0.01, <= 10% of the non-inert nodes, not
+    degenerate), and a feature circuit must rest on dictionaries that meet the bar (its entry's
+    ``dictionary_quality``, else computed from ``dictionaries`` = metrics.json's ``dictionaries``, see
+    :func:`dictionary_quality`; unknown quality is not a finding)."""
+    if kind not in ("component", "feature"):
+        raise ValueError(f"kind must be 'component' or 'feature', got {kind!r}")
+    m = metrics or {}
+    reasons: list[str] = []
+    if not m:
+        reasons.append("it was not validated (no validation entry)")
+    elif m.get("degenerate"):
+        reasons.append("degenerate: the held-out metric difference |m(N) - m(empty)| is below the minimum gap, so "
+                       "the model does not separate the answers on these facts and faithfulness is undefined")
+    else:
+        f, ci, p = m.get("held_out_faithfulness"), m.get("held_out_ci") or [None, None], m.get("random_baseline_p")
+        if f is None:
+            reasons.append("no held-out faithfulness")
+        else:
+            if f < 0.7 or ci[0] is None or ci[0] < 0.5:
+                reasons.append(f"held-out f {f:.3f} (CI low {_fmt(ci[0], 3)}) is below 0.7 / 0.5")
+            if p is None or p >= 0.01:
+                reasons.append(f"it does not beat matched random circuits at p < 0.01 (p = {_fmt(p, 3)})")
+        if (m.get("node_share") or 0) > 0.10:
+            reasons.append(f"it uses {100 * m['node_share']:.1f}% of the non-inert nodes (> 10%)")
+    advice = None
+    if kind == "feature":
+        dq = dictionary_quality(m, dictionaries)
+        if dq is None:
+            reasons.append("the quality of its dictionaries is unknown (no dictionary metrics)")
+            advice = _DICTIONARY_ADVICE
+        elif not dq.get("meets_bar"):
+            below = dq.get("layers_below_bar") or []
+            reasons.append(f"its transcoders are below the dictionary quality bar at {len(below)} layer(s) "
+                           f"({_ranges([_layer_number(x) for x in below])})")
+            advice = str(dq.get("advice") or _DICTIONARY_ADVICE)
+    if m and not reasons and not m.get("validated"):
+        reasons.append("it is not marked validated")
+    return Finding(not reasons, tuple(reasons), advice)
+
+
+def _ranges(xs: Sequence[Any]) -> str:
+    """Layer numbers as ranges: ``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    ints = sorted(x for x in xs if isinstance(x, int))
+    parts: list[str] = []
+    for x in ints:
+        if parts and parts[-1].split("-")[-1] == str(x - 1):
+            parts[-1] = f"{parts[-1].split('-')[0]}-{x}"
+        else:
+            parts.append(str(x))
+    return ", ".join(parts + [str(x) for x in xs if not isinstance(x, int)])
+
+
+def _warning_line(name: str, status: Finding, with_advice: bool = True) -> str | None:
+    if status.finding:
+        return None
+    w = status.warning() if with_advice else "; ".join(status.reasons)
+    return f"> **Warning — {name}: not a finding.** {w}."
+
+
+def _feature_status(features: dict | None, dictionaries: dict | None) -> dict[str, Finding]:
+    out = {}
+    for rel, c in (features or {}).get("relations", {}).items():
+        v = c.get("validation")
+        m = None if v is None else {**feature_metrics(v, c), "dictionary_quality": v.get("dictionary_quality")}
+        out[f"{rel}/features"] = circuit_finding(m, "feature", dictionaries)
+    return out
+
+
+# --------------------------------------------------------------------------- node names with their tokens
+
+def role_tokens(prompt_tokens: Sequence[str], prompt: str | None = None, subject: str | None = None
+                ) -> dict[str, list[tuple[int, str]]]:
+    """The prompt's ``(position, token)`` pairs per token role (``bos``, ``subject_first``, ``subject_middle``,
+    ``subject_last``, ``relation_first``, ``relation``, ``last``; :func:`circuit_discovery.facts.pairs.token_roles`),
+    found by aligning ``prompt_tokens`` with ``prompt`` and locating ``subject`` in it. Without the subject (or when
+    the tokens do not spell the prompt) only ``bos`` and ``last`` are known."""
+    from circuit_discovery.facts.pairs import PairError, token_roles
+
+    toks = [str(t) for t in prompt_tokens]
+    if not toks:
+        return {}
+    out: dict[str, list[tuple[int, str]]] = {"last": [(len(toks) - 1, toks[-1])]}
+    first = next((i for i in range(min(2, len(toks))) if prompt is not None and "".join(toks[i:]) == prompt), None)
+    if first == 1:
+        out["bos"] = [(0, toks[0])]
+    if first is None or not subject or prompt is None or subject not in prompt:
+        return out
+    start = prompt.index(subject)
+    end = start + len(subject)
+    pos, hit = 0, []
+    for i, t in enumerate(toks[first:], start=first):
+        a, b = pos, pos + len(t)
+        if b > a and a < end and b > start and prompt[max(a, start):min(b, end)].strip():
+            hit.append(i)
+        pos = b
+    if not hit:
+        return out
+    try:
+        roles = token_roles(len(toks), (hit[0], hit[-1] + 1), has_bos=first == 1)
+    except PairError:
+        return out
+    by_role: dict[str, list[tuple[int, str]]] = {}
+    for i, (t, r) in enumerate(zip(toks, roles)):
+        by_role.setdefault(r, []).append((i, t))
+    return by_role
+
+
+def _token_text(pos_tokens: Sequence[tuple[int, str]]) -> str:
+    """Contiguous runs of tokens, each quoted, joined by " … ": ``'The capital of' … ' called'``."""
+    runs: list[list[tuple[int, str]]] = []
+    for i, t in sorted(pos_tokens):
+        if runs and runs[-1][-1][0] == i - 1:
+            runs[-1].append((i, t))
+        else:
+            runs.append([(i, t)])
+    return " … ".join(repr("".join(t for _, t in run)) for run in runs)
+
+
+_SHORT = {"resid_pre": "Resid", "resid_mid": "ResidMid", "resid_post": "ResidPost", "attn_out": "Attn",
+          "mlp_out": "MLP", "error": "Err"}
+
+
+def node_name(node: Mapping[str, Any], tokens_by_role: Mapping[str, Sequence[tuple[int, str]]],
+              with_role: bool = True) -> str:
+    """A node's display name with the prompt tokens of its position or role: ``L12.H2 @ ' of' (last)``,
+    ``Emb @ ' Louvre' (subject_last)``, ``L3 MLP @ 'The' … ' called' (relation)``; a feature keeps its
+    promoted tokens (``→ ...``) from its label. ``with_role=False`` leaves out the role (figures draw it as the
+    column)."""
+    comp, layer, idx = str(node.get("component")), node.get("layer"), node.get("index")
+    if comp == "embed":
+        base = "Emb"
+    elif comp == "logit":  # the metric: the answer's logit minus the counterfactual answer's
+        return "Logit difference (answer - counterfactual)"
+    elif comp in ("head", "neuron"):
+        base = f"L{layer}.{'H' if comp == 'head' else 'N'}{idx}"
+    elif comp == "feature":
+        base = f"L{layer} F{idx}"
+    else:
+        base = f"L{layer} {_SHORT.get(comp, comp)}"
+    role, pos = node.get("role"), node.get("position")
+    toks = list(tokens_by_role.get(str(role), [])) if role else []
+    text = base
+    if toks:
+        text += f" @ {_token_text(toks)}"
+    elif isinstance(pos, int) and not isinstance(pos, bool):
+        text += f" @ position {pos}"
+    elif role and tokens_by_role and with_role:
+        return f"{base} ({role}, absent from the representative prompt)"
+    if role and with_role:
+        text += f" ({role})"
+    label = str(node.get("label") or "")
+    if comp == "feature" and " → " in label:
+        text += " → " + label.split(" → ", 1)[1]
+    return text
+
+
+def node_names(circuits: Sequence, known: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``{circuit name: {node id: display name}}`` (:func:`node_name`, role left out) for every circuit, from the
+    circuit's representative prompt (``prompt_tokens``, its first fact) and that fact's subject in the known
+    stage's facts."""
+    by_relation: dict[str, list[Mapping[str, Any]]] = {}
+    for f in known.get("facts", []):
+        if isinstance(f, Mapping) and f.get("prompt") and f.get("subject"):
+            by_relation.setdefault(str(f.get("relation")), []).append(f)
+    out: dict[str, dict[str, str]] = {}
+    for c in circuits:
+        prompt = c.facts[0].get("prompt") if c.facts else None
+        # the pair's prompt may end with answer tokens moved into it (multi-token answers): match by prefix
+        cands = [f for f in by_relation.get(c.relation, []) if prompt and prompt.startswith(f["prompt"])]
+        subject = max(cands, key=lambda f: len(f["prompt"]))["subject"] if cands else None
+        rt = role_tokens(c.extra.get("prompt_tokens") or [], prompt, subject)
+        out[c.name] = {n.id: node_name(dataclasses.asdict(n), rt) for n in c.nodes}
+    return out
+
+
+def _labelled(circuit: dict, names: Mapping[str, str] | None) -> dict:
+    """``circuit`` (a circuits.json entry) with node labels replaced by ``names`` (role left out)."""
+    if not names:
+        return circuit
+    nodes = []
+    for n in circuit.get("nodes", []):
+        nm = names.get(n.get("id"))
+        nodes.append({**n, "label": nm.rsplit(" (", 1)[0] if nm and nm.endswith(")") and " → " not in nm else nm}
+                     if nm else n)
+    return {**circuit, "nodes": nodes}
+
+
+def _top(c, names: Mapping[str, str], k: int, scores: bool) -> list[str]:
+    """The ``k`` nodes of circuit ``c`` with the largest |score| (logit and score-0 nodes left out), by name."""
+    nodes = sorted((n for n in c.nodes if n.component != "logit" and n.score), key=lambda n: -abs(n.score or 0))[:k]
+    return [(names.get(n.id) or n.label or n.id) + (f" [{n.score:.3g}]" if scores else "") for n in nodes]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _known_section(known: dict) -> dict:
+    rows = [[rel, acc.get("n"), acc.get("n_known"), _pct(acc.get("accuracy"))]
+            for rel, acc in known["per_relation"].items()]
+    return {"name": "Known facts", "text": (
+        f"A fact is known when every answer token ranks <= {known['k']} on its prompt; circuits use known facts only "
+        "(\"facts used\" in the tables below).\n\n" + markdown_table(
+            ["relation", "facts in the dataset", "known facts", "known share"], rows, ["l", "r", "r", "r"]))}
 
 
 def _cross(c):
@@ -257,22 +647,25 @@ def _mean(x):
     return None if not x else float(np.mean(x))
 
 
-def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dict, dictionaries: dict | None) -> dict:
-    """The report section on transcoder feature circuits: a table per relation and the figures."""
-    from circuit_discovery.report.markdown import markdown_table
-
+def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dict, dictionaries: dict | None,
+                     names: Mapping[str, Mapping[str, str]] | None = None) -> dict:
+    """The report section on transcoder feature circuits: a table per circuit, the warnings, the dictionaries'
+    quality per layer and the figures."""
+    names = names or {}
     figures = []
     layers = (dictionaries or {}).get("layers") or {}
     if layers:
         p = fig.sae_metrics_per_layer(layers, figs / "sae_metrics.png", title="Transcoders per layer (held-out tokens)")
         figures.append({"path": _rel(p, out), "caption": (
             "SAELens metrics of each layer's transcoder on held-out tokens of the built-in corpus; dashed lines: "
-            "the quality bar (EV >= 0.8, CE score >= 0.85, dead <= 0.1, L0 <= 64).")})
+            "the quality bar (EV >= 0.8, CE-loss score >= 0.85, dead share <= 0.1, L0 <= 64).")})
+    by_rel = {c.relation: c for c in feat_objs}
     for c in feat_objs:
-        p = fig.circuit_drawing(c.to_dict(), figs / f"circuit_features_{safe_name(c.relation)}.png",
-                                title=f"{c.relation}: pruned transcoder-feature circuit")
+        p = fig.circuit_drawing(_labelled(c.to_dict(), names.get(c.name)),
+                                figs / f"circuit_features_{safe_name(c.relation)}.png",
+                                title=f"{c.name}: pruned transcoder-feature circuit")
         figures.append({"path": _rel(p, out), "caption": (
-            f"{c.relation}: feature circuit (transcoder features, error nodes and embeddings by layer and token "
+            f"{c.name}: feature circuit (transcoder features, error nodes and embeddings by layer and token "
             "role).")})
     held_curves = {r: (v["held_out"]["curve"]["fractions"], v["held_out"]["curve"]["faithfulness"])
                    for r, v in fval.items() if (v.get("held_out") or {}).get("curve")}
@@ -280,56 +673,70 @@ def _feature_section(out: Path, figs: Path, feat_objs, fval: dict, features: dic
         p = fig.faithfulness_curves(held_curves, figs / "faithfulness_curves_features.png")
         figures.append({"path": _rel(p, out), "caption": "Held-out faithfulness curves of the feature circuits "
                                                           "(replacement model, non-inert nodes)."})
-    rows = []
+    status = _feature_status(features, dictionaries)
+    rows, warnings = [], []
     for rel, v in fval.items():
         m = feature_metrics(v, features["relations"][rel])
-        rows.append([rel, f"{m['n_discovery']} / {m['n_held_out']}", _share(m),
+        name = f"{rel}/features"
+        dq = dictionary_quality(v, dictionaries)
+        rows.append([name, _split(m), _share(m),
                      _f_ci(m["held_out_faithfulness"], m["held_out_ci"], m["degenerate"]),
                      _f_ci(m["held_out_faithfulness_live"], m["held_out_ci_live"], m["degenerate"]),
                      _fmt(m["faithfulness"]), _p_draws(m["random_baseline_p"], m["random_draws"]),
+                     "—" if dq is None else ("yes" if dq.get("meets_bar") else "**no**"),
+                     "yes" if status[name].finding else "**no**",
                      _fmt(_mean(m["replacement_score"])), _fmt(_mean(m["completeness_score"])),
                      _fmt(_mean(m["error_influence_share"])),
                      _fmt(m["baseline_embeddings_and_errors"]), _fmt(m["baseline_features_only"]),
                      _fmt(_mean(m["feature_ablation_drop"])), _fmt(_mean(m["random_feature_ablation_drop"])),
-                     _fmt(_mean(m["steering_flips"])), _fmt(_mean(m["steering_random_flip_rate"]))])
-    table = markdown_table(["relation", "facts (disc. / held out)", "nodes (% of non-inert)",
-                            "held-out f, replacement [CI]", "held-out f, live errors [CI]", "in-sample f",
-                            "matched random p (draws)", "replacement score", "completeness score",
-                            "error share of influence", "f: embeddings + all errors", "f: features only",
-                            "necessity drop", "random-feature drop", "steering flip rate", "random flip rate"], rows)
+                     _fmt(_mean(m["steering_flips"])), _fmt(_mean(m["steering_random_flip_rate"])),
+                     _top(by_rel[rel], names.get(name, {}), 3, scores=False) if rel in by_rel else None])
+        line = _warning_line(name, status[name], with_advice=False)
+        if line:
+            warnings.append(line)
+    advice = sorted({st.advice for st in status.values() if st.advice})
+    if advice:
+        warnings.append("> **What to do about the dictionaries:** " + " / ".join(advice) + ".")
+    table = markdown_table(["circuit", "facts used (discovery / held out)", "nodes (% of non-inert)",
+                            "held-out f [95% CI]", "held-out f, live errors [95% CI]", "in-sample f",
+                            "matched random p (draws)", "dictionaries meet the bar", "finding", "replacement score",
+                            "completeness score", "error share of influence", "f: embeddings + all errors",
+                            "f: features only", "necessity drop", "random-feature drop", "steering flip rate",
+                            "random flip rate", "top nodes"], rows)
     s = (dictionaries or {}).get("settings", {})
     text = ("Circuits over per-layer transcoder features (" + f"TopK k = {s.get('k')}, "
             f"{s.get('training_tokens')} training tokens per layer) built from attribution graphs with frozen "
             "attention and norms. An error node at (layer, position) is the MLP's output minus the transcoder's "
             "b_dec and the graph's feature nodes there (so it also holds the features the graph did not visit); the "
             "graph and the evaluator use this same definition. Faithfulness is measured twice on held-out facts: in "
-            "the replacement model (error nodes in the circuit frozen at their clean values) and with live errors "
-            "(the real MLP runs and each ablated feature adds its decoder-direction change, as circuit-tracer's "
-            "interventions do). Replacement and completeness scores: circuit-tracer's graph scores (1 = no error "
-            "influence), mean over the discovery graphs. Baselines: f of the embeddings and every error node alone, "
-            "and of every feature with the errors ablated (replacement model, discovery facts). Necessity drop: mean "
-            "held-out per-prompt metric drop when the circuit's top features are ablated (live errors), against the "
-            "drop from as many random active features matched per (layer, role); steering flip rate: share of "
-            "held-out prompts whose answer flips to the counterfactual when the circuit's subject features take "
-            "the counterfactual subject's values, against random subject features.\n\n" + table)
+            "the replacement model (error nodes in the circuit frozen at their clean values; the column held-out f) "
+            "and with live errors (the real MLP runs and each ablated feature adds its decoder-direction change, as "
+            "circuit-tracer's interventions do). The glossary defines every column.\n\n" + table)
+    if warnings:
+        text += "\n\n" + "\n\n".join(warnings)
+    if layers:
+        text += "\n\n" + _dictionary_table(layers)
     return {"name": "Feature circuits (transcoders)", "figures": figures, "text": text}
 
 
-DEFINITIONS = [
-    "f = (m(C) - m(empty)) / (m(N) - m(empty)): m is the logit difference (answer minus counterfactual answer) "
-    "averaged over prompts, with every component outside the circuit C set to its value on the corrupted prompt (the "
-    "counterfactual subject); f = 1 recovers the whole model, f = 0 nothing, f = 0.5 'no preference'.",
-    "Held-out f: on facts split off before any pairing (their counterfactual subjects come from the held-out split "
-    "only); the interval is a 95% percentile bootstrap over held-out prompts. In-sample f: on the discovery facts.",
-    "Non-inert nodes: nodes whose output differs between the clean and the corrupted run on at least one prompt. "
-    "BOS, positions before the subject and embeddings of unchanged tokens are inert (ablating them changes "
-    "nothing) and are left out of node shares, curves and random draws.",
-    "Matched random p: share of random circuits (same embedding nodes, the same number of nodes per (component, "
-    "layer, token role)) with f >= the circuit's, +1-corrected; smallest possible p = 1 / (draws + 1).",
-    "Validated: held-out f >= 0.7 with CI lower bound >= 0.5, matched random p < 0.01 and <= 10% of the "
-    "non-inert nodes. CPR is node-level and held out (MIB's trapezoid over its ten fractions), not MIB's "
-    "edge-level score.",
-]
+def _dictionary_table(layers: Mapping[str, Any]) -> str:
+    rows = []
+    for key, row in sorted(layers.items(), key=lambda kv: str(_layer_number(kv[0])).zfill(4)):
+        ok = _row_meets(row)
+        row = row if isinstance(row, Mapping) else {}
+        rows.append([_layer_number(key), _fmt(row.get("explained_variance")), _fmt(row.get("ce_loss_score")),
+                     _fmt(row.get("dead_fraction")), _fmt(row.get("l0"), 1), "yes" if ok else "**no**"])
+    return ("Dictionary quality per layer (the bar: EV >= 0.8, CE-loss score >= 0.85, dead share <= 0.1, "
+            "L0 <= 64):\n\n" + markdown_table(["layer", "EV", "CE-loss score", "dead share", "L0", "meets the bar"],
+                                              rows, ["r", "r", "r", "r", "r", "l"]))
+
+
+def _split(m: Mapping[str, Any]) -> str:
+    return f"{_or_dash(m.get('n_discovery'))} / {_or_dash(m.get('n_held_out'))}"
+
+
+def _or_dash(x: Any) -> str:
+    return "—" if x is None else str(x)
 
 
 def _f_ci(f, ci, degenerate=False) -> str:
@@ -342,10 +749,12 @@ def _f_ci(f, ci, degenerate=False) -> str:
 
 
 def _p_draws(p, draws) -> str:
-    return "—" if p is None else f"{p:.3f} ({draws})"
+    """p with 3 significant digits (the smallest p of 100 draws, 1/101, shows as 0.0099, below the 0.01 bar) and
+    its number of draws."""
+    return "—" if p is None else f"{p:.3g} ({draws})"
 
 
-def _share(m: dict) -> str:
+def _share(m: Mapping[str, Any]) -> str:
     s = m.get("node_share")
     return "—" if s is None else f"{m.get('circuit_size')} ({100 * s:.1f}%)"
 
@@ -360,36 +769,153 @@ def _at(at) -> str:
     return " / ".join(_fmt(at.get(k)) for k in sorted(at, key=float))
 
 
-def _warning(m: dict) -> str | None:
-    """Why a circuit's numbers should not be trusted, or None."""
-    if not m:
-        return None
-    if m.get("degenerate"):
-        return ("the held-out metric difference |m(N) - m(empty)| is below the minimum gap: the model does not "
-                "separate the answers on these facts, so faithfulness is undefined")
-    why = []
-    f, ci, p = m.get("held_out_faithfulness"), m.get("held_out_ci") or [None, None], m.get("random_baseline_p")
-    if f is None:
-        why.append("no held-out faithfulness")
-    else:
-        if f < 0.7 or ci[0] is None or ci[0] < 0.5:
-            why.append(f"held-out f {f:.2f} (CI low {_fmt(ci[0])}) is below 0.7 / 0.5")
-        if p is None or p >= 0.01:
-            why.append(f"it does not beat matched random circuits at p < 0.01 (p = {_fmt(p, 3)})")
-    if (m.get("node_share") or 0) > 0.10:
-        why.append(f"it uses {100 * m['node_share']:.1f}% of the non-inert nodes (> 10%)")
-    return ("this circuit is not validated: " + "; ".join(why)) if why else None
+def _g(term: str, meaning: str, unit: str, observation: str) -> dict[str, str]:
+    return {"term": term, "meaning": meaning, "unit": unit, "observation": observation}
 
 
-def _headline(val: dict) -> str:
-    if not val:
-        return "No circuit was validated."
-    ms = {r: relation_metrics(v) for r, v in val.items()}
-    ok = [r for r, m in ms.items() if m["validated"]]
-    s = (f"{len(ok)} of {len(val)} relations have a validated circuit (held-out f >= 0.7 with CI lower bound >= 0.5, "
-         f"matched random p < 0.01, <= 10% of the non-inert nodes)")
-    s += (": " + ", ".join(ok) + ".") if ok else "."
-    deg = [r for r, m in ms.items() if m["degenerate"]]
-    if deg:
-        s += f" Degenerate (no metric difference to explain): {', '.join(deg)}."
-    return s
+_F = ("f = (m(C) - m(empty)) / (m(N) - m(empty)), m the logit difference averaged over the prompts, m(N) with the "
+      "whole model, m(empty) with every node set to its value on the corrupted prompt (counterfactual subject), "
+      "m(C) with the nodes outside circuit C set so. f = 1: the circuit recovers the whole model's preference for the "
+      "answer; f = 0: nothing; f < 0: the circuit alone prefers the counterfactual answer; f > 1: it prefers the "
+      "answer more than the model does. Undefined (shown 'degenerate') where |m(N) - m(empty)| < 0.5 logits")
+
+#: Every term report.md uses as a table column or as a row of a per-circuit table, with its unit and the unit of
+#: observation (what one measurement is taken on); report.md prints it as the table "Glossary".
+GLOSSARY: list[dict[str, str]] = [
+    _g("f", _F, "ratio of logit differences (1 = whole model)", "the set of prompts named by the column"),
+    _g("logit difference m(N) / m(empty) (held out)",
+       "m = logit(answer) - logit(counterfactual answer) at the last token, mean over the held-out prompts; "
+       "positive when the model prefers the true answer. m(N): clean run; m(empty): every node ablated "
+       "(corrupted values)", "logits", "prompt (mean over held-out prompts)"),
+    _g("circuit", "The circuit a row describes, as named in circuits.json: <relation> is the relation's component "
+       "circuit (attention heads, MLPs and embeddings per token role), <relation>/features its transcoder-feature "
+       "circuit", "—", "circuit"),
+    _g("relation", "The kind of fact (e.g. capital_city). In the hypotheses table: the relation(s) a row tests, "
+       "'all' when pooled over relations", "—", "relation"),
+    _g("facts used (discovery / held out)", "Facts (a prompt and its counterfactual) the circuit was found on / "
+       "validated on. Each relation's known facts are split into discovery and held-out facts before any pair is "
+       "made; a feature circuit is built from the first `feature_facts` discovery facts only", "facts",
+       "fact (one prompt with its counterfactual)"),
+    _g("held-out f [95% CI]", "f on the held-out facts; bracket: 95% percentile bootstrap interval over held-out "
+       "prompts. Feature circuits: measured in the transcoder replacement model", "ratio (1 = whole model)",
+       "prompt (bootstrap resamples held-out prompts)"),
+    _g("held-out f, live errors [95% CI]", "Feature circuits: f on the held-out facts with the real MLPs running "
+       "and each ablated feature adding its decoder-direction change (circuit-tracer's interventions); 95% "
+       "bootstrap interval over prompts", "ratio (1 = whole model)", "prompt (bootstrap over held-out prompts)"),
+    _g("in-sample f", "f on the discovery facts the circuit was found on (optimistic: selection and measurement "
+       "share the prompts)", "ratio (1 = whole model)", "discovery prompts (one value)"),
+    _g("matched random p (draws)", "Share of random circuits with f >= the circuit's held-out f, +1-corrected "
+       "((k + 1) / (draws + 1)); each random circuit keeps the circuit's embedding nodes and its number of nodes "
+       "per (component, layer, token role). Smallest possible p = 1 / (draws + 1); draws in brackets",
+       "probability", "random circuit (draw), f on the held-out prompts"),
+    _g("matched random mean f", "Mean held-out f of the matched random circuits", "ratio (1 = whole model)",
+       "random circuit (draw)"),
+    _g("matched random exact zeros", "Share of matched random circuits whose f is exactly 0", "share (0-1)",
+       "random circuit (draw)"),
+    _g("(component, role) random: mean f, p", "Random circuits matched on (component, token role) only, other "
+       "layers allowed: mean held-out f, and p as for the matched random p", "ratio; probability",
+       "random circuit (draw)"),
+    _g("top-ranked random subsets: mean f, p", "Random subsets of the top-ranked nodes of the circuit's size: mean "
+       "held-out f and the +1-corrected share with f >= the circuit's", "ratio; probability",
+       "random subset (draw)"),
+    _g("last-token f", "Held-out f of every node at the last token (plus the embeddings): a circuit-free baseline",
+       "ratio (1 = whole model)", "held-out prompts (one value)"),
+    _g("cross-relation f", "f of this circuit on another relation's facts (that relation in brackets)",
+       "ratio (1 = whole model)", "the other relation's prompts (one value)"),
+    _g("nodes (% of non-inert)", "Circuit nodes inside the non-inert universe, and their share of it (node share). "
+       "The logit node is not counted", "nodes (%)", "node"),
+    _g("non-inert nodes (held out)", "Nodes whose output differs between the clean and the corrupted run on at "
+       "least one held-out prompt: the universe of node shares, curves and random draws", "nodes", "node"),
+    _g("inert nodes left out", "Nodes whose ablation changes nothing (BOS, positions before the subject, "
+       "embeddings of unchanged tokens); left out of node shares, curves and random draws", "nodes", "node"),
+    _g("held-out f at 1 / 2 / 5 / 10 / 20% of the non-inert nodes", "Held-out f of the top-ranked nodes (discovery "
+       "ranking) at these fractions of the non-inert universe; the points of the faithfulness curves figure",
+       "ratio (1 = whole model)", "held-out prompts (one value per fraction)"),
+    _g("held-out CPR", "Circuit performance ratio: area under the node-level held-out faithfulness curve over the "
+       "ten fractions 0.1% ... 100% (MIB's trapezoid on a linear axis, so 20-100% weighs most; node-level, not "
+       "MIB's edge-level score); higher is better",
+       "ratio (area under f, 0-1 for f in [0, 1])", "held-out prompts (one curve)"),
+    _g("held-out CMD", "Circuit-model distance: area between the held-out faithfulness curve and f = 1 (MIB's "
+       "|1 - f| trapezoid, node level); lower is better", "ratio (area, 0 = the whole model's behaviour)",
+       "held-out prompts (one curve)"),
+    _g("validated", "yes when held-out f >= 0.7 with 95% CI lower bound >= 0.5, matched random p < 0.01 and the "
+       "circuit uses <= 10% of the non-inert nodes", "yes / no", "circuit"),
+    _g("finding", "yes when the circuit is validated and (feature circuits) every layer's transcoder meets the "
+       "dictionary quality bar; only findings are counted in the summary (circuit_finding)", "yes / no", "circuit"),
+    _g("dictionaries meet the bar", "Every layer's transcoder reaches EV >= 0.8, CE-loss score >= 0.85, dead share "
+       "<= 0.1 and L0 <= 64 (the replacement model replaces every layer's MLP)", "yes / no",
+       "transcoder (one per layer)"),
+    _g("attribution score", "Share of the attribution mass (sum of |node score| over the graph's nodes, logits "
+       "excluded) that the circuit's nodes hold", "share (0-1)", "combined discovery graph"),
+    _g("top nodes", "The circuit's nodes with the largest |score| (logit and score-0 nodes left out), named by "
+       "layer, component and the representative prompt's tokens at the node's token role (role in brackets)",
+       "—", "node"),
+    _g("top nodes (score)", "As top nodes, with the node's score in brackets: its attribution (EAP: estimated "
+       "change of the logit difference when the node is patched from corrupted to clean), averaged over the "
+       "discovery prompts' graphs", "logits", "node (mean over discovery prompts)"),
+    _g("verdicts", "The verdicts of the hypothesis tests that involve this relation (table Hypotheses)", "—",
+       "hypothesis test"),
+    _g("prompt template", "The relation's prompt template and how it was found", "—", "relation"),
+    _g("representative prompt", "The prompt whose tokens name the nodes (the circuit's first fact)", "—",
+       "prompt"),
+    _g("replacement score", "circuit-tracer's graph replacement score: share of the graph's influence on the "
+       "logit that flows from features and embeddings rather than error nodes (1 = no error influence); mean over "
+       "the discovery graphs", "share (0-1)", "per-prompt attribution graph"),
+    _g("completeness score", "circuit-tracer's graph completeness score: share of each node's input explained by "
+       "non-error nodes, weighted by influence (1 = no error input); mean over the discovery graphs",
+       "share (0-1)", "per-prompt attribution graph"),
+    _g("error share of influence", "Share of the logit's total influence that comes from error nodes; mean over "
+       "the discovery graphs", "share (0-1)", "per-prompt attribution graph"),
+    _g("f: embeddings + all errors", "f of the embeddings and every error node alone (replacement model, discovery "
+       "facts): how much the transcoders' errors carry without any feature", "ratio (1 = whole model)",
+       "discovery prompts (one value)"),
+    _g("f: features only", "f of every feature with the error nodes ablated (replacement model, discovery facts)",
+       "ratio (1 = whole model)", "discovery prompts (one value)"),
+    _g("necessity drop", "Mean drop of the per-prompt logit difference when the circuit's top features are ablated "
+       "(live errors)", "logits", "held-out prompt"),
+    _g("random-feature drop", "The same drop for as many random active features matched per (layer, role)",
+       "logits", "held-out prompt (mean over random draws)"),
+    _g("steering flip rate", "Share of held-out prompts whose answer flips to the counterfactual when the circuit's "
+       "subject features take the counterfactual subject's values", "share (0-1)", "held-out prompt"),
+    _g("random flip rate", "The same share for random subject features", "share (0-1)",
+       "held-out prompt (mean over random draws)"),
+    _g("most-overlapping circuit", "The other component circuit with the largest Jaccard", "—", "circuit pair"),
+    _g("Jaccard", "|A ∩ B| / |A ∪ B| of two circuits' node sets, each restricted to its relation's non-inert nodes "
+       "(logit node left out); the matrix circuit_overlap.png draws", "ratio (0-1)", "circuit pair"),
+    _g("mean Jaccard with the other circuits", "Mean Jaccard of this circuit with every other component circuit",
+       "ratio (0-1)", "circuit pair"),
+    _g("layer", "Transformer layer of the transcoder (0 = first)", "—", "layer"),
+    _g("EV", "Explained variance of the MLP output by the transcoder on held-out corpus tokens (bar >= 0.8)",
+       "share (<= 1)", "token (held-out corpus)"),
+    _g("CE-loss score", "SAELens CE-loss score: (CE with the MLP zero-ablated - CE with the transcoder spliced in) / "
+       "(CE zero-ablated - clean CE); 1 = no loss increase, negative = worse than removing the MLP (bar >= 0.85)",
+       "ratio", "token (held-out corpus)"),
+    _g("dead share", "Share of latents that never fire on the held-out tokens (bar <= 0.1)", "share (0-1)",
+       "latent"),
+    _g("L0", "Mean number of active latents per token (TopK: k) (bar <= 64)", "latents per token", "token"),
+    _g("meets the bar", "The layer's transcoder meets all four bars (EV, CE-loss score, dead share, L0)", "yes / no",
+       "transcoder"),
+    _g("facts in the dataset", "The relation's facts in the dataset", "facts", "fact"),
+    _g("known facts", "Facts whose every answer token ranks <= known_k on the prompt (the model knows them)",
+       "facts", "fact"),
+    _g("known share", "known facts / facts in the dataset", "%", "fact"),
+    _g("hypothesis_id", "The pre-registered hypothesis (validation.hypotheses)", "—", "hypothesis"),
+    _g("statistic", "What the effect measures (its test in the name)", "—", "test"),
+    _g("effect", "The test's effect size, in the unit its statistic names (e.g. a faithfulness, a logit drop, a "
+       "share); the shared_mechanism effect is a share of overlaps, not a Jaccard", "as the statistic", "as n"),
+    _g("ci_low", "Lower end of the effect's 95% interval (bootstrap or sign-flip over the units n counts)",
+       "as the effect", "as n"),
+    _g("ci_high", "Upper end of the effect's 95% interval", "as the effect", "as n"),
+    _g("p_value", "The test's p-value against its null (no effect)", "probability", "as n"),
+    _g("p_adjusted", "p-value adjusted by Benjamini-Hochberg within the hypothesis' family", "probability", "as n"),
+    _g("n", "Number of independent units the test uses (prompts, facts or relations), never resamples", "count",
+       "unit named by the statistic"),
+    _g("verdict", "supported: p_adjusted < 0.05 with the effect in the predicted direction; not supported: "
+       "significant the wrong way, or the CI lies on the null side; inconclusive: anything else", "—", "test"),
+    _g("setting", "A run option (config.json's config)", "—", "run"),
+    _g("value", "The setting's or quantity's value, in the unit the glossary gives", "as the term", "as the term"),
+    _g("quantity", "A number measured on the circuit of the section (defined in this glossary)", "—", "circuit"),
+    _g("stage", "A pipeline stage (docs/ARCHITECTURE.md); load_model: loading the model", "—", "stage"),
+    _g("time", "The stage's compute time when it ran (stages/<stage>.json `_seconds`, the same values as "
+       "config.json's timings)", "seconds (and minutes)", "stage run"),
+]

@@ -10,13 +10,20 @@ Conventions
   symmetric limits ``[-max|x|, +max|x|]`` so white always means "no effect".
 * NaN cells are drawn in light grey ("not computed").
 * Bad input raises :class:`FigureInputError` (a ``ValueError``) with a message naming the argument.
+* Numbers a figure prints as text (the overlap matrix's cells) are also stored in the PNG as a ``tEXt`` chunk
+  :data:`VALUES_KEY` (JSON), so that a test can check them against the tables that show the same numbers
+  (:func:`shown_values` reads them back).
+* Node labels of :func:`circuit_drawing` are placed by collision avoidance (:func:`place_labels`): no two labels
+  overlap, none leaves the axes (the legend sits outside them), none covers another node where a free spot exists.
 """
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +35,17 @@ from matplotlib.colors import Normalize, to_rgba
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyArrowPatch
+from matplotlib.transforms import ScaledTranslation
 
 from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_bytes
 
 __all__ = [
     "FigureInputError",
+    "VALUES_KEY",
+    "shown_values",
+    "place_labels",
+    "circuit_figure",
     "ROLE_ORDER",
     "patching_heatmap",
     "head_heatmap",
@@ -72,13 +84,43 @@ class FigureInputError(CircuitDiscoveryError, ValueError):
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI, tight: bool = True) -> Path:
+#: the PNG ``tEXt`` key under which a figure stores the numbers it prints (JSON)
+VALUES_KEY = "circuit_discovery:values"
+
+
+def _save(fig: Figure, path: str | os.PathLike, *, dpi: int = _DPI, tight: bool = True,
+          values: Any = None) -> Path:
     """Render ``fig`` to PNG bytes with the Agg canvas and write them atomically (``tight``: crop to the
-    drawn area)."""
-    FigureCanvasAgg(fig)
+    drawn area). ``values`` (JSON-able): the numbers the figure prints, stored under :data:`VALUES_KEY`."""
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
+    metadata = None if values is None else {VALUES_KEY: json.dumps(values, ensure_ascii=True)}
+    with warnings.catch_warnings():  # token text in scripts the font lacks is drawn as boxes, silently
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None, metadata=metadata)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def shown_values(path: str | os.PathLike) -> Any:
+    """The numbers a PNG written here prints (its :data:`VALUES_KEY` chunk, parsed), or ``None`` if it has none.
+    Reads the PNG's chunks directly (no image decoding)."""
+    data = Path(path).read_bytes()
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise FigureInputError(f"{path} is not a PNG file")
+    i = 8
+    while i + 8 <= len(data):
+        n = int.from_bytes(data[i:i + 4], "big")
+        kind = data[i + 4:i + 8]
+        body = data[i + 8:i + 8 + n]
+        if kind == b"tEXt":
+            key, _, text = body.partition(b"\0")
+            if key.decode("latin-1") == VALUES_KEY:
+                return json.loads(text.decode("latin-1"))
+        if kind == b"IEND":
+            break
+        i += 12 + n
+    return None
 
 
 def _as_2d(x: Any, name: str) -> np.ndarray:
@@ -312,17 +354,20 @@ def overlap_matrix(
     ax.set_xticks(range(n), labels, rotation=45, ha="right")
     ax.set_yticks(range(n), labels)
     ax.set_title(title)
+    cells: list[list[str]] = [[""] * n for _ in range(n)]
     for i in range(n):
         for j in range(n):
             v = data[i, j]
             if not np.isfinite(v):
-                ax.text(j, i, "—", ha="center", va="center", fontsize=8, color="black")
-                continue
-            r, g, b, _ = cm(norm(v))
-            colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color=colour)
+                t = ax.text(j, i, "—", ha="center", va="center", fontsize=8, color="black")
+            else:
+                r, g, b, _ = cm(norm(v))
+                colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                t = ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8, color=colour)
+            cells[i][j] = t.get_text()  # what the figure prints, read back from the drawn text
     fig.colorbar(im, ax=ax, label=colorbar_label, fraction=0.046, pad=0.04)
-    return _save(fig, path)
+    return _save(fig, path, values={"kind": "matrix", "quantity": colorbar_label, "rows": [str(x) for x in names],
+                                    "cols": [str(x) for x in names], "cells": cells})
 
 
 # --------------------------------------------------------------------------------------------- curves and bars
@@ -552,16 +597,37 @@ def circuit_drawing(
     n_labels: int = 12,
     max_edges: int = 400,
     n_arrows: int = 40,
+    label_placement: str = "avoid",
 ) -> Path:
-    """Draw one circuit (an entry of ``circuits.json["circuits"]``).
+    """Draw one circuit (an entry of ``circuits.json["circuits"]``) to ``path``; see :func:`circuit_figure`."""
+    fig = circuit_figure(circuit, title=title, n_labels=n_labels, max_edges=max_edges, n_arrows=n_arrows,
+                         label_placement=label_placement)
+    return _save(fig, path)
+
+
+def circuit_figure(
+    circuit: Mapping[str, Any],
+    *,
+    title: str | None = None,
+    n_labels: int = 12,
+    max_edges: int = 400,
+    n_arrows: int = 40,
+    label_placement: str = "avoid",
+) -> Figure:
+    """The :class:`Figure` of one circuit (an entry of ``circuits.json["circuits"]``).
 
     Layer on the y axis (embeddings at the bottom, logits at the top), token role / position on
     the x axis; nodes in the same (role, layer) cell are spread side by side. Edge width is
     proportional to ``|weight|``, colour blue for positive and red for negative weights; node
-    colour encodes the component and area ``|score|``. The ``n_labels`` nodes with the largest
-    ``|score|`` are labelled. Only the ``max_edges`` strongest edges are drawn, the ``n_arrows``
-    strongest with arrowheads.
+    colour encodes the component and area ``|score|``; a node with no edge and a zero (or missing) score is not
+    drawn. The ``n_labels`` nodes with the largest
+    ``|score|`` are labelled (texts with gid ``"node-label"``), placed by :func:`place_labels`
+    (``label_placement="avoid"``) or all at one fixed offset (``"fixed"``: may collide). Only the
+    ``max_edges`` strongest edges are drawn, the ``n_arrows`` strongest with arrowheads. The legend
+    (gid ``"legend"``) sits outside the axes, on the right.
     """
+    if label_placement not in ("avoid", "fixed"):
+        raise FigureInputError(f"label_placement must be 'avoid' or 'fixed', got {label_placement!r}")
     if not isinstance(circuit, Mapping):
         raise FigureInputError(f"circuit must be a mapping, got {type(circuit).__name__}")
     nodes = circuit.get("nodes")
@@ -569,15 +635,20 @@ def circuit_drawing(
         raise FigureInputError("circuit['nodes'] must be a list of node dicts")
     nodes = [n for n in nodes if isinstance(n, Mapping) and "id" in n]
     edges = [e for e in circuit.get("edges") or [] if isinstance(e, Mapping)]
+    linked = {str(e.get("source")) for e in edges} | {str(e.get("target")) for e in edges}
+    # a node with no edge and no score (e.g. an embedding the pruning keeps) carries nothing: not drawn
+    nodes = [n for n in nodes if str(n["id"]) in linked or _to_float(n.get("score")) not in (0.0,)
+             and np.isfinite(_to_float(n.get("score")))]
     name = title or f"Circuit: {circuit.get('name', circuit.get('relation', ''))}"
 
     fig = Figure(figsize=(9.0, 6.5))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_title(name)
     if not nodes:
         ax.text(0.5, 0.5, "empty circuit", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-        return _save(fig, path)
+        return fig
 
     int_layers = [int(n["layer"]) for n in nodes if isinstance(n.get("layer"), (int, np.integer))]
     lo, hi = (min(int_layers), max(int_layers)) if int_layers else (0, 0)
@@ -624,13 +695,6 @@ def circuit_drawing(
     colours = [COMPONENT_COLOURS.get(str(n.get("component")), "#333333") for n in nodes]
     ax.scatter(xs, ys, s=sizes, c=colours, edgecolors="black", linewidths=0.6, zorder=3)
 
-    top = sorted(nodes, key=lambda n: -absval(n.get("score")))[:n_labels]
-    for n in top:
-        x, y = pos[str(n["id"])]
-        label = _fmt_token(n.get("label") or n["id"])
-        ax.annotate(label, (x, y), xytext=(6, 5), textcoords="offset points", fontsize=7, zorder=4,
-                    bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75))
-
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
     ax.set_xlim(-0.7, len(cols) - 0.3)
     all_layers = sorted({y for y in ys})
@@ -660,5 +724,104 @@ def circuit_drawing(
                       markeredgecolor="black", label=c) for c in present]
     handles += [Line2D([], [], color="#2b6cb0", linewidth=2, label="positive edge"),
                 Line2D([], [], color="#c53030", linewidth=2, label="negative edge")]
-    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return _save(fig, path)
+    legend = ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    legend.set_gid("legend")
+
+    top = sorted(nodes, key=lambda n: -absval(n.get("score")))[:n_labels]
+    items = [(pos[str(n["id"])], _fmt_token(n.get("label") or n["id"])) for n in top]
+    if label_placement == "fixed":
+        for (x, y), label in items:
+            _label_text(ax, x, y, label, 6, 5, "left", "bottom", 7)
+    else:
+        markers = [(pos[str(n["id"])], math.sqrt(s) / 2) for n, s in zip(nodes, sizes)]
+        place_labels(ax, items, markers=markers)
+    return fig
+
+
+#: candidate offsets of a label from its node, in points, nearest first: (dx, dy, ha, va)
+_DIRECTIONS = ((1, 0.6, "left", "bottom"), (1, -0.6, "left", "top"), (-1, 0.6, "right", "bottom"),
+               (-1, -0.6, "right", "top"), (0, 1, "center", "bottom"), (0, -1, "center", "top"),
+               (1, 0, "left", "center"), (-1, 0, "right", "center"))
+_RADII = (5.0, 10.0, 16.0, 24.0, 34.0, 46.0, 60.0)
+
+
+def _label_text(ax, x: float, y: float, label: str, dx: float, dy: float, ha: str, va: str, fontsize: float):
+    """A node label: a plain :class:`~matplotlib.text.Text` (gid ``"node-label"``) ``(dx, dy)`` points from the
+    data point ``(x, y)``."""
+    offset = ScaledTranslation(dx / 72.0, dy / 72.0, ax.figure.dpi_scale_trans)
+    t = ax.text(x, y, label, transform=ax.transData + offset, ha=ha, va=va, fontsize=fontsize, zorder=4,
+                clip_on=False, bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
+    t.set_gid("node-label")
+    return t
+
+
+def place_labels(ax, items: Sequence[tuple[tuple[float, float], str]],
+                 markers: Sequence[tuple[tuple[float, float], float]] = (), *, fontsize: float = 7) -> list:
+    """Place one text label per ``((x, y), text)`` item (data coordinates) by greedy collision avoidance, in
+    the order given (most important first): each label takes the nearest candidate offset (:data:`_RADII` x
+    :data:`_DIRECTIONS`) whose box (padding included) lies inside the axes, overlaps no label placed before nor the
+    legend and, if such a spot exists, no node marker (``markers``: ``((x, y), radius in points)``) but its own.
+    A far label gets a thin leader line (gid ``"label-leader"``); a label with no free spot inside the axes is left
+    out. Returns the placed :class:`~matplotlib.text.Text` labels (gid ``"node-label"``)."""
+    fig = ax.figure
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    renderer = fig.canvas.get_renderer()
+    to_px = fig.dpi / 72.0
+    axes_box = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    blocked = [legend.get_window_extent(renderer)] if legend is not None else []
+    marker_boxes = []
+    for (x, y), r in markers:
+        cx, cy = ax.transData.transform((x, y))
+        rp = r * to_px
+        marker_boxes.append(((x, y), (cx - rp, cy - rp, cx + rp, cy + rp)))
+    placed: list = []
+    boxes: list[tuple[float, float, float, float]] = []
+
+    def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for (x, y), label in items:
+        # the label's box (padding included) relative to its anchor, measured once for ha="left", va="bottom"
+        probe = _label_text(ax, x, y, label, 0, 0, "left", "bottom", fontsize)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+            probe.update_bbox_position_size(renderer)
+            te = probe.get_window_extent(renderer)
+            e = probe.get_bbox_patch().get_window_extent(renderer).union([te])
+        probe.remove()
+        nx, ny = ax.transData.transform((x, y))
+        rel = (e.x0 - nx, e.y0 - ny, e.x1 - nx, e.y1 - ny)
+        shift_x = {"left": 0.0, "center": -te.width / 2, "right": -te.width}
+        shift_y = {"bottom": 0.0, "center": -te.height / 2, "top": -te.height}
+        best = None
+        for strict in (True, False):
+            for r in _RADII:
+                for dx, dy, ha, va in _DIRECTIONS:
+                    ox, oy = nx + dx * r * to_px + shift_x[ha], ny + dy * r * to_px + shift_y[va]
+                    box = (ox + rel[0] - 1, oy + rel[1] - 1, ox + rel[2] + 1, oy + rel[3] + 1)
+                    ok = (box[0] >= axes_box.x0 and box[2] <= axes_box.x1 and box[1] >= axes_box.y0
+                          and box[3] <= axes_box.y1
+                          and not any(overlaps(box, b) for b in boxes)
+                          and not any(overlaps(box, (b.x0, b.y0, b.x1, b.y1)) for b in blocked)
+                          and not (strict and any(overlaps(box, mb) for xy, mb in marker_boxes if xy != (x, y))))
+                    if ok:
+                        best = (box, dx * r, dy * r, ha, va, r)
+                        break
+                if best:
+                    break
+            if best:
+                break
+        if best is None:
+            continue
+        box, ox, oy, ha, va, r = best
+        t = _label_text(ax, x, y, label, ox, oy, ha, va, fontsize)
+        if r >= _RADII[2]:  # a leader line from the node to the label's anchor
+            leader = ax.annotate("", xy=(x, y), xytext=(ox, oy), textcoords="offset points", zorder=3.5,
+                                 annotation_clip=False,
+                                 arrowprops=dict(arrowstyle="-", lw=0.5, color="#555555", shrinkA=0, shrinkB=2))
+            leader.set_gid("label-leader")
+        placed.append(t)
+        boxes.append(box)
+    return placed

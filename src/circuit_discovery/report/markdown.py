@@ -8,16 +8,19 @@ unknown keys are ignored, absent sections are omitted):
 ``model``        str, or a dict (``name``/``model_name`` plus any scalar config such as ``n_layers``)
 ``created``      str timestamp
 ``run_dir``/``config``  str / dict of scalar settings, shown as a small table
-``relations``    list of row dicts: ``name``, ``n_facts``, ``n_known``, ``n_split``, ``held_out_f``,
-                 ``random_p``, ``node_share``, ``validated``, ``faithfulness``, ``cpr``, ``top_nodes``
-                 (list of str or node dicts with ``label``/``id``), ``verdicts`` (dict hypothesis -> verdict,
-                 list, or str)
+``summary``      list of str: the findings, printed first under "Summary"
+``relations``    list of row dicts (one per circuit, :data:`RELATION_COLUMNS`): ``name``, ``n_split`` (facts
+                 used: discovery / held out), ``held_out_f``, ``random_p``, ``node_share``, ``validated``,
+                 ``faithfulness``, ``cpr``, ``top_nodes`` (list of str or node dicts with ``label``/``id``),
+                 ``verdicts`` (dict hypothesis -> verdict, list, or str)
+``glossary``     list of ``{"term", "meaning", "unit", "observation"}``: every number the report shows, printed
+                 as the table "Glossary" at the end (:data:`GLOSSARY_HEADER`)
 ``sections``     list of dicts (or dict name -> dict) per relation: ``name``/``relation``, ``text``,
                  ``metrics`` (dict), ``figures`` (list of path strings or ``{"path", "caption"}``;
                  absolute paths are rewritten relative to ``out_dir``)
 ``hypotheses``   list of row dicts (``id``, ``statement``, ``statistic``, ``p_value``, ``p_adjusted``,
                  ``effect_size``, ``verdict``, ...); columns are the union of scalar keys
-``timings``      dict stage -> seconds
+``timings``      dict stage -> seconds, shown as given (seconds and minutes) with their sum
 ``definitions``  list of str printed under the relations table (what each column means)
 ``notes``        list of str
 ``files``        list of relative paths (or dict name -> path) of other outputs to link
@@ -36,15 +39,14 @@ from typing import Any
 from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_text
 
-__all__ = ["ReportInputError", "write_report", "format_value", "escape_cell", "markdown_table"]
+__all__ = ["ReportInputError", "write_report", "format_value", "escape_cell", "markdown_table", "glossary_table",
+           "format_seconds", "RELATION_COLUMNS", "GLOSSARY_HEADER"]
 
 MISSING = "—"
 
 RELATION_COLUMNS = [
-    ("name", "relation"),
-    ("n_facts", "facts"),
-    ("n_known", "known"),
-    ("n_split", "discovery / held out"),
+    ("name", "circuit"),
+    ("n_split", "facts used (discovery / held out)"),
     ("held_out_f", "held-out f [95% CI]"),
     ("random_p", "matched random p (draws)"),
     ("node_share", "nodes (% of non-inert)"),
@@ -54,9 +56,11 @@ RELATION_COLUMNS = [
     ("top_nodes", "top nodes"),
     ("verdicts", "verdicts"),
 ]
+#: the header of the glossary table (:func:`glossary_table`)
+GLOSSARY_HEADER = ("term", "meaning", "unit", "unit of observation")
 HYPOTHESIS_PREFERRED = [
-    "id", "name", "relation", "statement", "hypothesis", "test", "n", "statistic", "effect_size",
-    "ci_low", "ci_high", "p_value", "p_adjusted", "q_value", "alpha", "verdict",
+    "hypothesis_id", "id", "name", "relation", "statement", "hypothesis", "test", "n", "statistic", "effect",
+    "effect_size", "ci_low", "ci_high", "p_value", "p_adjusted", "q_value", "alpha", "verdict",
 ]
 
 
@@ -171,7 +175,9 @@ def _sections(raw: Any) -> list[Mapping[str, Any]]:
     return []
 
 
-def _format_seconds(s: Any) -> str:
+def format_seconds(s: Any) -> str:
+    """``s`` seconds as "3056.4 s (50 min 56 s)": the seconds with one decimal (as config.json stores them,
+    to 0.1 s), then minutes and seconds (or hours and minutes) rounded to whole seconds; "—" if not a number."""
     try:
         s = float(s)
     except (TypeError, ValueError):
@@ -180,11 +186,28 @@ def _format_seconds(s: Any) -> str:
         return MISSING
     if s < 60:
         return f"{s:.1f} s"
-    m, sec = divmod(s, 60)
+    whole = int(round(s))
+    m, sec = divmod(whole, 60)
     if m < 60:
-        return f"{int(m)} min {sec:.0f} s"
+        return f"{s:.1f} s ({m} min {sec} s)"
     h, m = divmod(m, 60)
-    return f"{int(h)} h {int(m)} min"
+    return f"{s:.1f} s ({h} h {m} min {sec} s)"
+
+
+def glossary_table(glossary: Sequence[Mapping[str, Any]]) -> str:
+    """The glossary as a table with :data:`GLOSSARY_HEADER`: one row per ``{"term", "meaning", "unit",
+    "observation"}`` mapping; a term given twice raises :class:`ReportInputError`."""
+    seen: set[str] = set()
+    rows = []
+    for g in glossary:
+        if not isinstance(g, Mapping) or not g.get("term"):
+            raise ReportInputError(f"each glossary entry must be a mapping with a 'term', got {g!r}")
+        term = str(g["term"])
+        if term in seen:
+            raise ReportInputError(f"glossary term {term!r} is defined twice; define each term once")
+        seen.add(term)
+        rows.append([term, g.get("meaning"), g.get("unit"), g.get("observation")])
+    return markdown_table(list(GLOSSARY_HEADER), rows)
 
 
 def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filename: str = "report.md") -> Path:
@@ -200,6 +223,9 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
         lines += [f"_Generated {summary['created']}_", ""]
     if summary.get("model") is not None:
         lines += _model_section(summary["model"])
+    findings = summary.get("summary")
+    if findings:
+        lines += ["## Summary", ""] + [f"- {x}" for x in ([findings] if isinstance(findings, str) else findings)] + [""]
     config = summary.get("config")
     if isinstance(config, Mapping) and config:
         rows = [(k, v) for k, v in config.items() if v is None or isinstance(v, (str, int, float, bool))]
@@ -221,11 +247,14 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
                     v = _verdicts(v)
                 row.append(v)
             rel_rows.append(row)
-        align = ["l", "r", "r", "r", "r", "r", "r", "l", "r", "r", "l", "l"]
+        align = ["l", "r", "r", "r", "r", "l", "r", "r", "l", "l"]
         lines += ["## Relations", "", markdown_table([h for _, h in RELATION_COLUMNS], rel_rows, align), ""]
         definitions = summary.get("definitions")
         if definitions:
             lines += [f"- {d}" for d in ([definitions] if isinstance(definitions, str) else definitions)] + [""]
+        if summary.get("glossary"):
+            lines += ["Every column and quantity is defined, with its unit, in the [Glossary](#glossary) at the end.",
+                      ""]
 
     for sec in _sections(summary.get("sections")):
         name = sec.get("name") or sec.get("relation") or "relation"
@@ -234,7 +263,7 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
             lines += [str(sec["text"]), ""]
         metrics = sec.get("metrics")
         if isinstance(metrics, Mapping) and metrics:
-            lines += [markdown_table(["metric", "value"], [(k, v) for k, v in metrics.items()], ["l", "r"]), ""]
+            lines += [markdown_table(["quantity", "value"], [(k, v) for k, v in metrics.items()], ["l", "r"]), ""]
         for fig in sec.get("figures") or []:
             if isinstance(fig, Mapping):
                 if not fig.get("path"):
@@ -263,10 +292,10 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
 
     timings = summary.get("timings")
     if isinstance(timings, Mapping) and timings:
-        rows_t = [(k, _format_seconds(v)) for k, v in timings.items()]
+        rows_t = [(k, format_seconds(v)) for k, v in timings.items()]
         secs = [float(v) for v in timings.values() if _is_number(v) and math.isfinite(float(v))]
         if secs:
-            rows_t.append(("**total**", _format_seconds(sum(secs))))
+            rows_t.append(("**sum of the stages above**", format_seconds(sum(secs))))
         lines += ["## Timings", "", markdown_table(["stage", "time"], rows_t, ["l", "r"]), ""]
 
     files = summary.get("files")
@@ -281,5 +310,9 @@ def write_report(out_dir: str | os.PathLike, summary: Mapping[str, Any], filenam
     notes = summary.get("notes")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in ([notes] if isinstance(notes, str) else notes)] + [""]
+
+    glossary = summary.get("glossary")
+    if glossary:
+        lines += ["## Glossary", "", glossary_table(glossary), ""]
 
     return atomic_write_text(out_dir / filename, "\n".join(lines).rstrip() + "\n")
