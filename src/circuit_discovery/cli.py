@@ -5,6 +5,7 @@ Errors a user can fix print one line on stderr and exit with code 2, never a tra
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -36,8 +37,19 @@ _QUICK_HELP = (f"Small run: {_Defaults.quick_relations} relations, {_Defaults.qu
 
 
 def _fail(msg: str) -> NoReturn:
-    typer.echo(f"error: {msg}", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank sees the same command-line error: say it once
+        typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _say(text: str) -> None:
+    """Print ``text`` once: on rank 0 of a torchrun launch (every process otherwise)."""
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(text)
+
+
+def _is_rank0(result) -> bool:
+    return not getattr(result, "rank", 0)
 
 
 def _split(values: list[str] | None) -> list[str] | None:
@@ -99,6 +111,8 @@ def run(
                      progress=False if no_progress else None)
     cfg = _guarded(lambda: _config(config, **overrides))
     result = _guarded(lambda: run_pipeline(cfg))
+    if not _is_rank0(result):
+        return
     if cfg.dataset:
         _print_templates(Path(result.out_dir))
     _summary_table(result)
@@ -184,7 +198,7 @@ def attribute(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None
     """Stages known, attribution (activation patching) and causal tracing into --out."""
     _run_stages(out, ("known", "attribution", "causal_tracing"), config, **_common(model, quick, relations, seed,
                                                                                    no_progress))
-    typer.echo(str(out))
+    _say(str(out))
 
 
 @app.command("train-sae")
@@ -209,7 +223,7 @@ def train_sae(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None
     _run_stages(out, ("dictionaries",), config, model=model, sae_layers=lay, sae_training_tokens=training_tokens,
                 sae_k=k, sae_eval_tokens=eval_tokens, sae_seed=sae_seed, sae_kind=kind,
                 progress=False if no_progress else None)
-    typer.echo(str(out))
+    _say(str(out))
 
 
 @app.command()
@@ -223,22 +237,23 @@ def circuits(out: Path = _OUT, config: Path | None = _CONFIG, model: str | None 
     """Component circuits (and feature circuits with their validation) per relation into --out."""
     _run_stages(out, ("known", "circuits", "dictionaries", "feature_circuits"), config, features=features,
                 dictionaries=dictionaries, sae_kind=sae_kind, **_common(model, quick, relations, seed, no_progress))
-    typer.echo(str(out))
+    _say(str(out))
 
 
 @app.command()
 def validate(out: Path = _OUT, config: Path | None = _CONFIG, no_progress: bool = _NOPROG) -> None:
     """Validate the circuits in --out (faithfulness, baselines, held-out facts) and test the hypotheses."""
     _run_stages(out, ("validation", "hypotheses"), config, progress=False if no_progress else None)
-    typer.echo(str(out))
+    _say(str(out))
 
 
 @app.command()
 def report(out: Path = _OUT, config: Path | None = _CONFIG) -> None:
     """Write report.md, circuits.json, metrics.json, figures and the viewer from the stages in --out."""
     res = _run_stages(out, ("report",), config)
-    _summary_table(res)
-    typer.echo(str(out / "report.md"))
+    if _is_rank0(res):
+        _summary_table(res)
+        typer.echo(str(out / "report.md"))
 
 
 @app.command()
@@ -259,17 +274,74 @@ def view(out: Path = _OUT,
 
 
 def _summary_table(result) -> None:
+    """One row per circuit: facts used, its size, held-out faithfulness, the matched-baseline p and whether it is a
+    finding (``report_stage.circuit_finding``, the report's rule), with the first reason when it is not."""
     from rich.console import Console
     from rich.table import Table
 
+    from circuit_discovery.pipeline.report_stage import circuit_finding
+
+    if not _is_rank0(result):
+        return
+    metrics_path = Path(result.out_dir) / "metrics.json"
+    metrics = _read_json(metrics_path, "rewrite it with `frc report --out DIR`") if metrics_path.is_file() else {}
     t = Table(title="Circuits")
-    for col in ("relation", "facts", "nodes", "attribution score", "faithfulness"):
+    for col in ("circuit", "facts (disc. / held out)", "nodes (non-inert)", "held-out f [95% CI]", "random p",
+                "finding"):
         t.add_column(col)
     for c in result.circuits:
-        f = "—" if c.faithfulness is None else f"{c.faithfulness:.2f}"
-        a = "—" if c.attribution_score is None else f"{c.attribution_score:.2f}"
-        t.add_row(c.name, str(c.n_facts), str(len(c.nodes)), a, f)
+        feature = c.name.endswith("/features")
+        table = metrics.get("feature_circuits" if feature else "relations") or {}
+        m = table.get(c.relation) or {}
+        fnd = circuit_finding(m, "feature" if feature else "component", metrics.get("dictionaries"))
+        f, ci = m.get("held_out_faithfulness"), m.get("held_out_ci") or [None, None]
+        fs = "—" if f is None else (f"{f:.2f}" + ("" if ci[0] is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"))
+        p = m.get("random_baseline_p")
+        n_disc, n_held = m.get("n_discovery", c.n_facts), m.get("n_held_out", "—")
+        verdict = "yes" if fnd.finding else "no: " + (fnd.reasons[0] if fnd.reasons else "not validated")
+        t.add_row(c.name, f"{n_disc} / {n_held}", str(m.get("circuit_size", len(c.nodes))), fs,
+                  "—" if p is None else f"{p:.3f}", verdict)
     Console(stderr=True).print(t)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="The model cache (~/.cache/circuit_discovery).")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+def cache_verify(model: str | None = typer.Option(None, "--model", help="A built-in model [default: every cached one]"),
+                 cache_dir: Path | None = typer.Option(None, "--cache-dir", help="Cache root [default: "
+                                                        "$CIRCUIT_DISCOVERY_CACHE or ~/.cache/circuit_discovery]")
+                 ) -> None:
+    """Rehash every cached model file against its manifest. Exit 2 when a cache is damaged (the line says what to
+    do); a model never cached is not damage."""
+    from circuit_discovery.models.loading import verify_model_cache
+
+    res = _guarded(lambda: verify_model_cache(model, cache_dir=cache_dir))
+    for name, m in res["models"].items():
+        typer.echo(f"{name}: {m['status']} ({m['folder']}, {len(m.get('rehashed') or [])} files rehashed)")
+    bad = [f"{name}: {'; '.join(m['problems'])}. {m['fix']}" for name, m in res["models"].items()
+           if m["status"] == "damaged"]
+    if bad:
+        _fail(" | ".join(bad))
+    if not res["models"]:
+        typer.echo(f"no cached built-in model under {res['cache_dir']}")
+
+
+@app.command("estimate")
+def estimate_cmd(model: str | None = typer.Option(None, "--model", help=f"Model name [default: {DEFAULT_MODEL}]"),
+                 facts: int | None = typer.Option(None, "--facts", help="Facts given to the known filter "
+                                                   "[default: the built-in dataset]"),
+                 device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Predicted peak memory and time per stage of a default run (first-order scaling of measured runs;
+    docs/scaling.md)."""
+    import json
+
+    from circuit_discovery.estimate import estimate, format_estimate
+
+    est = _guarded(lambda: estimate(model, facts, device))
+    typer.echo(json.dumps(est, indent=1) if as_json else format_estimate(est))
 
 
 @app.command("models")

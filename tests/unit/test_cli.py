@@ -181,7 +181,9 @@ def _samples(field, tmp_path):
 
     special = {"device": ("cpu", "cuda:1"), "relations": (["capital_city", "city_country"], ["landmark_country"]),
                "sae_layers": ([1, 2], [3]), "out": (str(tmp_path / "file_out"), str(tmp_path / "cli_out")),
-               "dataset": (str(tmp_path / "file.json"), str(tmp_path / "cli.json"))}
+               "dataset": (str(tmp_path / "file.json"), str(tmp_path / "cli.json")),
+               "sae_kind": ("clt", "jumprelu_transcoder"),
+               "dictionaries": (str(tmp_path / "file_dicts"), str(tmp_path / "cli_dicts"))}
     if field in special:
         return special[field]
     hint, default = _hints()[field], getattr(RunConfig(), field)
@@ -340,3 +342,43 @@ def test_damaged_saved_files_are_one_line(tmp_path):
     one_line_error(runner.invoke(app, ["validate", "--out", str(out)]), "run_config.json", "--config")
     (out / "circuits.json").write_text("{damaged")
     one_line_error(runner.invoke(app, ["view", "--out", str(out)]), "circuits.json", "frc report")
+
+
+# ------------------------------------------------------------------------------------- cache verify, estimate
+def test_cache_verify_reports_a_same_size_corruption_in_one_line(tmp_path):
+    """``frc cache verify`` rehashes whatever the stamps say: a same-size edit of a cached file is exit 2, one line
+    naming the model and what to do; the untouched cache is exit 0."""
+    from circuit_discovery.models.cache import write_manifest
+
+    folder = tmp_path / "models" / "gemma-3-270m"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    write_manifest(folder, model="gemma-3-270m")
+    ok = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "gemma-3-270m: ok" in ok.output
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[4096:4096 + 1024] = bytes(1024)  # same size, other bytes
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    bad = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
+    assert bad.exit_code == 2, bad.output
+    err = [line for line in bad.output.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "gemma-3-270m" in err[0] and "rebuild" in err[0], bad.output
+    empty = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path / "nothing")])
+    assert empty.exit_code == 0 and "no cached built-in model" in empty.output
+    unknown = runner.invoke(app, ["cache", "verify", "--model", "gpt-5", "--cache-dir", str(tmp_path)])
+    assert unknown.exit_code == 2 and "not a built-in model" in unknown.output
+
+
+def test_estimate_prints_every_stage_and_scales_with_the_model():
+    small = runner.invoke(app, ["estimate", "--model", "gemma-3-270m", "--json"])
+    assert small.exit_code == 0, small.output
+    s = json.loads(small.output)
+    assert set(s["stages"]) >= {"known", "circuits", "validation", "dictionaries", "feature_circuits"}
+    assert s["peak_gb"] == max(v["peak_gb"] for v in s["stages"].values())
+    big = json.loads(runner.invoke(app, ["estimate", "--model", "gemma-2-2b", "--json"]).output)
+    assert big["peak_gb"] > s["peak_gb"] and big["total_seconds"] > s["total_seconds"]
+    text = runner.invoke(app, ["estimate", "--model", "gemma-3-270m"])
+    assert text.exit_code == 0 and "peak" in text.output
+    bad = runner.invoke(app, ["estimate", "--model", "no-such-model-xyz"])
+    assert bad.exit_code == 2 and bad.output.startswith("error:")

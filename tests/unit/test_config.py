@@ -19,7 +19,7 @@ DEFAULTS = dict(
     quick_relations=4, quick_facts=6, quick_held_out=4, patching_facts=1, granularity="head", component_method="eap",
     circuit_search="refine", refine_budget=0.05, ig_steps=5, node_threshold=0.8, edge_threshold=0.98,
     ablation="corrupted", n_random=100, baselines=["matched", "top_m", "last_token"], min_metric_gap=0.5,
-    graphs_per_relation=2, causal_facts=2, causal_samples=10, causal_full_facts=2, features=True, dictionaries=None, sae_kind="topk_transcoder",
+    graphs_per_relation=2, causal_facts=2, causal_samples=10, causal_full_facts=2, features=True, dictionaries=None, sae_kind="jumprelu_skip_transcoder",
     sae_layers=None,
     sae_training_tokens=100_000, sae_k=64, sae_eval_tokens=256, sae_corpus_sequences=None, sae_text_files=[],
     sae_seed=42, feature_facts=2, feature_nodes=128, steer_features=10, steer_random=10, feature_context_tokens=1024,

@@ -171,7 +171,7 @@ class RunConfig:
     features: bool = True               # train (or reuse) transcoders and build feature circuits per relation
     dictionaries: str | None = None     # load transcoders instead of training them: a local folder/file or a
                                         # Hugging Face repo id/path in the local cache (sae.load_transcoder_set)
-    sae_kind: str = "topk_transcoder"    # which transcoders to train (SAE_KINDS)
+    sae_kind: str = "jumprelu_skip_transcoder"  # which transcoders to train (SAE_KINDS; docs/sae.md compares them)
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)

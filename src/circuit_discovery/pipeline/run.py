@@ -204,6 +204,11 @@ class Run:
         self._dictionaries = None                      # (DictionarySet, json) of the transcoders
         # validate everything that can be validated before anything is written
         self.dataset = self._load_dataset()
+        self._loaded_dictionaries = None  # cfg.dictionaries, loaded and checked against the model
+        if cfg.features and cfg.dictionaries:
+            from circuit_discovery.pipeline.feature_stage import load_checked_dictionaries
+
+            self._loaded_dictionaries = load_checked_dictionaries(self.model, cfg)
         if dist is None:
             self.out_dir = prepare_out_dir(self.cfg.out, self.cfg.resume)
         else:  # rank 0 creates it (and names it when --out is not given); the others use the same folder
@@ -507,7 +512,7 @@ class Run:
         if self._dictionaries is None:
             from circuit_discovery.pipeline.feature_stage import dictionaries
 
-            self._dictionaries = dictionaries(self.model, self.cfg)
+            self._dictionaries = dictionaries(self.model, self.cfg, loaded=self._loaded_dictionaries)
         return self._dictionaries
 
     def stage_dictionaries(self) -> dict:
