@@ -293,6 +293,7 @@ def test_feature_details_give_contexts_and_labels(tmp_path):
     assert set(d) == {"feature/L0/I1", "feature/L1/I3", "feature/L1/I5"}
     for v in d.values():
         assert v["label"] and len(v["promoted"]) == 5 and 0 <= v["density"] <= 1
+        assert len(v["suppressed"]) == 5  # the 5 tokens with the most negative direct logit effect
         assert all("«" in c for c in v["contexts"])
     assert any(v["contexts"] for v in d.values())
     cj = {"model": "tiny", "circuits": [{"name": "r", "relation": "r", "nodes": [

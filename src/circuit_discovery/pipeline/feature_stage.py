@@ -600,7 +600,7 @@ def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed:
 
 
 def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
-    """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "density"}}`` for every feature in the relations'
+    """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "suppressed", "density"}}`` for every feature in the relations'
     feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the
     transcoders' corpus (one forward pass per batch for all layers) and the tokens each decoder direction
     promotes. Used by the viewer (node details) and kept in the stage file."""
@@ -632,7 +632,8 @@ def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
             prom = effects[f][0]
             out[f"feature/L{l}/I{f}"] = {
                 "label": auto_label(ctxs[hook][f], prom), "contexts": [c["text"] for c in ctxs[hook][f]],
-                "promoted": [t for t, _ in prom], "density": float(fires[hook][f]) / max(1, n_tok)}
+                "promoted": [t for t, _ in prom], "suppressed": [t for t, _ in effects[f][1]],
+                "density": float(fires[hook][f]) / max(1, n_tok)}
     return out
 
 
