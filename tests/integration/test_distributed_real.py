@@ -2,7 +2,9 @@
 files of a one-process run of the same seed.
 
 The smallest honest configuration that still splits every per-relation stage over the two ranks: the quick profile
-(6 discovery and 4 held-out facts per relation, 100 matched random circuits) on two relations, ``capital_city`` and
+(6 discovery and 4 held-out facts per relation) with fewer draws to keep the suite short (19 matched random
+circuits, the least the baseline accepts; causal tracing of 1 fact with 2 noise samples, no full trace) on two
+relations, ``capital_city`` and
 ``city_country``, one per rank, without feature circuits (``features = false``: the transcoders' training is the
 same code on one rank in both runs, and the tiny-model test in ``tests/unit/test_distributed.py`` covers feature
 circuits across ranks). Oracle: the one-process run's ``circuits.json`` and ``hypotheses.csv``, byte for byte, and
@@ -19,7 +21,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 MAIN = Path(__file__).resolve().parents[2] / "main.py"
-TOML = '[run]\nquick = true\nrelations = ["capital_city", "city_country"]\nfeatures = false\nprogress = false\n'
+TOML = ('[run]\nquick = true\nrelations = ["capital_city", "city_country"]\nfeatures = false\nprogress = false\n'
+        'n_random = 19\ncausal_facts = 1\ncausal_samples = 2\ncausal_full_facts = 0\n')
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
