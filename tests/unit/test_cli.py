@@ -382,3 +382,32 @@ def test_estimate_prints_every_stage_and_scales_with_the_model():
     assert text.exit_code == 0 and "peak" in text.output
     bad = runner.invoke(app, ["estimate", "--model", "no-such-model-xyz"])
     assert bad.exit_code == 2 and bad.output.startswith("error:")
+
+
+@pytest.mark.parametrize("kind", ["missing", "no_format", "pickle", "wrong_width"])
+def test_bad_dictionaries_are_one_line_exit_2_and_nothing_is_written(tmp_path, kind):
+    """``frc run --dictionaries SOURCE`` checks the set against the model before the run folder exists."""
+    src = tmp_path / "dicts"
+    if kind != "missing":
+        src.mkdir()
+    if kind == "no_format":
+        (src / "notes.txt").write_text("not a dictionary")
+    elif kind == "pickle":
+        (src / "sae.pkl").write_bytes(b"\x80\x04K\x01.")
+    elif kind == "wrong_width":  # a SAELens transcoder folder of width 7 (tiny-gemma3 has d_model 64)
+        from safetensors.torch import save_file
+        import torch
+
+        cfg = {"architecture": "transcoder", "d_in": 7, "d_sae": 4, "d_out": 7, "dtype": "float32",
+               "apply_b_dec_to_input": False, "normalize_activations": "none",
+               "metadata": {"hook_name": "blocks.0.mlp.hook_in", "hook_name_out": "blocks.0.hook_mlp_out"}}
+        (src / "cfg.json").write_text(json.dumps(cfg))
+        save_file({"W_enc": torch.zeros(7, 4), "b_enc": torch.zeros(4), "W_dec": torch.zeros(4, 7),
+                   "b_dec": torch.zeros(7)}, str(src / "sae_weights.safetensors"))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "--model", "tiny-gemma3", "--quick", "--out", str(out), "--no-progress",
+                              "--dictionaries", str(src)])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output
+    assert not out.exists()
