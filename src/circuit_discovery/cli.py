@@ -298,10 +298,22 @@ def _summary_table(result) -> None:
         fs = "—" if f is None else (f"{f:.2f}" + ("" if ci[0] is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"))
         p = m.get("random_baseline_p")
         n_disc, n_held = m.get("n_discovery", c.n_facts), m.get("n_held_out", "—")
-        verdict = "yes" if fnd.finding else "no: " + (fnd.reasons[0] if fnd.reasons else "not validated")
+        verdict = "yes" if fnd.finding else "no: " + ", ".join(_short_reasons(fnd.reasons))
         t.add_row(c.name, f"{n_disc} / {n_held}", str(m.get("circuit_size", len(c.nodes))), fs,
                   "—" if p is None else f"{p:.3f}", verdict)
-    Console(stderr=True).print(t)
+    Console(stderr=True, width=max(Console(stderr=True).width, 110)).print(t)
+
+
+def _short_reasons(reasons) -> list[str]:
+    """A few words per failed check (report.md gives the sentences)."""
+    keys = (("degenerate", "degenerate"), ("held-out f", "held-out f"), ("random", "random p"),
+            ("non-inert", "size"), ("dictionar", "dictionaries"), ("transcoders", "dictionaries"))
+    out: list[str] = []
+    for r in reasons:
+        word = next((w for k, w in keys if k in r), "not validated")
+        if word not in out:
+            out.append(word)
+    return out or ["not validated"]
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="The model cache (~/.cache/circuit_discovery).")

@@ -48,10 +48,11 @@ def test_quick_is_resolved_at_construction():
         assert getattr(q, name) == value, name
     for name, cap in QUICK_CAPS.items():
         assert getattr(q, name) == min(DEFAULTS[name], cap), name
-    # the values the former RunConfig.effective() gave
+    # the values the former RunConfig.effective() gave (except sae_eval_tokens, 0 then: quick runs now measure
+    # their transcoders)
     assert (q.n_random, q.graphs_per_relation, q.causal_facts, q.causal_samples, q.causal_full_facts,
             q.sae_training_tokens, q.sae_eval_tokens, q.feature_facts, q.feature_nodes, q.feature_context_tokens,
-            q.patching_facts) == (100, 1, 1, 10, 0, 10_240, 0, 2, 64, 512, 1)
+            q.patching_facts) == (100, 1, 1, 10, 0, 10_240, 128, 2, 64, 512, 1)
     # caps only lower
     small = RunConfig(quick=True, max_facts=4, held_out_facts=2, sae_training_tokens=100, feature_nodes=8)
     assert (small.max_facts, small.held_out_facts, small.sae_training_tokens, small.feature_nodes) == (4, 2, 100, 8)

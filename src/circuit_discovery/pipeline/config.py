@@ -96,10 +96,11 @@ REMOVED = {"top_nodes": "the circuit size is set by node_threshold (circuit_sear
 #: ``quick``: options set to a fixed value, and options capped at a value (the other caps are the ``quick_*``
 #: fields: ``max_facts <= quick_facts``, ``held_out_facts <= quick_held_out``; ``quick_relations`` selects the first
 #: relations of the dataset when the run loads it, ``Run._load_dataset``)
-QUICK_FIXED = {"patching_facts": 1, "graphs_per_relation": 1, "causal_facts": 1, "causal_full_facts": 0,
-               "sae_eval_tokens": 0}
+QUICK_FIXED = {"patching_facts": 1, "graphs_per_relation": 1, "causal_facts": 1, "causal_full_facts": 0}
+# a quick run still measures its transcoders (on 128 held-out tokens per layer): a feature circuit on dictionaries of
+# unknown quality is never a finding
 QUICK_CAPS = {"n_random": 100, "sae_training_tokens": 10_240, "feature_facts": 2, "feature_nodes": 64,
-              "feature_context_tokens": 512}
+              "feature_context_tokens": 512, "sae_eval_tokens": 128}
 
 
 @functools.cache

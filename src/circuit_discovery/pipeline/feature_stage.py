@@ -600,8 +600,8 @@ def features_matter_data(ev, ranked: Sequence[str], k: int, n_random: int, seed:
 
 
 def feature_details(model, tcs, relations: dict, cfg: RunConfig) -> dict:
-    """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "suppressed", "density"}}`` for every feature in the relations'
-    feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the
+    """``{"feature/L{l}/I{f}": {"label", "contexts", "promoted", "suppressed", "density"}}`` for every feature in
+    the relations' feature circuits: top-activating contexts over ``cfg.feature_context_tokens`` held-out tokens of the
     transcoders' corpus (one forward pass per batch for all layers) and the tokens each decoder direction
     promotes. Used by the viewer (node details) and kept in the stage file."""
     from circuit_discovery.attribution.feature_graph import dictionary_view

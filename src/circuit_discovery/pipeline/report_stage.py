@@ -104,7 +104,9 @@ def write_metrics(out: Path, cfg: RunConfig, known: dict, circuits: dict, valida
                                                 if k not in ("seconds", "graph_scores")}}
                                        for rel, v in fval.items()}
     if dictionaries is not None:
-        metrics["dictionaries"] = {k: v for k, v in dictionaries.items() if k not in ("_seconds", "seconds")}
+        # what this run trained and how long it took depend on the cache, not on the results: config.json has them
+        metrics["dictionaries"] = {k: v for k, v in dictionaries.items()
+                                   if k not in ("_seconds", "seconds", "trained_layers")}
     atomic_write_json(out / "metrics.json", metrics)
     return metrics
 
@@ -296,7 +298,8 @@ def write_markdown(out: Path, cfg: RunConfig, timings: dict, known: dict, attrib
                "hypotheses": [{k: h[k] for k in ("hypothesis_id", "relation", "statistic", "effect", "ci_low",
                                                  "ci_high", "p_value", "p_adjusted", "n", "verdict")}
                               for h in hyp_rows],
-               "timings": {k: v for k, v in timings.items() if k not in ("report", "total")}, "notes": notes,
+               "timings": {k: v for k, v in timings.items() if k not in ("report", "total", "this_command")},
+               "notes": notes,
                "files": ["circuits.json", "metrics.json", "hypotheses.csv", "config.json", "known_facts.json",
                          "index.html"]}
     atomic_write_json(out / "known_facts.json", {k: v for k, v in known.items() if k != "_seconds"})

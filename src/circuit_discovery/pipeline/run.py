@@ -653,7 +653,10 @@ class Run:
                 results[stage.name] = getattr(self, stage.method)(*args)
             else:
                 results[stage.name] = self._saved(stage.name)
-        self.timings["total"] = round(time.time() - t0, 2)
+        # total: the stages' own times (those of earlier commands on the folder included, as report.md sums them);
+        # this_command: the wall time of this invocation
+        self.timings["this_command"] = round(time.time() - t0, 2)
+        self.timings["total"] = round(sum(v for k, v in self.timings.items() if k not in ("this_command", "total")), 2)
         if self.dist is not None:
             ranks = self.dist.exchange(lambda: self.rank_info, "finish")
             if self.dist.is_main:
