@@ -55,7 +55,12 @@ def test_main_quick_runs_offline(tmp_path):
     for c in data["circuits"]:
         assert c["faithfulness"] is not None
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["feature_circuits"]) == rels and len(metrics["dictionaries"]["layers"]) == 0  # quick: no eval
+    assert set(metrics["feature_circuits"]) == rels
+    layers = metrics["dictionaries"]["layers"]  # quick runs measure their transcoders too (128 tokens per layer)
+    assert len(layers) == 18 and all(0 < m["l0"] and m["explained_variance"] <= 1 for m in layers.values())
+    for r in rels:  # dictionaries of a quick budget are below the bar: no feature circuit is a finding
+        fq = metrics["feature_circuits"][r]
+        assert fq["dictionary_quality"]["meets_bar"] is False and fq["validated"] is False
     assert (out / "figures" / "circuit_features_capital_city.png").is_file()
     for f in ("report.md", "metrics.json", "hypotheses.csv", "index.html", "config.json"):
         assert (out / f).is_file(), f
