@@ -89,3 +89,82 @@ def test_bad_stores_are_refused_with_what_to_do(tmp_path):
     (folder / "blocks.0.hook_mlp_out" / "00002.safetensors").unlink()
     with pytest.raises(ActivationStoreError, match="cannot be read"):
         ActivationStore.open(folder).source(["blocks.0.hook_mlp_out"])
+
+
+def _train_kinds(model, tmp_path, activations, kind, **extra):
+    from circuit_discovery.sae.dictionaries import train_transcoders
+
+    return train_transcoders(model, kind=kind, training_tokens=1024, n_sequences=4, progress=False, k=4,
+                             cache_dir=tmp_path / activations / "saes", corpus_cache_dir=tmp_path / "corpus",
+                             activations=activations, **extra)
+
+
+@pytest.mark.parametrize("kind", ["jumprelu_skip_transcoder", "clt"])
+def test_a_run_trains_the_same_dictionaries_from_disk_as_from_memory(tmp_path, kind):
+    """The pipeline's path (train_transcoders -> harvest into a store on disk -> train by memory map) gives
+    bit-identical dictionaries to the in-memory path, and leaves no store behind once they are saved."""
+    from circuit_discovery.models import load_model
+
+    model = load_model("tiny-gemma3", device="cpu")
+    extra = {"clt_d_sae": 16} if kind == "clt" else {"layers": [0, 1]}
+    mem = _train_kinds(model, tmp_path, "memory", kind, **extra)
+    disk = _train_kinds(model, tmp_path, "disk", kind, **extra)
+    assert disk.trained == mem.trained and disk.trained
+    a, b = mem.transcoder_set, disk.transcoder_set
+    if kind == "clt":
+        pairs = [(a.cross_layer.W_enc[l], b.cross_layer.W_enc[l]) for l in range(model.cfg.n_layers)]
+        pairs += [(a.cross_layer.W_dec[l], b.cross_layer.W_dec[l]) for l in range(model.cfg.n_layers)]
+    else:
+        pairs = [(getattr(a.per_layer[l], n), getattr(b.per_layer[l], n))
+                 for l in (0, 1) for n in ("W_enc", "W_dec", "b_enc", "b_dec", "W_skip", "threshold")]
+    assert pairs
+    for x, y in pairs:
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    assert not list((tmp_path / "disk" / "saes").glob("activations/*")), "the store outlived training"
+
+
+def test_a_finished_store_is_reused_and_a_damaged_one_harvested_again(tmp_path, monkeypatch):
+    """A store left by a run that stopped during training is read, not harvested again; one whose shard is damaged
+    is harvested again (with a warning), and training still gives the same dictionary."""
+    from circuit_discovery.models import load_model
+    from circuit_discovery.sae import harvest as harvest_mod
+    from circuit_discovery.sae.training import train_saes_on_model
+
+    model = load_model("tiny-gemma3", device="cpu")
+    texts = ["The capital of France is Paris. The Eiffel Tower is in Paris."] * 12
+    cfg = SAETrainConfig("blocks.0.mlp.hook_in", hook_name_out="blocks.0.hook_mlp_out", architecture="topk", k=4,
+                         training_tokens=256, train_batch_size_tokens=32)
+    kw = dict(corpus_id="c", context_size=16, progress=False, activations="disk", store_dir=tmp_path / "store")
+    calls = []
+    real = harvest_mod.harvest_to_store
+    monkeypatch.setattr(harvest_mod, "harvest_to_store", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def boom(*a, **k):
+        raise RuntimeError("stopped during training")
+
+    import circuit_discovery.sae.training as training
+
+    real_train = training.train_saes
+    monkeypatch.setattr(training, "train_saes", boom)
+    with pytest.raises(RuntimeError, match="stopped"):
+        train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c1", **kw)
+    (folder,) = (tmp_path / "store").iterdir()
+    assert (folder / "manifest.json").is_file() and calls == [1]
+    monkeypatch.setattr(training, "train_saes", real_train)
+    first = train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c2", **kw)[cfg.key]
+    assert calls == [1] and not folder.exists()  # read, not harvested again; deleted once saved
+    ref = train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c3", **{**kw, "activations": "memory"})
+    torch.testing.assert_close(first.sae.W_dec, ref[cfg.key].sae.W_dec, atol=0, rtol=0)
+    # a damaged finished store: harvested again
+    monkeypatch.setattr(training, "train_saes", boom)
+    with pytest.raises(RuntimeError):
+        train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c4", **kw)
+    (folder,) = (tmp_path / "store").iterdir()
+    shard = next(folder.glob("*/00000.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:40])
+    monkeypatch.setattr(training, "train_saes", real_train)
+    again = train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c5", **kw)[cfg.key]
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(again.sae.W_dec, ref[cfg.key].sae.W_dec, atol=0, rtol=0)
+    with pytest.raises(CircuitDiscoveryError, match="activations="):
+        train_saes_on_model(model, texts, [cfg], cache_dir=tmp_path / "c6", **{**kw, "activations": "ram"})

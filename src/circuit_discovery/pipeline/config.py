@@ -76,6 +76,10 @@ CIRCUIT_SEARCHES = ("eap", "refine")
 #: ``clt`` is one cross-layer transcoder
 SAE_KINDS = ("topk_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "clt")
 
+#: ``RunConfig.sae_activations``: where the transcoders' training activations are kept (read by
+#: ``sae.training.train_saes_on_model``)
+ACTIVATION_PLACES = ("disk", "memory")
+
 #: ``RunConfig.device``: what :func:`circuit_discovery.models.loading.resolve_device` accepts (whether the device
 #: exists here is checked when the model is loaded)
 DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
@@ -112,7 +116,7 @@ def choices() -> dict[str, tuple[str, ...]]:
 
     return {"metric": tuple(METRICS), "granularity": tuple(GRANULARITIES), "component_method": tuple(METHODS),
             "ablation": tuple(ABLATIONS), "circuit_search": CIRCUIT_SEARCHES,
-            "sae_kind": SAE_KINDS}
+            "sae_kind": SAE_KINDS, "sae_activations": ACTIVATION_PLACES}
 
 
 @dataclass
@@ -173,6 +177,8 @@ class RunConfig:
     dictionaries: str | None = None     # load transcoders instead of training them: a local folder/file or a
                                         # Hugging Face repo id/path in the local cache (sae.load_transcoder_set)
     sae_kind: str = "jumprelu_skip_transcoder"  # which transcoders to train (SAE_KINDS; docs/sae.md compares them)
+    sae_activations: str = "disk"       # training activations on disk (memory-mapped store, same dictionaries) or in
+                                        # "memory" (faster when RAM allows: rows x 2 hooks x layers x d_model x 4 B)
     sae_layers: list[int] | None = None  # transcoder layers (None: every layer; others become error nodes)
     sae_training_tokens: int = 100_000  # training tokens per transcoder (TopK, d_sae = 4 x d_model)
     sae_k: int = 64                     # active latents per token (TopK)

@@ -182,7 +182,8 @@ def _train(model, cfg: RunConfig):
                              seed=cfg.sae_seed, cache_dir=None if cfg.cache_dir is None else f"{cfg.cache_dir}/saes",
                              corpus_cache_dir=cfg.cache_dir, n_sequences=cfg.sae_corpus_sequences,
                              text_files=cfg.sae_text_files, evaluate=cfg.sae_eval_tokens > 0,
-                             eval_tokens=max(cfg.sae_eval_tokens, 1), progress=cfg.progress, kind=cfg.sae_kind)
+                             eval_tokens=max(cfg.sae_eval_tokens, 1), progress=cfg.progress, kind=cfg.sae_kind,
+                             activations=cfg.sae_activations)
 
 
 def _evaluate_set(model, ts: TranscoderSet, cfg: RunConfig) -> dict[str, dict]:

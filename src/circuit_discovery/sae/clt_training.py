@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -388,11 +389,12 @@ def train_clt_on_model(model, train_texts: Sequence[str], heldout: Sequence[str]
                        layers: Sequence[int] | None = None, training_tokens: int = 100_000, k: int = 64,
                        seed: int = 42, d_sae: int | None = None, cache_dir: str | os.PathLike | None = None,
                        evaluate: bool = False, eval_tokens: int = 256, progress: bool = True,
-                       t0: float | None = None, context_size: int = 128):
+                       t0: float | None = None, context_size: int = 128, activations: str = "memory"):
     """Train (or load from the cache) a CLT over every layer of ``model``: a
     :class:`~circuit_discovery.sae.dictionaries.DictionarySet` with ``kind="clt"``, ``transcoders == {}`` and
     ``transcoder_set.cross_layer`` set. Cached as a :func:`save_clt` folder under
-    ``sae_cache_key(model, "clt", cfg, corpus_id)``; metrics per target layer with ``evaluate``."""
+    ``sae_cache_key(model, "clt", cfg, corpus_id)``; metrics per target layer with ``evaluate``. ``activations``:
+    ``"memory"`` or ``"disk"``, as in :func:`~circuit_discovery.sae.training.train_saes_on_model`."""
     from circuit_discovery.sae.dictionary_set import DictionarySet
     from circuit_discovery.sae.harvest import harvest_activations
     from circuit_discovery.sae.io import cached_sae_path, sae_cache_key
@@ -411,14 +413,28 @@ def train_clt_on_model(model, train_texts: Sequence[str], heldout: Sequence[str]
     if (folder / "cfg.json").is_file():
         clt = load_clt(folder)
     else:
-        acts = harvest_activations(model, list(train_texts), cfg.hooks(), max_tokens=training_tokens,
-                                   context_size=context_size, progress=progress)
+        store = None
+        if activations == "disk":
+            from circuit_discovery.sae.training import _store_folder, _store_source
+
+            store = _store_folder(None, cache_dir, model.cfg.model_name, cfg.hooks(), corpus.corpus_id,
+                                  training_tokens, context_size, 8)
+            acts = _store_source(model, list(train_texts), cfg.hooks(), store, training_tokens, context_size, 8,
+                                 progress)
+        elif activations == "memory":
+            acts = harvest_activations(model, list(train_texts), cfg.hooks(), max_tokens=training_tokens,
+                                       context_size=context_size, progress=progress)
+        else:
+            raise InputError(f"activations={activations!r}; use 'memory' or 'disk'")
         r = train_clt(acts, cfg, progress=progress)
+        del acts
         clt = r.clt
         info = {"final": r.final}
         save_clt(clt, folder, extra={"model_name": model.cfg.model_name, "train": cfg.to_dict(),
                                      "corpus_id": corpus.corpus_id, "final": r.final})
         trained = list(range(n))
+        if store is not None:
+            shutil.rmtree(store, ignore_errors=True)
     metrics: dict[int, dict[str, float]] = {}
     if evaluate:
         eval_path = cached_sae_path(cache_dir, "evals") / f"{key}_clt_{int(eval_tokens)}.json"

@@ -72,7 +72,7 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
                       corpus_cache_dir: str | os.PathLike | None = None, text_files: Sequence[str] = (),
                       n_sequences: int | None = None, evaluate: bool = False, eval_tokens: int = 256,
                       sparsity_tokens: int = 4096, progress: bool = True, kind: str | None = None,
-                      clt_d_sae: int | None = None) -> DictionarySet:
+                      clt_d_sae: int | None = None, activations: str = "memory") -> DictionarySet:
     """Train (or load from the cache) the transcoders of ``kind`` for ``model`` on the built-in corpus.
 
     ``kind``: one of :data:`SAE_KINDS` (default ``topk_transcoder``; ``architecture="standard"`` alone gives plain
@@ -84,7 +84,9 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
     ``docs/sae.md``). ``evaluate``: compute the SAELens metrics of each transcoder on ``eval_tokens`` held-out
     tokens (MLP replaced by the transcoder in the CE score; ``l0`` and ``dead_fraction`` over up to
     ``sparsity_tokens`` held-out tokens, which need no unembedding); the metrics of a transcoder taken from the cache
-    are cached too (``<cache>/evals/``), so a warm run does not evaluate again.
+    are cached too (``<cache>/evals/``), so a warm run does not evaluate again. ``activations``: ``"memory"`` keeps
+    the harvested activations in RAM, ``"disk"`` streams them from a store on disk (the same dictionaries; see
+    :func:`~circuit_discovery.sae.training.train_saes_on_model`).
     """
     from circuit_discovery.sae.corpus import build_corpus, split_heldout
     from circuit_discovery.sae.evaluate import evaluate_sae
@@ -106,10 +108,10 @@ def train_transcoders(model, layers: Sequence[int] | None = None, *, training_to
 
         return train_clt_on_model(model, train_texts, heldout, corpus, layers=layers, training_tokens=training_tokens,
                                   k=k, seed=seed, d_sae=clt_d_sae, cache_dir=cache_dir, evaluate=evaluate,
-                                  eval_tokens=eval_tokens, progress=progress, t0=t0)
+                                  eval_tokens=eval_tokens, progress=progress, t0=t0, activations=activations)
     cfgs = transcoder_configs(model.cfg.n_layers, layers, training_tokens=training_tokens, k=k, seed=seed, **extra)
     results = train_saes_on_model(model, train_texts, cfgs, corpus_id=corpus.corpus_id, cache_dir=cache_dir,
-                                  progress=progress)
+                                  progress=progress, activations=activations)
     tcs: dict[int, SparseAutoencoder] = {}
     trained: list[int] = []
     for c in cfgs:

@@ -25,6 +25,7 @@ __all__ = [
     "collect_hook_activations",
     "stream_activations",
     "harvest_activations",
+    "harvest_to_store",
     "token_mask",
 ]
 
@@ -226,6 +227,34 @@ def stream_activations(
             yield {h: torch.cat(v) for h, v in buf.items()}
 
 
+def _harvest(model, texts, hook_names, max_tokens, context_size, model_batch_size, dtype, progress, sink) -> int:
+    """Feed ``sink({hook: Tensor[rows, d]})`` the activations in corpus order, at most ``max_tokens`` rows;
+    returns the number of rows (0 raises)."""
+    n = 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max_tokens, desc="harvest", unit="tok", dynamic_ncols=True)
+    try:
+        for rows in _rows(model, texts, hook_names, context_size, model_batch_size):
+            k = rows[hook_names[0]].shape[0]
+            if max_tokens is not None:
+                k = min(k, max_tokens - n)
+            sink({h: rows[h][:k].to(dtype) for h in hook_names})
+            n += k
+            if bar is not None:
+                bar.update(k)
+            if max_tokens is not None and n >= max_tokens:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    if n == 0:
+        raise InputError("no tokens harvested: the texts are empty")
+    return n
+
+
 def harvest_activations(
     model,
     texts: Sequence[str],
@@ -239,27 +268,52 @@ def harvest_activations(
     """All activations in corpus order: ``{hook: Tensor[n_tokens, d]}`` (BOS and padding excluded)."""
     hook_names = list(dict.fromkeys(hook_names))
     parts: dict[str, list[Tensor]] = {h: [] for h in hook_names}
-    n = 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=max_tokens, desc="harvest", unit="tok", dynamic_ncols=True)
-    try:
-        for rows in _rows(model, texts, hook_names, context_size, model_batch_size):
-            k = rows[hook_names[0]].shape[0]
-            if max_tokens is not None:
-                k = min(k, max_tokens - n)
-            for h in hook_names:
-                parts[h].append(rows[h][:k].to(dtype))
-            n += k
-            if bar is not None:
-                bar.update(k)
-            if max_tokens is not None and n >= max_tokens:
-                break
-    finally:
-        if bar is not None:
-            bar.close()
-    if n == 0:
-        raise InputError("no tokens harvested: the texts are empty")
+    def keep(rows: dict[str, Tensor]) -> None:
+        for h in hook_names:
+            parts[h].append(rows[h])
+
+    _harvest(model, texts, hook_names, max_tokens, context_size, model_batch_size, dtype, progress, keep)
     return {h: torch.cat(v) for h, v in parts.items()}
+
+
+#: bytes of activations the disk store buffers before it writes a shard (all hooks together)
+STORE_SHARD_BYTES = 64 * 2**20
+
+
+def harvest_to_store(
+    model,
+    texts: Sequence[str],
+    hook_names: Sequence[str],
+    folder,
+    max_tokens: int | None = None,
+    context_size: int = 128,
+    model_batch_size: int = 8,
+    progress: bool = False,
+):
+    """The rows :func:`harvest_activations` returns, written to an
+    :class:`~circuit_discovery.sae.activation_store.ActivationStore` at ``folder`` instead of kept in memory (float32,
+    the same values and order); at most :data:`STORE_SHARD_BYTES` of rows are in memory at once. Returns the store,
+    opened for reading. A folder holding an unfinished store (no manifest: a harvest that was stopped) is cleared
+    first; a finished one is an error (open it instead)."""
+    import shutil
+    from pathlib import Path
+
+    from circuit_discovery.sae.activation_store import MANIFEST, ActivationStore
+
+    hook_names = list(dict.fromkeys(hook_names))
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / MANIFEST).exists():
+        shutil.rmtree(folder)
+    box: dict[str, ActivationStore] = {}
+
+    def write(rows: dict[str, Tensor]) -> None:
+        if not box:  # the widths are known from the first rows
+            widths = {h: int(rows[h].shape[-1]) for h in hook_names}
+            box["store"] = ActivationStore.create(folder, widths,
+                                                  shard_rows=max(1, STORE_SHARD_BYTES // (4 * sum(widths.values()))))
+        box["store"].append(rows)
+
+    _harvest(model, texts, hook_names, max_tokens, context_size, model_batch_size, torch.float32, progress, write)
+    box["store"].close()
+    return ActivationStore.open(folder)

@@ -38,6 +38,7 @@ Deterministic on CPU for a fixed seed; ``checkpoint_every`` writes safetensors +
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -51,12 +52,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from circuit_discovery.errors import InputError
 from circuit_discovery.io import atomic_dir, atomic_write_json, read_json
 from circuit_discovery.sae.architectures import SAE_REGISTRY, SAEConfig, SparseAutoencoder, create_sae
 
 __all__ = ["SAETrainConfig", "TrainResult", "train_saes", "train_saes_on_model", "ActivationSource"]
 
 ActivationSource = Mapping[str, Tensor] | Iterable[Mapping[str, Tensor]]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -602,12 +606,19 @@ def train_saes_on_model(
     model_batch_size: int = 8,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    activations: str = "memory",
+    store_dir: str | os.PathLike | None = None,
 ) -> dict[str, TrainResult | SparseAutoencoder]:
     """Train (or load from the cache) one SAE per config on ``model``'s activations over ``texts``.
 
-    Activations of every hook not yet cached are harvested in one pass into memory
-    (``harvest_tokens`` rows, default ``training_tokens``; cycled for several epochs when smaller) and
-    all missing SAEs are trained together. Results are saved to the cache keyed by
+    Activations of every hook not yet cached are harvested in one pass (``harvest_tokens`` rows, default
+    ``training_tokens``; cycled for several epochs when smaller) and all missing SAEs are trained together.
+    ``activations="memory"`` keeps them in RAM; ``"disk"`` writes them to an
+    :class:`~circuit_discovery.sae.activation_store.ActivationStore` and trains from it by memory map (the same
+    batches, so the same dictionaries at the same seed; resident memory is about one batch instead of
+    rows x hooks x width x 4 bytes). The store lives under ``store_dir`` (default ``<cache_dir>/activations``, or a
+    temporary folder without a cache) in a folder named by the model, hooks, corpus and row count; it is deleted
+    once every dictionary is saved, and a finished store left by a run that stopped during training is reused. Results are saved to the cache keyed by
     ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns the loaded
     ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
     ``train_tokens_per_s`` go into each result's ``final``.
@@ -638,27 +649,80 @@ def train_saes_on_model(
     if not todo:
         return out
     n = harvest_tokens or todo[0].training_tokens
+    hooks = _required_hooks(todo)
     t0 = time.perf_counter()
-    acts = harvest_activations(
-        model, texts, _required_hooks(todo), max_tokens=n, context_size=context_size,
-        model_batch_size=model_batch_size, progress=progress,
-    )
-    n_got = int(next(iter(acts.values())).shape[0])
-    harvest_rate = n_got / max(time.perf_counter() - t0, 1e-9)
-    batch = todo[0].train_batch_size_tokens
-    if n_got < batch:
-        raise ValueError(f"corpus gave only {n_got} tokens, fewer than one batch ({batch}); give more text")
-    results = train_saes(acts, todo, progress=progress, device=device)
-    for c in todo:
-        r = results[c.key]
-        r.final["harvest_tokens_per_s"] = harvest_rate
-        r.final["harvested_tokens"] = n_got
-        save_cached_sae(
-            cache_dir, sae_cache_key(name, c.key, c, corpus_id), r.sae,
-            extra={"cfg": c.to_dict(), "corpus_id": corpus_id, "final": r.final, "history": r.history},
+    if activations not in ACTIVATION_PLACES:
+        raise InputError(f"activations={activations!r}; use one of {ACTIVATION_PLACES}")
+    folder = None
+    if activations == "disk":
+        folder = _store_folder(store_dir, cache_dir, name, hooks, corpus_id, n, context_size, model_batch_size)
+        acts: Mapping[str, Any] = _store_source(model, texts, hooks, folder, n, context_size, model_batch_size,
+                                                progress)
+    else:
+        acts = harvest_activations(
+            model, texts, hooks, max_tokens=n, context_size=context_size,
+            model_batch_size=model_batch_size, progress=progress,
         )
-        out[c.key] = r
+    try:
+        n_got = int(next(iter(acts.values())).shape[0])
+        harvest_rate = n_got / max(time.perf_counter() - t0, 1e-9)
+        batch = todo[0].train_batch_size_tokens
+        if n_got < batch:
+            raise ValueError(f"corpus gave only {n_got} tokens, fewer than one batch ({batch}); give more text")
+        results = train_saes(acts, todo, progress=progress, device=device)
+        for c in todo:
+            r = results[c.key]
+            r.final["harvest_tokens_per_s"] = harvest_rate
+            r.final["harvested_tokens"] = n_got
+            save_cached_sae(
+                cache_dir, sae_cache_key(name, c.key, c, corpus_id), r.sae,
+                extra={"cfg": c.to_dict(), "corpus_id": corpus_id, "final": r.final, "history": r.history},
+            )
+            out[c.key] = r
+    finally:
+        del acts
+        # a temporary store always goes; a cached one once the dictionaries are saved (else a rerun reuses it)
+        if folder is not None and (len(out) == len(cfgs) or (store_dir is None and cache_dir is None)):
+            shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+#: ``activations`` of :func:`train_saes_on_model` (and ``RunConfig.sae_activations``)
+ACTIVATION_PLACES = ("memory", "disk")
+
+
+def _store_folder(store_dir, cache_dir, model_name: str, hooks: list[str], corpus_id: str, n: int,
+                  context_size: int, model_batch_size: int) -> Path:
+    from circuit_discovery.sae.io import cached_sae_path, sae_cache_key
+
+    key = sae_cache_key(model_name, "activations", {"hooks": hooks, "max_tokens": int(n),
+                                                    "context_size": int(context_size),
+                                                    "model_batch_size": int(model_batch_size)}, corpus_id)
+    if store_dir is not None:
+        return Path(store_dir) / key
+    if cache_dir is not None:
+        return cached_sae_path(cache_dir, "activations") / key
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"frc_activations_{key}_"))
+
+
+def _store_source(model, texts, hooks: list[str], folder: Path, n: int, context_size: int, model_batch_size: int,
+                  progress: bool) -> Mapping[str, Any]:
+    """``{hook: RowView}`` of a finished store at ``folder`` (one left by a run that stopped), else of a store
+    harvested there now."""
+    from circuit_discovery.sae.activation_store import MANIFEST, ActivationStore, ActivationStoreError
+    from circuit_discovery.sae.harvest import harvest_to_store
+
+    if (folder / MANIFEST).is_file():
+        try:
+            return ActivationStore.open(folder).source(hooks)
+        except ActivationStoreError as e:
+            log.warning("activation store %s cannot be used (%s); harvesting again", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+    store = harvest_to_store(model, texts, hooks, folder, max_tokens=n, context_size=context_size,
+                             model_batch_size=model_batch_size, progress=progress)
+    return store.source(hooks)
 
 
 def legacy_cache_key(cfg: SAETrainConfig, corpus_id: str) -> str | None:
