@@ -618,9 +618,9 @@ def train_saes_on_model(
     batches, so the same dictionaries at the same seed; resident memory is about one batch instead of
     rows x hooks x width x 4 bytes). The store lives under ``store_dir`` (default ``<cache_dir>/activations``, or a
     temporary folder without a cache) in a folder named by the model, hooks, corpus and row count; it is deleted
-    once every dictionary is saved, and a finished store left by a run that stopped during training is reused. Results are saved to the cache keyed by
-    ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns the loaded
-    ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
+    once every dictionary is saved, and a finished store left by a run that stopped during training is reused.
+    Results are saved to the cache keyed by ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns
+    the loaded ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
     ``train_tokens_per_s`` go into each result's ``final``.
 
     A config reading ``blocks.{l}.mlp.hook_in`` whose dictionary is cached only under the key it had when that
