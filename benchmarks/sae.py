@@ -5,6 +5,19 @@
     python benchmarks/sae.py --quick --training-tokens 50000 200000 --out t.json   # quality vs budget table
     python benchmarks/sae.py --kinds jumprelu_transcoder jumprelu_skip_transcoder clt --layers 0 4 8 12 16 \
         --out tc.json                                           # transcoder kinds at the same budget, per layer
+    python benchmarks/sae.py --store --out store.json         # activations in memory vs on disk: peak memory, tok/s
+
+With ``--store`` the benchmark trains the run's transcoders (``--kind``, default the run's
+``jumprelu_skip_transcoder``, every layer or ``--layers``) twice, each in a fresh process with an empty SAE cache:
+with the harvested activations in memory and streamed from an activation store on disk
+(``train_saes_on_model(activations=...)``, the path a run takes by default). The harvest is the run's
+(``--harvest-tokens``, default 100,000: the default ``sae_training_tokens``; the corpus gives what it has), the
+training budget ``--training-tokens`` (default 20,480, to keep it short: the memory peak does not depend on it, the
+throughput barely). Writes ``{"paths": {"memory": {...}, "disk": {...}}, "identical", "peak_ratio",
+"train_tokens_per_s_ratio", "settings"}``: per path the process's peak resident memory (``peak_rss_gb``, from
+``getrusage``), the resident memory once the model is loaded (``rss_model_gb``), harvest and training seconds,
+``train_tokens_per_s`` (tokens through all transcoders trained together) and a SHA-256 of every trained weight;
+``identical`` is true when the two hashes agree.
 
 With ``--kinds`` the benchmark trains transcoders (``blocks.{l}.mlp.hook_in -> blocks.{l}.hook_mlp_out``) of each
 kind (``sae.dictionaries.SAE_KINDS``) from one harvest and writes ``{"kinds": {kind: {"layers": {...},
@@ -77,9 +90,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kinds", nargs="*", default=None, help="transcoder kinds to compare (SAE_KINDS)")
     ap.add_argument("--clt-d-sae", type=int, default=None, help="CLT latents per layer (default: CLT_D_SAE)")
     ap.add_argument("--clt-training-tokens", type=int, default=None, help="CLT budget (default: --training-tokens)")
+    ap.add_argument("--store", action="store_true", help="compare activations in memory and on disk")
+    ap.add_argument("--kind", default="jumprelu_skip_transcoder", help="--store: the transcoder kind")
+    ap.add_argument("--harvest-tokens", type=int, default=100_000, help="--store: harvested rows (the run's budget)")
+    ap.add_argument("--store-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.store_child:
+        return store_child(args)
+    if args.store:
+        return store_compare(args, argv if argv is not None else sys.argv[1:])
     if args.kinds:
         return transcoder_kinds(args)
 
@@ -157,6 +178,81 @@ def main(argv: list[str] | None = None) -> dict:
         plot_layer_metrics(out["layers"], args.plot, title=f"{model.cfg.model_name} SAEs ({cfg0.architecture})")
     print(f"harvest {out['harvest_tokens_per_s']:.0f} tok/s, train {out['train_tokens_per_s']:.0f} tok/s "
           f"({len(hooks)} SAEs), total {out['seconds']['total']:.0f} s -> {args.out}", flush=True)
+    return out
+
+
+def _rss_gb() -> float:
+    """This process's resident memory now (Linux ``/proc``), in GiB."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def store_child(args) -> dict:
+    """One path of ``--store`` in this (fresh) process: train the run's transcoders, report memory and speed."""
+    import hashlib
+    import resource
+    import tempfile
+
+    from circuit_discovery.models import load_model
+    from circuit_discovery.sae.dictionaries import kind_settings, transcoder_configs
+    from circuit_discovery.sae.training import train_saes_on_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model) if args.model else load_model()
+    rss_model = _rss_gb()
+    corpus = build_corpus(model, n_sequences=args.n_sequences, cache_dir=args.cache_dir, text_files=args.text_files,
+                          progress=False)
+    train_texts, _ = split_heldout(corpus.texts, 0.1, seed=0)
+    tokens = (args.training_tokens or [20_480])[-1]
+    cfgs = transcoder_configs(model.cfg.n_layers, args.layers, training_tokens=tokens, k=args.k or 64,
+                              **kind_settings(args.kind))
+    with tempfile.TemporaryDirectory(prefix="frc_store_bench_") as tmp:
+        t = time.perf_counter()
+        res = train_saes_on_model(model, train_texts, cfgs, corpus_id=corpus.corpus_id, cache_dir=Path(tmp) / "saes",
+                                  harvest_tokens=args.harvest_tokens, progress=False, activations=args.store_child)
+        t_all = time.perf_counter() - t
+        left = sorted(str(p.relative_to(tmp)) for p in Path(tmp).glob("saes/activations/*"))
+    digest = hashlib.sha256()
+    for c in cfgs:
+        for name, v in sorted(res[c.key].sae.state_dict().items()):
+            digest.update(name.encode() + v.detach().float().contiguous().numpy().tobytes())
+    final = next(iter(res.values())).final
+    harvested = int(final["harvested_tokens"])
+    harvest_s = harvested / final["harvest_tokens_per_s"]
+    out = {"activations": args.store_child, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+           "rss_model_gb": rss_model, "harvested_tokens": harvested, "harvest_seconds": harvest_s,
+           "train_seconds": t_all - harvest_s, "train_tokens_per_s": final["train_tokens_per_s"],
+           "n_transcoders": len(cfgs), "weights_sha256": digest.hexdigest(), "store_left_behind": left,
+           "seconds": time.perf_counter() - t0}
+    atomic_write_json(args.out, out)
+    return out
+
+
+def store_compare(args, argv: list[str]) -> dict:
+    """``--store``: each path in its own process (peak memory is per process); see the module docstring."""
+    import json
+    import subprocess
+    import tempfile
+
+    paths: dict[str, dict] = {}
+    rest = [a for a in argv if a != "--store"]
+    i = rest.index("--out")
+    rest = rest[:i] + rest[i + 2:]
+    with tempfile.TemporaryDirectory(prefix="frc_store_cmp_") as tmp:
+        for where in ("memory", "disk"):
+            child = Path(tmp) / f"{where}.json"
+            subprocess.run([sys.executable, __file__, *rest, "--store-child", where, "--out", str(child)], check=True)
+            paths[where] = json.loads(child.read_text())
+            print(where, {k: v for k, v in paths[where].items() if k != "weights_sha256"}, flush=True)
+    m, d = paths["memory"], paths["disk"]
+    out = {"paths": paths, "identical": m["weights_sha256"] == d["weights_sha256"],
+           "peak_ratio": d["peak_rss_gb"] / m["peak_rss_gb"],
+           "train_tokens_per_s_ratio": d["train_tokens_per_s"] / m["train_tokens_per_s"],
+           "settings": {"kind": args.kind, "layers": args.layers or "all", "harvest_tokens": args.harvest_tokens,
+                        "training_tokens": (args.training_tokens or [20_480])[-1], "threads": torch.get_num_threads(),
+                        "load_average_end": os.getloadavg()}}
+    atomic_write_json(args.out, out)
+    print(json.dumps({k: v for k, v in out.items() if k != "paths"}, indent=1))
     return out
 
 

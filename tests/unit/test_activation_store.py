@@ -100,11 +100,17 @@ def _train_kinds(model, tmp_path, activations, kind, **extra):
 
 
 @pytest.mark.parametrize("kind", ["jumprelu_skip_transcoder", "clt"])
-def test_a_run_trains_the_same_dictionaries_from_disk_as_from_memory(tmp_path, kind):
-    """The pipeline's path (train_transcoders -> harvest into a store on disk -> train by memory map) gives
-    bit-identical dictionaries to the in-memory path, and leaves no store behind once they are saved."""
+def test_a_run_trains_the_same_dictionaries_from_disk_as_from_memory(tmp_path, kind, monkeypatch):
+    """The pipeline's path (train_transcoders -> harvest into a store on disk -> train by memory map, one layer's
+    transcoder at a time here) gives bit-identical dictionaries to the in-memory path (all layers together), and
+    leaves no store behind once they are saved."""
+    import circuit_discovery.sae.training as training
     from circuit_discovery.models import load_model
 
+    groups = []
+    real_groups = training._groups
+    monkeypatch.setattr(training, "TRAIN_GROUP_BYTES", 1)  # every transcoder its own group
+    monkeypatch.setattr(training, "_groups", lambda *a: groups.append(real_groups(*a)) or groups[-1])
     model = load_model("tiny-gemma3", device="cpu")
     extra = {"clt_d_sae": 16} if kind == "clt" else {"layers": [0, 1]}
     mem = _train_kinds(model, tmp_path, "memory", kind, **extra)
@@ -121,6 +127,8 @@ def test_a_run_trains_the_same_dictionaries_from_disk_as_from_memory(tmp_path, k
     for x, y in pairs:
         torch.testing.assert_close(x, y, atol=0, rtol=0)
     assert not list((tmp_path / "disk" / "saes").glob("activations/*")), "the store outlived training"
+    if kind != "clt":
+        assert [len(g) for g in groups[0]] == [1, 1]
 
 
 def test_a_finished_store_is_reused_and_a_damaged_one_harvested_again(tmp_path, monkeypatch):

@@ -616,9 +616,11 @@ def train_saes_on_model(
     ``activations="memory"`` keeps them in RAM; ``"disk"`` writes them to an
     :class:`~circuit_discovery.sae.activation_store.ActivationStore` and trains from it by memory map (the same
     batches, so the same dictionaries at the same seed; resident memory is about one batch instead of
-    rows x hooks x width x 4 bytes). The store lives under ``store_dir`` (default ``<cache_dir>/activations``, or a
-    temporary folder without a cache) in a folder named by the model, hooks, corpus and row count; it is deleted
-    once every dictionary is saved, and a finished store left by a run that stopped during training is reused.
+    rows x hooks x width x 4 bytes), training the dictionaries in groups of at most :data:`TRAIN_GROUP_BYTES` of
+    weights and optimiser state (the same results: each is trained on the same batches). The store lives under
+    ``store_dir`` (default ``<cache_dir>/activations``, the SAE cache's folder when ``cache_dir`` is None) in a folder
+    named by the model, hooks, corpus and row count; it is deleted once every dictionary is saved, and a finished
+    store left by a run that stopped during training is reused.
     Results are saved to the cache keyed by ``sae_cache_key(model_name, key, cfg, corpus_id)``; a cache hit returns
     the loaded ``SparseAutoencoder`` instead of a ``TrainResult``. Timing: ``harvest_tokens_per_s`` and
     ``train_tokens_per_s`` go into each result's ``final``.
@@ -669,7 +671,9 @@ def train_saes_on_model(
         batch = todo[0].train_batch_size_tokens
         if n_got < batch:
             raise ValueError(f"corpus gave only {n_got} tokens, fewer than one batch ({batch}); give more text")
-        results = train_saes(acts, todo, progress=progress, device=device)
+        results = {}
+        for group in _groups(todo, acts) if activations == "disk" else [todo]:
+            results.update(train_saes(acts, group, progress=progress, device=device))
         for c in todo:
             r = results[c.key]
             r.final["harvest_tokens_per_s"] = harvest_rate
@@ -681,14 +685,37 @@ def train_saes_on_model(
             out[c.key] = r
     finally:
         del acts
-        # a temporary store always goes; a cached one once the dictionaries are saved (else a rerun reuses it)
-        if folder is not None and (len(out) == len(cfgs) or (store_dir is None and cache_dir is None)):
+        # the store goes once the dictionaries are saved (else a rerun reuses it)
+        if folder is not None and len(out) == len(cfgs):
             shutil.rmtree(folder, ignore_errors=True)
     return out
 
 
 #: ``activations`` of :func:`train_saes_on_model` (and ``RunConfig.sae_activations``)
 ACTIVATION_PLACES = ("memory", "disk")
+
+#: with activations on disk, dictionaries are trained in groups whose weights, gradients and Adam moments together
+#: stay under this many bytes (each group reads the store again; the batches, hence the results, are the same)
+TRAIN_GROUP_BYTES = 256 * 2**20
+
+
+def _groups(cfgs: list[SAETrainConfig], source: Mapping[str, Any]) -> list[list[SAETrainConfig]]:
+    """``cfgs`` in order, cut into groups of at most :data:`TRAIN_GROUP_BYTES` of training state (at least one
+    config each)."""
+    groups: list[list[SAETrainConfig]] = [[]]
+    used = 0
+    for c in cfgs:
+        d_in = int(source[c.hook_name].shape[-1])
+        d_out = int(source[c.hook_name_out or c.hook_name].shape[-1])
+        d_sae = c.d_sae or c.expansion_factor * d_in
+        n_params = d_sae * (d_in + d_out + 2) + d_out + (d_in * d_out + d_out if c.skip else 0)
+        size = 4 * 4 * n_params  # float32 weights, gradients and two Adam moments
+        if groups[-1] and used + size > TRAIN_GROUP_BYTES:
+            groups.append([])
+            used = 0
+        groups[-1].append(c)
+        used += size
+    return groups
 
 
 def _store_folder(store_dir, cache_dir, model_name: str, hooks: list[str], corpus_id: str, n: int,
@@ -700,11 +727,7 @@ def _store_folder(store_dir, cache_dir, model_name: str, hooks: list[str], corpu
                                                     "model_batch_size": int(model_batch_size)}, corpus_id)
     if store_dir is not None:
         return Path(store_dir) / key
-    if cache_dir is not None:
-        return cached_sae_path(cache_dir, "activations") / key
-    import tempfile
-
-    return Path(tempfile.mkdtemp(prefix=f"frc_activations_{key}_"))
+    return cached_sae_path(cache_dir, "activations") / key
 
 
 def _store_source(model, texts, hooks: list[str], folder: Path, n: int, context_size: int, model_batch_size: int,
