@@ -3,10 +3,13 @@ between ranks, the seeding (never by rank or by order), and whole runs with ``to
 --nproc-per-node 2`` (gloo, CPU, 1 thread per rank) on the quick configuration of tiny-gemma3, compared with a
 one-process run of the same seed.
 
-Oracle of the whole-run tests: the one-process run's files. ``circuits.json`` and ``hypotheses.csv`` must be
-byte-identical; ``metrics.json`` too (it leaves out ``trained_layers``, whether this run trained the transcoders or
-read them from the cache: not a result). No tolerance is needed: every rank
-runs each relation's functions on the same inputs with the same thread count, so the floats are the same.
+Oracle of the whole-run tests: the one-process run's files. ``circuits.json``, ``hypotheses.csv`` and
+``metrics.json`` must be byte-identical (``metrics.json`` leaves out ``trained_layers``, whether this run trained the
+transcoders or read them from the cache: not a result), ``stages/known.json`` too but for its ``_seconds``, and
+``stages/dictionaries.json`` but for its timings (``seconds``, ``_seconds``). Both runs of the comparison start
+with a cold cache of their own (``$CIRCUIT_DISCOVERY_CACHE``), so both train the transcoders: the two ranks two
+layers each, and the saved weights must be byte-identical. No tolerance is needed: every rank runs each work item's
+functions on the same inputs with the same thread count, so the floats are the same.
 """
 import json
 import os
@@ -34,6 +37,8 @@ TOML = ('[run]\nmodel = "tiny-gemma3"\nquick = true\nquick_relations = 3\nquick_
 OUTPUTS = ("circuits.json", "metrics.json", "hypotheses.csv")
 #: 1 thread per process in every run compared (the floats of a matrix product may depend on the thread count)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+#: the model and transcoder cache's root (``sae.io.default_cache_dir``): each compared run gets a cold one
+CACHE_ENV = "CIRCUIT_DISCOVERY_CACHE"
 
 
 # ---------------------------------------------------------------------------------------------- the split
@@ -195,9 +200,23 @@ def _torchrun(*args, extra_env=None, timeout=600):
 def _outputs(folder: Path) -> dict[str, str]:
     out = {f: (folder / f).read_text() for f in OUTPUTS}
     metrics = json.loads(out["metrics.json"])
-    metrics["dictionaries"].pop("trained_layers", None)   # trained here or read from the cache: not a result
-    out["metrics.json"] = json.dumps(metrics, sort_keys=True)
+    assert "trained_layers" not in metrics["dictionaries"]   # config.json's business: metrics.json has results only
+    known = json.loads((folder / "stages" / "known.json").read_text())
+    assert known.pop("_seconds") >= 0                        # the stage's wall time: the one field that may differ
+    out["stages/known.json"] = json.dumps(known)
     return out
+
+
+def _dictionaries(folder: Path) -> dict:
+    """``stages/dictionaries.json`` without its timings (``seconds``, ``_seconds``)."""
+    data = json.loads((folder / "stages" / "dictionaries.json").read_text())
+    assert data.pop("_seconds") >= 0 and data.pop("seconds") >= 0
+    return data
+
+
+def _weights(cache: Path) -> dict[str, bytes]:
+    """The transcoders' weight files in a cache, by cache key (model, hook, training config and corpus)."""
+    return {p.parent.name: p.read_bytes() for p in (cache / "saes").glob("*/sae_weights.safetensors")}
 
 
 @pytest.fixture(scope="module")
@@ -209,20 +228,34 @@ def config(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(config):
-    """The one-process run (no torchrun; in this process, which runs 1 thread) of the configuration."""
+    """The one-process run (no torchrun; in this process, which runs 1 thread) of the configuration, with a cold
+    cache of its own (``cache_one``: it samples the corpus and trains the transcoders)."""
     from circuit_discovery.pipeline import RunConfig, run_pipeline
 
     assert "WORLD_SIZE" not in os.environ
     out = config.parent / "one"
-    run_pipeline(RunConfig.from_toml(config, out=str(out)))
+    old = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(config.parent / "cache_one")
+    try:
+        run_pipeline(RunConfig.from_toml(config, out=str(out)))
+    finally:
+        if old is None:
+            del os.environ[CACHE_ENV]
+        else:
+            os.environ[CACHE_ENV] = old
     return out
 
 
 def test_two_processes_write_what_one_process_writes(config, reference):
-    out = config.parent / "two"
-    res = _torchrun("--config", str(config), "--out", str(out))
+    out, cache = config.parent / "two", config.parent / "cache_two"
+    res = _torchrun("--config", str(config), "--out", str(out), extra_env={CACHE_ENV: str(cache)})   # cold cache
     assert res.returncode == 0, res.stderr
     assert _outputs(out) == _outputs(reference)
+    n_layers = 4                                                  # tiny-gemma3: one transcoder per layer
+    assert _dictionaries(out) == _dictionaries(reference)
+    assert _dictionaries(out)["trained_layers"] == list(range(n_layers))   # trained by the ranks, not read
+    weights = _weights(cache)
+    assert len(weights) == n_layers and weights == _weights(config.parent / "cache_one")
     one, two = (json.loads((d / "config.json").read_text()) for d in (reference, out))
     assert (one["world_size"], one["ranks"]) == (1, [])
     assert not (reference / "stages" / "circuits").exists()      # the one-process run takes the plain path
@@ -232,8 +265,11 @@ def test_two_processes_write_what_one_process_writes(config, reference):
     for stage in ("attribution", "circuits", "validation", "feature_circuits"):
         items = [r["stages"][stage]["items"] for r in two["ranks"]]
         assert items == [rels[0::2], rels[1::2]], stage           # round robin: both ranks worked
-    assert two["ranks"][0]["stages"]["known"]["items"] == ["(whole stage)"]
-    assert "known" not in two["ranks"][1]["stages"]
+    n_facts = json.loads((reference / "stages" / "known.json").read_text())["n"]
+    assert n_facts > 64                                           # two batches of facts (64 each at most)
+    assert [r["stages"]["known"]["items"] for r in two["ranks"]] == [["facts 0-63"], [f"facts 64-{n_facts - 1}"]]
+    layers = [[r["stages"]["dictionaries"][k] for k in ("items", "resumed")] for r in two["ranks"]]
+    assert layers == [[["layer 0", "layer 2"], []], [["layer 1", "layer 3"], []]]
 
 
 def test_killed_rank_stops_the_run_and_resume_finishes_it(config, reference):

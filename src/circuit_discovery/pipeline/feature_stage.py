@@ -174,16 +174,45 @@ def dictionaries(model, cfg: RunConfig, loaded: TranscoderSet | None = None):
                                trained_set=None if cfg.dictionaries else ds), js
 
 
-def _train(model, cfg: RunConfig):
-    """``train_transcoders`` with the run's settings."""
+def _train(model, cfg: RunConfig, layers: Sequence[int] | None = None):
+    """``train_transcoders`` with the run's settings, for ``layers`` (default ``cfg.sae_layers``: every layer when
+    ``None``)."""
     from circuit_discovery.sae.dictionaries import train_transcoders
 
-    return train_transcoders(model, cfg.sae_layers, training_tokens=cfg.sae_training_tokens, k=cfg.sae_k,
+    return train_transcoders(model, cfg.sae_layers if layers is None else list(layers),
+                             training_tokens=cfg.sae_training_tokens, k=cfg.sae_k,
                              seed=cfg.sae_seed, cache_dir=None if cfg.cache_dir is None else f"{cfg.cache_dir}/saes",
                              corpus_cache_dir=cfg.cache_dir, n_sequences=cfg.sae_corpus_sequences,
                              text_files=cfg.sae_text_files, evaluate=cfg.sae_eval_tokens > 0,
                              eval_tokens=max(cfg.sae_eval_tokens, 1), progress=cfg.progress, kind=cfg.sae_kind,
                              activations=cfg.sae_activations)
+
+
+def split_layers(model, cfg: RunConfig) -> list[int] | None:
+    """The transcoder layers a distributed run deals over its ranks (``cfg.sae_layers``, else every layer), or
+    ``None`` when the dictionaries are not trained layer by layer: loaded (``cfg.dictionaries``) or one cross-layer
+    transcoder (``cfg.sae_kind == "clt"``), which one rank trains."""
+    if cfg.dictionaries or cfg.sae_kind == "clt":
+        return None
+    return [int(l) for l in (cfg.sae_layers if cfg.sae_layers is not None else range(model.cfg.n_layers))]
+
+
+def build_training_corpus(model, cfg: RunConfig) -> str:
+    """Build (or read from the cache) the transcoders' corpus with the settings :func:`_train` uses, so that it is
+    in the cache before several processes train; returns its ``corpus_id``."""
+    from circuit_discovery.sae.corpus import build_corpus
+
+    return build_corpus(model, n_sequences=cfg.sae_corpus_sequences, cache_dir=cfg.cache_dir,
+                        text_files=list(cfg.sae_text_files), progress=cfg.progress).corpus_id
+
+
+def train_layers(model, cfg: RunConfig, layers: Sequence[int]) -> dict[str, list[int]]:
+    """Train the per-layer transcoders of ``layers`` (:func:`_train`: one activation harvest; each transcoder and its
+    held-out metrics saved in the transcoder cache, where :func:`dictionaries` finds them): ``{"trained": layers
+    trained now, "cached": layers that were already in the cache}``."""
+    ds = _train(model, cfg, layers)
+    trained = [int(l) for l in ds.trained]
+    return {"trained": trained, "cached": [int(l) for l in layers if int(l) not in trained]}
 
 
 def _evaluate_set(model, ts: TranscoderSet, cfg: RunConfig) -> dict[str, dict]:

@@ -5,10 +5,11 @@ writes its result into the run folder atomically (``stages/<name>.json``), so a 
 restarted with ``resume=True`` skips what is done. The per-relation work of each stage lives in the ``*_stage``
 modules; :func:`discover_relation` chains it for one relation (the API's path).
 
-Under ``torchrun`` (:mod:`.distributed`) the ranks share the per-relation work of the attribution, causal-tracing,
-circuit, validation and feature-circuit stages (each item's result is saved in ``stages/<stage>/`` as it finishes:
-the checkpoints of ``--resume``); rank 0 runs the known filter, the dictionaries, the hypothesis tests and the
-report, assembles each stage's result in the single-process order and writes it (``docs/distributed.md``).
+Under ``torchrun`` (:mod:`.distributed`) the ranks share the known filter's batches of facts and the per-relation
+work of the attribution, causal-tracing, circuit, validation and feature-circuit stages (each item's result is saved
+in ``stages/<stage>/`` as it finishes: the checkpoints of ``--resume``), and the layers of per-layer transcoders
+(saved in the transcoder cache); rank 0 runs the hypothesis tests and the report, assembles each stage's result in
+the single-process order and writes it (``docs/distributed.md``).
 """
 from __future__ import annotations
 
@@ -93,17 +94,66 @@ class RunResult:
     rank: int = 0
 
 
-def find_known(model, dataset, cfg: RunConfig):
-    """The known-fact filter of a run (API and pipeline): the :class:`~circuit_discovery.facts.KnownReport` of
-    ``dataset`` (an answer is known when it ranks <= ``cfg.known_k``). Every subject must start and end on token
-    boundaries of its prompt (the corruption replaces whole subject tokens), else a ``DatasetError`` says so."""
-    from circuit_discovery.facts import check_subject_tokens, filter_known
+def check_known_input(model, dataset) -> None:
+    """Every subject must start and end on token boundaries of its prompt (the corruption replaces whole subject
+    tokens), else a ``DatasetError`` says so (a tokenizer without character offsets: a warning, not checked)."""
+    from circuit_discovery.facts import check_subject_tokens
 
     if getattr(model.tokenizer, "is_fast", False):
         check_subject_tokens(dataset, model.tokenizer)
     else:
         log.warning("the tokenizer gives no character offsets: subject token boundaries are not checked")
-    return filter_known(model, dataset, k=cfg.known_k, batch_size=max(cfg.batch_size, 64), progress=cfg.progress)[1]
+
+
+def known_batch_size(cfg: RunConfig) -> int:
+    """Facts per batch of the known filter (one forward pass each): ``max(cfg.batch_size, 64)``."""
+    return max(cfg.batch_size, 64)
+
+
+def known_batches(dataset, cfg: RunConfig) -> list[tuple[str, list]]:
+    """The known filter's work items: ``("facts <first>-<last>", facts)``, the dataset's facts in dataset order cut
+    into contiguous batches of :func:`known_batch_size` facts (the same for any number of processes)."""
+    facts, size = list(dataset.facts), known_batch_size(cfg)
+    return [(f"facts {i}-{min(i + size, len(facts)) - 1}", facts[i:i + size]) for i in range(0, len(facts), size)]
+
+
+def known_batch(model, facts: list, cfg: RunConfig) -> dict:
+    """The ``KnownReport.to_dict()`` of one batch of facts (:func:`~circuit_discovery.facts.filter_known`, one
+    forward pass for the batch)."""
+    from circuit_discovery.facts import filter_known
+
+    return filter_known(model, facts, k=cfg.known_k, batch_size=known_batch_size(cfg), progress=False)[1].to_dict()
+
+
+def merge_known(parts, k: int):
+    """One :class:`~circuit_discovery.facts.KnownReport` of the batches' reports ``parts`` (``to_dict()`` form, in
+    dataset order): the facts' scores in that order, each relation's counts summed, relations in order of first
+    appearance (what one report over all the facts has)."""
+    from circuit_discovery.facts import KnownReport
+    from circuit_discovery.facts.known import RelationAccuracy
+
+    out = KnownReport(k=k)
+    for part in parts:
+        rep = KnownReport.from_dict(part)
+        for rel, acc in rep.per_relation.items():
+            tot = out.per_relation.setdefault(rel, RelationAccuracy())
+            tot.n += acc.n
+            tot.n_known += acc.n_known
+        out.scores += rep.scores
+    return out
+
+
+def find_known(model, dataset, cfg: RunConfig):
+    """The known-fact filter of a run (API and pipeline): the :class:`~circuit_discovery.facts.KnownReport` of
+    ``dataset`` (an answer is known when it ranks <= ``cfg.known_k``), computed batch by batch
+    (:func:`known_batches`, :func:`known_batch`, :func:`merge_known`: the same batches a distributed run deals over
+    its ranks). Every subject must start and end on token boundaries of its prompt (:func:`check_known_input`)."""
+    from tqdm.auto import tqdm
+
+    check_known_input(model, dataset)
+    batches = tqdm(known_batches(dataset, cfg), desc=f"known facts (top-{cfg.known_k})", unit="batch",
+                   disable=not cfg.progress)
+    return merge_known([known_batch(model, facts, cfg) for _, facts in batches], cfg.known_k)
 
 
 def known_facts_by_relation(dataset, report) -> dict[str, list]:
@@ -400,15 +450,28 @@ class Run:
 
     # ------------------------------------------------------------------ stages
     def stage_known(self) -> dict:
+        """The known-fact filter (:func:`find_known`). Distributed: rank 0 checks the subjects' token boundaries,
+        the ranks share the batches of facts (:func:`known_batches`, :meth:`_split`) and every rank assembles the
+        batches' reports in dataset order (:func:`merge_known`)."""
         def run():
             data = find_known(self.model, self.dataset, self.cfg).to_dict()
             data["templates"] = relation_templates(self.dataset)
             return data
 
-        if self.dist is not None and not self.dist.is_main:  # load the model while rank 0 filters the facts
-            return self._dist_stage("known", lambda: (self.model, self._share("known", run))[1])
         if not (self.cfg.resume and (self.stage_dir / "known.json").exists()):
             self.model  # noqa: B018 -- load it outside the known stage's timer (timings["load_model"] has it)
+        if self.dist is not None:
+            dist = self.dist
+
+            def split():
+                dist.share(lambda: check_known_input(self.model, self.dataset), "known")
+                parts = self._split("known", [(key, functools.partial(known_batch, self.model, facts, self.cfg))
+                                              for key, facts in known_batches(self.dataset, self.cfg)])
+                data = merge_known(parts.values(), self.cfg.known_k).to_dict()
+                data["templates"] = relation_templates(self.dataset)
+                return data
+
+            return self._dist_stage("known", split)
         return self._stage("known", run)
 
     def stage_attribution(self, facts_by_rel: dict[str, list]) -> dict:
@@ -516,7 +579,55 @@ class Run:
         return self._dictionaries
 
     def stage_dictionaries(self) -> dict:
+        """The run's transcoders (:meth:`transcoders`). Distributed, per-layer transcoders to train
+        (:func:`~.feature_stage.split_layers`): :meth:`_dictionaries_split`; loaded dictionaries and a cross-layer
+        transcoder (``clt``, one model over every layer): rank 0."""
+        if self.dist is not None and self._loaded_dictionaries is None:
+            from circuit_discovery.pipeline.feature_stage import split_layers
+
+            layers = split_layers(self.model, self.cfg)
+            if layers is not None:
+                return self._dist_stage("dictionaries", lambda: self._dictionaries_split(layers))
         return self._stage("dictionaries", lambda: self.transcoders()[1])
+
+    def _dictionaries_split(self, layers: list[int]) -> dict:
+        """Per-layer transcoders trained by every rank: rank 0 builds the corpus (cached, so the ranks never write
+        it at the same time); each rank trains its share of ``layers`` (dealt round robin, one activation harvest
+        per rank; each transcoder saved in the transcoder cache, with its held-out metrics); then rank 0 reads
+        them all from the cache (:func:`~.feature_stage.dictionaries`) and sends the stage's result, whose
+        ``trained_layers`` are the layers any rank trained (in ``layers`` order, as one process reports them).
+        ``config.json``'s ``ranks`` name the layers each rank trained (``items``) and found in the cache
+        (``resumed``)."""
+        from circuit_discovery.pipeline.distributed import maybe_kill
+        from circuit_discovery.pipeline.feature_stage import build_training_corpus, train_layers
+
+        d = self.dist
+        assert d is not None
+        d.share(lambda: build_training_corpus(self.model, self.cfg), "dictionaries")
+        mine = [layers[i] for i in d.mine(len(layers))]
+
+        def work() -> list[int]:
+            t0 = time.time()
+            if not mine:
+                return []
+            maybe_kill("dictionaries", d.rank, 0)
+            got = train_layers(self.model, self.cfg, mine)
+            self._record("dictionaries", time.time() - t0, [f"layer {l}" for l in got["trained"]],
+                         [f"layer {l}" for l in got["cached"]])
+            return got["trained"]
+
+        trained = {int(l) for part in d.exchange(work, "dictionaries") for l in part}
+
+        def assemble() -> dict:
+            t0 = time.time()
+            data = dict(self.transcoders()[1])
+            self._record("dictionaries", time.time() - t0, [], [])
+            if "trained_layers" in data:  # the ranks' layers, and any rank 0 did not find in the cache after all
+                done = trained | {int(l) for l in data["trained_layers"]}
+                data["trained_layers"] = [l for l in layers if l in done]
+            return data
+
+        return d.share(assemble, "dictionaries")
 
     def stage_feature_circuits(self, pairs_by_rel: dict[str, dict]) -> dict:
         from circuit_discovery.pipeline.feature_stage import feature_circuit_for_relation, feature_details
@@ -531,7 +642,7 @@ class Run:
             return {"relations": rels, "feature_details": feature_details(self.model, tcs, rels, self.cfg)}
 
         if self.dist is not None:
-            def split():  # the transcoders come from the cache rank 0 filled in the dictionaries stage
+            def split():  # the transcoders come from the cache the dictionaries stage filled
                 rels = self._split_relations(
                     "feature_circuits", pairs_by_rel.items(),
                     lambda rel, pairs: feature_circuit_for_relation(self.model, self.transcoders()[0].transcoders,
