@@ -275,7 +275,8 @@ def view(out: Path = _OUT,
 
 def _summary_table(result) -> None:
     """One row per circuit: facts used, its size, held-out faithfulness, the matched-baseline p and whether it is a
-    finding (``report_stage.circuit_finding``, the report's rule), with the first reason when it is not."""
+    finding (``report_stage.circuit_finding``, the report's rule), with the short reasons (:data:`SHORT_REASONS`) of
+    its failed checks when it is not."""
     from rich.console import Console
     from rich.table import Table
 
@@ -298,19 +299,24 @@ def _summary_table(result) -> None:
         fs = "—" if f is None else (f"{f:.2f}" + ("" if ci[0] is None else f" [{ci[0]:.2f}, {ci[1]:.2f}]"))
         p = m.get("random_baseline_p")
         n_disc, n_held = m.get("n_discovery", c.n_facts), m.get("n_held_out", "—")
-        verdict = "yes" if fnd.finding else "no: " + ", ".join(_short_reasons(fnd.reasons))
+        verdict = "yes" if fnd.finding else "no: " + ", ".join(_short_reasons(fnd.codes))
         t.add_row(c.name, f"{n_disc} / {n_held}", str(m.get("circuit_size", len(c.nodes))), fs,
                   "—" if p is None else f"{p:.3f}", verdict)
     Console(stderr=True, width=max(Console(stderr=True).width, 110)).print(t)
 
 
-def _short_reasons(reasons) -> list[str]:
-    """A few words per failed check (report.md gives the sentences)."""
-    keys = (("degenerate", "degenerate"), ("held-out f", "held-out f"), ("random", "random p"),
-            ("non-inert", "size"), ("dictionar", "dictionaries"), ("transcoders", "dictionaries"))
+#: A few words per failed check of ``report_stage.circuit_finding`` (its ``Finding.codes``, the keys of
+#: ``report_stage.FINDING_CODES``) for the summary table; report.md gives the sentences.
+SHORT_REASONS = {"no_validation": "not validated", "degenerate": "degenerate", "held_out_faithfulness": "held-out f",
+                 "random_baseline": "random p", "circuit_size": "size", "dictionary_quality_unknown": "dictionaries",
+                 "dictionary_quality": "dictionaries", "not_validated": "not validated"}
+
+
+def _short_reasons(codes) -> list[str]:
+    """The short reasons (:data:`SHORT_REASONS`) of a finding's failed-check ``codes``, each once, in order."""
     out: list[str] = []
-    for r in reasons:
-        word = next((w for k, w in keys if k in r), "not validated")
+    for code in codes:
+        word = SHORT_REASONS.get(code, code)
         if word not in out:
             out.append(word)
     return out or ["not validated"]

@@ -374,3 +374,22 @@ def test_report_package_never_imports_the_model():
             for name in names:
                 assert not name.startswith(("torch", "transformers", "circuit_discovery.models",
                                             "circuit_discovery.attribution", "circuit_discovery.pipeline")), (py, name)
+
+
+def test_report_package_imports_no_model_code():
+    """``circuit_discovery.report`` reads results only: no module of it reaches, through its imports (lazy ones
+    included), the model, the packages that run it or ``circuit_discovery.facts`` (whose ``__init__`` imports model
+    code); the token roles it shares with the pair builder come from the model-free
+    ``circuit_discovery.token_roles``."""
+    import networkx as nx
+
+    from tests.unit.test_conventions import PKG, _is_model_running, import_graph
+
+    g = import_graph()
+    report_modules = [m for m in g if m == f"{PKG}.report" or m.startswith(f"{PKG}.report.")]
+    assert f"{PKG}.report.viewer" in report_modules
+    assert g.has_edge(f"{PKG}.report.viewer", f"{PKG}.token_roles")
+    reached = set().union(*(nx.descendants(g, m) for m in report_modules))
+    bad = sorted(m for m in reached if _is_model_running(m) or m == PKG or m == f"{PKG}.facts"
+                 or m.startswith(f"{PKG}.facts."))
+    assert not bad, f"report modules reach model code through their imports: {bad}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from circuit_discovery.facts.types import Dataset, DatasetError, Fact, FactPair
+from circuit_discovery.token_roles import token_roles  # re-exported: facts.pairs.token_roles
 
 
 class PairError(DatasetError):
@@ -98,26 +99,6 @@ def _span_from_offsets(tokenizer, prompt: str, start: int, end: int, prepend_bos
     if not hit:
         raise PairError(f"no token of {prompt!r} covers the subject at chars {start}:{end}")
     return hit[0] + shift, hit[-1] + 1 + shift
-
-
-def token_roles(n_tokens: int, span: tuple[int, int], has_bos: bool) -> list[str]:
-    """Role of each position (docs/ARCHITECTURE.md): ``bos``, ``subject_first``/``subject_middle``/
-    ``subject_last`` (a one-token subject is ``subject_last``), ``relation_first`` (the first token after
-    the subject), ``relation`` (other prompt tokens) and ``last`` (the final token, which wins)."""
-    s, e = span
-    if not 0 <= s < e <= n_tokens:
-        raise PairError(f"subject span {span} out of range for {n_tokens} tokens")
-    roles = ["relation"] * n_tokens
-    if has_bos:
-        roles[0] = "bos"
-    for i in range(s, e):
-        roles[i] = "subject_middle"
-    roles[s] = "subject_first"
-    roles[e - 1] = "subject_last"
-    if e < n_tokens:
-        roles[e] = "relation_first"
-    roles[-1] = "last"
-    return roles
 
 
 # --------------------------------------------------------------------------- pair building

@@ -37,6 +37,7 @@ from typing import Any
 
 from circuit_discovery.errors import CircuitDiscoveryError
 from circuit_discovery.io import atomic_write_text
+from circuit_discovery.token_roles import token_roles as span_roles
 
 __all__ = ["ViewerInputError", "write_viewer", "render_viewer", "embed_json", "compact_graph", "token_roles",
            "MAX_GRAPH_LINKS"]
@@ -131,7 +132,8 @@ def _validate(circuits_json: Any) -> list[Mapping[str, Any]]:
 def token_roles(tokens: Sequence[str], prompt: str, subject: str) -> list[str] | None:
     """Role of each position of ``tokens`` (the roles of docs/ARCHITECTURE.md: ``bos``, ``subject_first``/
     ``subject_middle``/``subject_last``, ``relation_first``, ``relation``, ``last``), from the subject's character
-    span in ``prompt``. None when the tokens do not spell the prompt or the subject is not in it."""
+    span in ``prompt``, assigned by :func:`circuit_discovery.token_roles.token_roles` (the pair builder's rule).
+    None when the tokens do not spell the prompt or the subject is not in it."""
     toks = [str(t) for t in tokens]
     has_bos = bool(toks) and toks[0] in ("<bos>", "<s>", "<|begin_of_text|>", "<|endoftext|>")
     body = toks[1:] if has_bos else toks
@@ -147,18 +149,7 @@ def token_roles(tokens: Sequence[str], prompt: str, subject: str) -> list[str] |
             hit.append(i + int(has_bos))
     if not hit:
         return None
-    s, e, n = hit[0], hit[-1] + 1, len(toks)
-    roles = ["relation"] * n
-    if has_bos:
-        roles[0] = "bos"
-    for i in range(s, e):
-        roles[i] = "subject_middle"
-    roles[s] = "subject_first"
-    roles[e - 1] = "subject_last"
-    if e < n:
-        roles[e] = "relation_first"
-    roles[-1] = "last"
-    return roles
+    return span_roles(len(toks), (hit[0], hit[-1] + 1), has_bos)
 
 
 def _sig(x: Any, digits: int = 4) -> float | None:
