@@ -1,5 +1,6 @@
 """The model cache: fast folder loading equals ``from_pretrained``; the manifest's hashes catch a same-size
 corruption; an untouched file is not rehashed. A tiny model stands in for the GGUF build (``BuiltinModel.build``)."""
+import contextlib
 import json
 import os
 
@@ -190,3 +191,39 @@ def test_verify_model_cache_names_and_errors(tmp_path, fake_builtin):
     loading.load_model(NAME, device="cpu", cache_dir=tmp_path)
     every = verify_model_cache(cache_dir=tmp_path)
     assert list(every["models"]) == [NAME] and every["ok"]
+
+
+def test_concurrent_processes_build_a_damaged_cache_once(tmp_path, fake_builtin, monkeypatch):
+    """Ranks of a torchrun run share the cache: two loads that find it damaged at the same time build it once (the
+    second waits on the folder's lock, then finds it built); without the lock both build (the control)."""
+    import threading
+    import time as _time
+
+    def slow_build(folder, real=loading.BUILTIN_MODELS[NAME].build):
+        _time.sleep(0.5)
+        return real(folder)
+
+    monkeypatch.setitem(loading.BUILTIN_MODELS, NAME, loading.BuiltinModel(NAME, "test", lambda: None,
+                                                                             ("Gemma3ForCausalLM",), build=slow_build))
+
+    def race(cache):
+        errors = []
+
+        def one():
+            try:
+                loading.builtin_folder(NAME, cache)
+            except Exception as e:  # noqa: BLE001 -- reported by the assertion below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    assert race(tmp_path / "locked") == []
+    assert len(fake_builtin) == 1
+    monkeypatch.setattr(loading, "_cache_lock", lambda folder: contextlib.nullcontext())
+    race(tmp_path / "unlocked")
+    assert len(fake_builtin) == 3  # the control: without the lock both threads build

@@ -6,6 +6,7 @@ Cache root: argument ``cache_dir``, else ``$CIRCUIT_DISCOVERY_CACHE``, else ``~/
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -255,16 +256,35 @@ def _build_gguf_cache(builtin: BuiltinModel, folder: Path) -> None:
         write_manifest(tmp, model=builtin.name, source=source, build_seconds=round(time.time() - t0, 1))
 
 
-def builtin_folder(name: str, cache_dir=None, verify_hash: bool = False) -> Path:
+@contextlib.contextmanager
+def _cache_lock(folder: Path):
+    """An exclusive lock on ``<folder>.lock`` (``flock``): processes sharing the cache (the ranks of a ``torchrun``
+    run on one machine) check and rebuild a model's folder one at a time; the others then find it built."""
+    import fcntl
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def builtin_folder(name: str, cache_dir=None, verify_hash: bool = False, rebuild: bool = False) -> Path:
     """The cached HF folder of a built-in model, built (or rebuilt if damaged) on demand. Every call checks the
     file sizes and rehashes the files changed since their last successful hash check (a same-size corruption
-    included); ``verify_hash`` rehashes every file."""
+    included); ``verify_hash`` rehashes every file; ``rebuild`` removes the folder first. The check and the build
+    hold a lock on the folder (:func:`_cache_lock`), so concurrent processes build it once."""
     builtin = BUILTIN_MODELS[name]
     folder = cache_root(cache_dir) / "models" / name
-    if not _cache_ok(folder, verify_hash):
-        if folder.exists():
-            log.warning("cache of %s at %s is incomplete or damaged; rebuilding it", name, folder)
-        _build_gguf_cache(builtin, folder)
+    with _cache_lock(folder):
+        if rebuild:
+            shutil.rmtree(folder, ignore_errors=True)
+        if not _cache_ok(folder, verify_hash):
+            if folder.exists():
+                log.warning("cache of %s at %s is incomplete or damaged; rebuilding it", name, folder)
+            _build_gguf_cache(builtin, folder)
     return folder
 
 
@@ -288,8 +308,7 @@ def load_model(name: str | None = None, device: str | torch.device | None = "aut
             model, tok = _load_folder(folder, dt)
         except _LOAD_ERRORS as e:  # a cache that passed its checks but does not load: rebuild once
             log.warning("cached %s failed to load (%s); rebuilding", name, type(e).__name__)
-            shutil.rmtree(folder, ignore_errors=True)
-            folder = builtin_folder(name, cache_dir)
+            folder = builtin_folder(name, cache_dir, rebuild=True)
             try:
                 model, tok = _load_folder(folder, dt)
             except _LOAD_ERRORS as e2:
