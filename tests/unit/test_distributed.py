@@ -126,6 +126,28 @@ def test_a_failing_rank_stops_the_run_with_one_line_naming_it(one_rank, capsys):
                      "the traceback is in rank 0's log above)"]
 
 
+def test_an_error_after_the_last_message_is_reported_as_itself_not_as_a_lost_rank(one_rank, capsys, monkeypatch):
+    """Rank 0 fails after the other ranks have finished and left (writing config.json after the last exchange):
+    its own error is the one line, not "rank N stopped ... without reporting an error"."""
+    from circuit_discovery.pipeline import distributed as dist_mod
+
+    def gone(obj):
+        raise dist_mod._Lost("RuntimeError: Connection closed by peer")
+
+    monkeypatch.setattr(one_rank, "_all_gather_json", gone)
+    with pytest.raises(RankStopped) as e:
+        one_rank.fail(PermissionError("config.json: read-only file system"), "report")
+    assert e.value.code == EXIT_FAILED
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: rank 0 of 1 failed in stage report (the other ranks had left or stopped answering): "
+                     "PermissionError: config.json: read-only file system (a bug: the traceback is in rank 0's log "
+                     "above)"]
+    with pytest.raises(DistributedError, match="failed in stage report .*: relation 'x' is unknown"):
+        from circuit_discovery.facts import DatasetError
+
+        one_rank.fail(DatasetError("relation 'x' is unknown"), "report")
+
+
 SLOW_RANK = """
 import time
 from circuit_discovery.pipeline.distributed import Dist, run_distributed

@@ -248,8 +248,26 @@ class Dist:
         """This rank failed outside a message (``exc``): send the failure at the next message, which every rank
         reaches, so that the run stops everywhere with one line."""
         env = self._run_local(lambda: _reraise(exc))
-        self._envelopes(env, stage)
+        try:
+            self._envelopes(env, stage)
+        except _Lost:
+            # the others cannot hear it (they finished and left after the last message, or stopped too): this rank
+            # says why itself instead of reporting them as lost
+            self.stage = stage
+            self._report_alone(env["error"])
         raise AssertionError("unreachable: an error envelope always stops the run")  # pragma: no cover
+
+    def _report_alone(self, err: dict) -> NoReturn:
+        """This rank failed (``err``) where no other rank could be told: it reports its own failure."""
+        self._ignore_sigterm()
+        self._mark_reported()
+        where = (f"rank {self.rank} of {self.world_size} failed in stage {self.stage} (the other ranks had left or "
+                 f"stopped answering): ")
+        if err["kind"] == "input":
+            raise DistributedError(where + err["message"])
+        print(f"error: {where}{err['message']} (a bug: the traceback is in rank {self.rank}'s log above)",
+              file=sys.stderr, flush=True)
+        raise RankStopped(EXIT_FAILED)
 
     def _fail(self, failed: Sequence[tuple[int, dict]]) -> NoReturn:
         """The run has failed (``failed``: (rank, error) of each failing rank, every rank knows the same list):
