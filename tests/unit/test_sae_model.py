@@ -311,3 +311,31 @@ def test_transcoder_metrics_are_cached_with_the_transcoders(model, tmp_path, mon
     assert second.trained == [] and second.metrics == first.metrics
     with pytest.raises(AssertionError, match="warm cache"):  # other eval settings are measured again
         dictionaries.train_transcoders(model, **{**kw, "eval_tokens": 16})
+
+
+@pytest.mark.parametrize("name", ["tiny-gemma2", "tiny-gpt2"])
+def test_chunked_next_token_losses_equal_the_full_logits(name):
+    """next_token_losses (logits LOSS_CHUNK positions at a time, from final hidden states) against the oracle: full
+    logits of every position, log-softmax, gathered NLL and KL over the same positions (tolerance 1e-5 relative;
+    float32 sums in a different order). tiny-gemma2 soft-caps its logits. A perturbed run differs (the check can
+    fail)."""
+    from circuit_discovery.models import load_model
+    from circuit_discovery.sae.evaluate import next_token_losses
+
+    model = load_model(name, device="cpu")
+    tokens = torch.randint(3, model.cfg.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 5:] = False
+    h = model.final_hidden(tokens, attention_mask=mask)
+    h2 = h + 0.3 * torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+    nll, kl, n = next_token_losses(model, {"a": h, "b": h2}, tokens, valid, reference="a", chunk=3)
+    lp_a = model(tokens, attention_mask=mask)[:, :-1].float().log_softmax(-1)
+    lp_b = model.unembed(h2)[:, :-1].float().log_softmax(-1)
+    tgt = tokens[:, 1:, None]
+    ref_nll = {k: float(-lp.gather(-1, tgt).squeeze(-1)[valid].sum()) for k, lp in (("a", lp_a), ("b", lp_b))}
+    ref_kl = float((lp_a.exp() * (lp_a - lp_b)).sum(-1)[valid].sum())
+    assert n == int(valid.sum()) == 13
+    assert nll == pytest.approx(ref_nll, rel=1e-5)
+    assert kl == {"b": pytest.approx(ref_kl, rel=1e-5)}
+    assert ref_kl > 1e-3 and abs(ref_nll["a"] - ref_nll["b"]) > 1e-3

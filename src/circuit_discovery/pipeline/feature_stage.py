@@ -248,7 +248,7 @@ def evaluate_cross_layer(model, ts: TranscoderSet, texts: Sequence[str], n_token
     ``ce_loss_score_all_layers`` (every layer's entry): the fully spliced model, each layer's output the CLT's
     reconstruction from the spliced model's own inputs (circuit-tracer's replacement model), against zero-ablating
     every MLP output."""
-    from circuit_discovery.sae.evaluate import ce_loss_score, dead_fraction, explained_variance
+    from circuit_discovery.sae.evaluate import ce_loss_score, dead_fraction, explained_variance, next_token_losses
     from circuit_discovery.sae.harvest import iter_token_batches, token_mask
 
     c = ts.cross_layer
@@ -267,16 +267,15 @@ def evaluate_cross_layer(model, ts: TranscoderSet, texts: Sequence[str], n_token
         keep = real & (real.flatten().cumsum(0).reshape(real.shape) <= n_tokens - n_seen)
         rows = keep.any(1)
         tokens, mask, keep = tokens[rows], mask[rows], keep[rows]
-        logits, cache = model.run_with_cache(tokens, names=ins + outs, attention_mask=mask)
-        tgt = tokens[:, 1:]
+        cache: dict[str, Tensor] = {}
+        with model.hooks([(h, lambda x, name: cache.__setitem__(name, x.detach())) for h in ins + outs]):
+            clean = model.final_hidden(tokens, attention_mask=mask)
         valid = keep[:, 1:]
 
-        def nll(lg):
-            lp = lg[:, :-1].float().log_softmax(-1)
-            return float((-lp.gather(-1, tgt[..., None]).squeeze(-1))[valid].sum())
+        def nll(h):
+            return next_token_losses(model, {"h": h}, tokens, valid)[0]["h"]
 
-        ce["clean"] += nll(logits)
-        del logits
+        ce["clean"] += nll(clean)
         acts = {l: c.encode(l, cache[ins[l]].float()) for l in range(L)}
         for l in range(L):
             f = acts[l][keep]
@@ -290,7 +289,7 @@ def evaluate_cross_layer(model, ts: TranscoderSet, texts: Sequence[str], n_token
                 def put(x, _, val=val):
                     return torch.where(keep[..., None], val.to(x.dtype), x)
                 with model.hooks([(outs[t], put)]):
-                    ce[key] += nll(model(tokens, attention_mask=mask))
+                    ce[key] += nll(model.final_hidden(tokens, attention_mask=mask))
         live: dict[int, Tensor] = {}
 
         def grab(l):
@@ -304,12 +303,12 @@ def evaluate_cross_layer(model, ts: TranscoderSet, texts: Sequence[str], n_token
             return fn
         hooks = [h for l in range(L) for h in ((ins[l], grab(l)), (outs[l], splice(l)))]
         with model.hooks(hooks):
-            ce["all"] += nll(model(tokens, attention_mask=mask))
+            ce["all"] += nll(model.final_hidden(tokens, attention_mask=mask))
 
         def zero(x, _):
             return torch.where(keep[..., None], torch.zeros_like(x), x)
         with model.hooks([(o, zero) for o in outs]):
-            ce["zero_all"] += nll(model(tokens, attention_mask=mask))
+            ce["zero_all"] += nll(model.final_hidden(tokens, attention_mask=mask))
         n_pred += int(valid.sum())
         n_seen += int(keep.sum())
         if n_seen >= n_tokens:

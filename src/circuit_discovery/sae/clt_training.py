@@ -306,13 +306,13 @@ def evaluate_clt(model, clt: CrossLayerTranscoder, target: int, texts: Sequence[
     encoded at ``target`` (``sparsity_tokens`` is accepted for symmetry; sparsity uses the CE tokens)."""
     from circuit_discovery.sae.evaluate import (
         _first_tokens,
-        _next_token_stats,
         ce_loss_score,
         cossim,
         dead_fraction,
         explained_variance,
         kl_div_score,
         mse,
+        next_token_losses,
     )
     from circuit_discovery.sae.harvest import iter_token_batches, token_mask
 
@@ -355,16 +355,15 @@ def evaluate_clt(model, clt: CrossLayerTranscoder, target: int, texts: Sequence[
             hooks: list = [(h, capture) for h in ins]
             hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
             with model.hooks(hooks):
-                return model(tokens, attention_mask=mask)
+                return model.final_hidden(tokens, attention_mask=mask)
 
-        logp_clean, valid = _next_token_stats(run("capture"), tokens, keep)
-        tgt = tokens[:, 1:]
-        ce["clean"] += float((-logp_clean.gather(-1, tgt[..., None]).squeeze(-1))[valid].sum())
-        for mode, key in (("sae", "spliced"), ("zero", "zero")):
-            logp, _ = _next_token_stats(run(mode), tokens, keep)
-            ce[key] += float((-logp.gather(-1, tgt[..., None]).squeeze(-1))[valid].sum())
-            kl[key] += float((logp_clean.exp() * (logp_clean - logp)).sum(-1)[valid].sum())
-        n_pred += int(valid.sum())
+        hidden = {"clean": run("capture"), "spliced": run("sae"), "zero": run("zero")}
+        nll, klv, n = next_token_losses(model, hidden, tokens, keep[:, 1:], reference="clean")
+        for key in ce:
+            ce[key] += nll[key]
+        for key in kl:
+            kl[key] += klv[key]
+        n_pred += n
         f = state["f"]
         fires += (f != 0).sum(0).cpu()
         l0s.append((f != 0).sum(-1).cpu())

@@ -27,7 +27,7 @@ For transcoders, ``blocks.{l}.hook_mlp_out`` is replaced by the transcoder's pre
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import chain
 
 import torch
@@ -122,10 +122,40 @@ def reconstruction_metrics(sae: SparseAutoencoder, x: Tensor, target: Tensor | N
     }
 
 
-def _next_token_stats(logits: Tensor, tokens: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """log-probs [b, pos-1, vocab] and the mask [b, pos-1] of positions whose next token is ``valid``."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    return logp, valid[:, 1:]
+#: positions whose logits exist at once when :func:`next_token_losses` scores them (each ``d_vocab`` floats: 1 MB for
+#: Gemma 3's 262,144 tokens)
+LOSS_CHUNK = 64
+
+
+def next_token_losses(model, hidden: Mapping[str, Tensor], tokens: Tensor, valid: Tensor,
+                      reference: str | None = None, chunk: int = LOSS_CHUNK) -> tuple[dict, dict, int]:
+    """Summed next-token losses of several runs of the same ``tokens`` [b, pos], from their final-normed hidden
+    states ``hidden[name]`` [b, pos, d_model] (:meth:`HookedModel.final_hidden`): ``(nll, kl, n)`` with ``nll[name]``
+    the summed negative log-likelihood of the next token over the positions ``valid`` [b, pos - 1] (a real target
+    token follows), ``kl[name]`` the summed KL(reference || name) for every run but ``reference``, and ``n`` the
+    number of positions. The logits are computed ``chunk`` positions at a time, so memory holds ``chunk x d_vocab``
+    floats instead of ``b x pos x d_vocab`` (the full-logits tensors of a batch of 2 x 128 tokens are 268 MB each
+    for Gemma 3)."""
+    dev = next(iter(hidden.values())).device
+    v = valid.to(dev)
+    tgt = tokens.to(dev)[:, 1:][v]
+    rows = {k: h[:, :-1][v] for k, h in hidden.items()}
+    nll = dict.fromkeys(hidden, 0.0)
+    kl = {k: 0.0 for k in hidden if k != reference}
+    for i in range(0, int(tgt.shape[0]), chunk):
+        t = tgt[i:i + chunk, None]
+        ref = None
+        if reference is not None:
+            ref = model.unembed(rows[reference][i:i + chunk]).float().log_softmax(-1)
+            nll[reference] += float(-ref.gather(-1, t).sum())
+        for k, r in rows.items():
+            if k == reference:
+                continue
+            lp = model.unembed(r[i:i + chunk]).float().log_softmax(-1)
+            nll[k] += float(-lp.gather(-1, t).sum())
+            if ref is not None:
+                kl[k] += float((ref.exp() * (ref - lp)).sum())
+    return nll, kl, int(tgt.shape[0])
 
 
 def _first_tokens(mask: Tensor, n: int) -> Tensor:
@@ -213,23 +243,16 @@ def evaluate_sae(
                 hooks.append((hook_name, capture_in))
             hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
             with model.hooks(hooks):
-                return model(tokens, attention_mask=mask)
+                return model.final_hidden(tokens, attention_mask=mask)
 
-        logits_clean = run("capture")
+        hidden = {"clean": run("capture"), "spliced": run("sae"), "zero": run("zero")}
         # predictions of real (kept) tokens only: BOS, a packed document separator and pads are not targets
-        logp_clean, valid = _next_token_stats(logits_clean, tokens, keep)
-        del logits_clean
-        tgt = tokens[:, 1:]
-        nll_clean = -logp_clean.gather(-1, tgt[..., None]).squeeze(-1)
-        ce["clean"] += float(nll_clean[valid].sum())
-        for mode, key in (("sae", "spliced"), ("zero", "zero")):
-            logp, _ = _next_token_stats(run(mode), tokens, keep)
-            nll = -logp.gather(-1, tgt[..., None]).squeeze(-1)
-            ce[key] += float(nll[valid].sum())
-            klv = (logp_clean.exp() * (logp_clean - logp)).sum(-1)
-            kl[key] += float(klv[valid].sum())
-            del logp
-        n_pred += int(valid.sum())
+        nll, klv, n = next_token_losses(model, hidden, tokens, keep[:, 1:], reference="clean")
+        for key in ce:
+            ce[key] += nll[key]
+        for key in kl:
+            kl[key] += klv[key]
+        n_pred += n
         f = state["f"]
         fires += (f != 0).sum(0).cpu()
         l0s.append((f != 0).sum(-1).cpu())
