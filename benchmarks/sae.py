@@ -14,10 +14,10 @@ with the harvested activations in memory and streamed from an activation store o
 (``--harvest-tokens``, default 100,000: the default ``sae_training_tokens``; the corpus gives what it has), the
 training budget ``--training-tokens`` (default 20,480, to keep it short: the memory peak does not depend on it, the
 throughput barely). Writes ``{"paths": {"memory": {...}, "disk": {...}}, "identical", "peak_ratio",
-"train_tokens_per_s_ratio", "settings"}``: per path the process's peak resident memory (``peak_rss_gb``, from
+"train_sae_tokens_per_s_ratio", "settings"}``: per path the process's peak resident memory (``peak_rss_gb``, from
 ``getrusage``), the resident memory once the model is loaded (``rss_model_gb``), harvest and training seconds,
-``train_tokens_per_s`` (tokens through all transcoders trained together) and a SHA-256 of every trained weight;
-``identical`` is true when the two hashes agree.
+``train_sae_tokens_per_s`` (training tokens x transcoders / training seconds) and a SHA-256 of every trained
+weight; ``identical`` is true when the two hashes agree.
 
 With ``--kinds`` the benchmark trains transcoders (``blocks.{l}.mlp.hook_in -> blocks.{l}.hook_mlp_out``) of each
 kind (``sae.dictionaries.SAE_KINDS``) from one harvest and writes ``{"kinds": {kind: {"layers": {...},
@@ -228,6 +228,19 @@ def store_child(args) -> dict:
     return out
 
 
+def store_summary(paths: dict[str, dict], settings: dict) -> dict:
+    """The ``--store`` result from the two children's reports: per path ``train_sae_tokens_per_s`` (training tokens x
+    transcoders / training seconds: the disk path trains in groups, so a group's own token rate is not comparable),
+    and the ratios disk / memory."""
+    for p in paths.values():
+        p["train_sae_tokens_per_s"] = settings["training_tokens"] * p["n_transcoders"] / p["train_seconds"]
+    m, d = paths["memory"], paths["disk"]
+    return {"paths": paths, "identical": m["weights_sha256"] == d["weights_sha256"],
+            "peak_ratio": d["peak_rss_gb"] / m["peak_rss_gb"],
+            "train_sae_tokens_per_s_ratio": d["train_sae_tokens_per_s"] / m["train_sae_tokens_per_s"],
+            "settings": settings}
+
+
 def store_compare(args, argv: list[str]) -> dict:
     """``--store``: each path in its own process (peak memory is per process); see the module docstring."""
     import json
@@ -244,13 +257,10 @@ def store_compare(args, argv: list[str]) -> dict:
             subprocess.run([sys.executable, __file__, *rest, "--store-child", where, "--out", str(child)], check=True)
             paths[where] = json.loads(child.read_text())
             print(where, {k: v for k, v in paths[where].items() if k != "weights_sha256"}, flush=True)
-    m, d = paths["memory"], paths["disk"]
-    out = {"paths": paths, "identical": m["weights_sha256"] == d["weights_sha256"],
-           "peak_ratio": d["peak_rss_gb"] / m["peak_rss_gb"],
-           "train_tokens_per_s_ratio": d["train_tokens_per_s"] / m["train_tokens_per_s"],
-           "settings": {"kind": args.kind, "layers": args.layers or "all", "harvest_tokens": args.harvest_tokens,
-                        "training_tokens": (args.training_tokens or [20_480])[-1], "threads": torch.get_num_threads(),
-                        "load_average_end": os.getloadavg()}}
+    out = store_summary(paths, {"kind": args.kind, "layers": args.layers or "all",
+                                "harvest_tokens": args.harvest_tokens,
+                                "training_tokens": (args.training_tokens or [20_480])[-1],
+                                "threads": torch.get_num_threads(), "load_average_end": os.getloadavg()})
     atomic_write_json(args.out, out)
     print(json.dumps({k: v for k, v in out.items() if k != "paths"}, indent=1))
     return out
