@@ -304,83 +304,32 @@ def evaluate_clt(model, clt: CrossLayerTranscoder, target: int, texts: Sequence[
     there replaced by the CLT's reconstruction from the clean inputs of layers ``0..target`` (the other MLPs left
     as they are), CE and KL scores against zero-ablating that output; ``l0``/``dead_fraction`` count the features
     encoded at ``target`` (``sparsity_tokens`` is accepted for symmetry; sparsity uses the CE tokens)."""
-    from circuit_discovery.sae.evaluate import (
-        _first_tokens,
-        ce_loss_score,
-        cossim,
-        dead_fraction,
-        explained_variance,
-        kl_div_score,
-        mse,
-        next_token_losses,
-    )
+    from circuit_discovery.sae.evaluate import SpliceTotals, _first_tokens, splice_batch
     from circuit_discovery.sae.harvest import iter_token_batches, token_mask
 
     ins = [clt.hook_in.format(layer=s) for s in range(target + 1)]
     out_hook = clt.hook_out.format(layer=target)
     for h in (*ins, out_hook):
         model.check_hook_name(h)
-    fires = torch.zeros(clt.d_sae, dtype=torch.long)
-    l0s, ys, recs = [], [], []
-    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    kl = {"spliced": 0.0, "zero": 0.0}
-    n_pred = n_seen = 0
+    totals = SpliceTotals(clt.d_sae)
     dev = clt.W_enc.device
+
+    def reconstruct(inputs, _x):
+        feats = {s: clt.encode(s, inputs[ins[s]].to(dev)) for s in range(target + 1)}
+        return feats[target], clt.decode(feats, target)
+
     for tokens, mask in iter_token_batches(model, texts, context_size, batch_size):
-        keep = _first_tokens(token_mask(model, tokens, mask), n_tokens - n_seen)
+        keep = _first_tokens(token_mask(model, tokens, mask), n_tokens - totals.n_seen)
         rows = keep.any(1)
         if not bool(rows.any()):
             break
         tokens, mask, keep = tokens[rows], mask[rows], keep[rows]
-        state: dict[str, Any] = {"x": {}}
-
-        def capture(x, name):
-            state["x"][name] = x.detach()
-
-        def splice(x, name, mode):
-            if mode == "capture":
-                state["y"] = x.detach().clone()
-                return None
-            m = keep.to(x.device)
-            if mode == "zero":
-                return torch.where(m[..., None], torch.zeros_like(x), x)
-            feats = {s: clt.encode(s, state["x"][ins[s]][m].to(dev)) for s in range(target + 1)}
-            rec = clt.decode(feats, target).to(x.dtype).to(x.device)
-            state["f"], state["rec"] = feats[target], rec
-            out = x.clone()
-            out[m] = rec
-            return out
-
-        def run(mode: str) -> Tensor:
-            hooks: list = [(h, capture) for h in ins]
-            hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
-            with model.hooks(hooks):
-                return model.final_hidden(tokens, attention_mask=mask)
-
-        hidden = {"clean": run("capture"), "spliced": run("sae"), "zero": run("zero")}
-        nll, klv, n = next_token_losses(model, hidden, tokens, keep[:, 1:], reference="clean")
-        for key in ce:
-            ce[key] += nll[key]
-        for key in kl:
-            kl[key] += klv[key]
-        n_pred += n
-        f = state["f"]
-        fires += (f != 0).sum(0).cpu()
-        l0s.append((f != 0).sum(-1).cpu())
-        recs.append(state["rec"].float().cpu())
-        ys.append(state["y"][keep].float().cpu())
-        n_seen += int(keep.sum())
-        if n_seen >= n_tokens:
+        totals.add(splice_batch(model, tokens, mask, keep, ins, out_hook, reconstruct))
+        if totals.n_seen >= n_tokens:
             break
-    if n_seen == 0:
+    if totals.n_seen == 0:
         raise InputError("no evaluation tokens: texts are empty")
-    y, rec = torch.cat(ys), torch.cat(recs)
-    ce_clean, ce_spl, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
-    return {"l0": float(torch.cat(l0s).float().mean()), "explained_variance": explained_variance(y, rec),
-            "mse": mse(y, rec), "cossim": cossim(y, rec), "ce_loss_score": ce_loss_score(ce_clean, ce_spl, ce_zero),
-            "kl_div_score": kl_div_score(kl["spliced"] / n_pred, kl["zero"] / n_pred), "ce_clean": ce_clean,
-            "ce_spliced": ce_spl, "ce_zero_ablated": ce_zero, "dead_fraction": dead_fraction(fires),
-            "dead_fraction_n_tokens": n_seen, "n_tokens": n_seen}
+    return totals.metrics()
 
 
 # ----------------------------------------------------------------------------------------------- with a model

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import chain
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,97 @@ def _first_tokens(mask: Tensor, n: int) -> Tensor:
     return mask & (mask.flatten().cumsum(0).reshape(mask.shape) <= n)
 
 
+class SpliceTotals:
+    """What the held-out evaluation of a dictionary adds up over batches (:func:`splice_batch`): summed next-token
+    losses and KLs, latent firing counts, per-token L0, targets and reconstructions; :meth:`metrics` gives the
+    SAELens-named metrics."""
+
+    def __init__(self, d_sae: int):
+        self.ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+        self.kl = {"spliced": 0.0, "zero": 0.0}
+        self.n_pred = 0
+        self.n_seen = 0
+        self.fires = torch.zeros(d_sae, dtype=torch.long)
+        self.l0s: list[Tensor] = []
+        self.ys: list[Tensor] = []
+        self.recs: list[Tensor] = []
+
+    def add_latents(self, f: Tensor) -> None:
+        self.fires += (f != 0).sum(0).cpu()
+        self.l0s.append((f != 0).sum(-1).cpu())
+
+    def add(self, batch: dict) -> None:
+        for key in self.ce:
+            self.ce[key] += batch["nll"][key]
+        for key in self.kl:
+            self.kl[key] += batch["kl"][key]
+        self.n_pred += batch["n_pred"]
+        self.n_seen += batch["n_tokens"]
+        self.add_latents(batch["f"])
+        self.recs.append(batch["rec"].float().cpu())
+        self.ys.append(batch["y"].float().cpu())
+
+    def metrics(self, n_sparsity: int | None = None) -> dict:
+        y, recon = torch.cat(self.ys), torch.cat(self.recs)
+        ce_clean, ce_spl, ce_zero = (self.ce[k] / self.n_pred for k in ("clean", "spliced", "zero"))
+        kl_spl, kl_zero = self.kl["spliced"] / self.n_pred, self.kl["zero"] / self.n_pred
+        return {
+            "l0": float(torch.cat(self.l0s).float().mean()),
+            "explained_variance": explained_variance(y, recon),
+            "mse": mse(y, recon),
+            "cossim": cossim(y, recon),
+            "ce_loss_score": ce_loss_score(ce_clean, ce_spl, ce_zero),
+            "kl_div_score": kl_div_score(kl_spl, kl_zero),
+            "ce_clean": ce_clean,
+            "ce_spliced": ce_spl,
+            "ce_zero_ablated": ce_zero,
+            "kl_spliced": kl_spl,
+            "kl_zero_ablated": kl_zero,
+            "dead_fraction": dead_fraction(self.fires),
+            "dead_fraction_n_tokens": self.n_seen if n_sparsity is None else n_sparsity,
+            "n_tokens": self.n_seen,
+        }
+
+
+def splice_batch(model, tokens: Tensor, mask: Tensor, keep: Tensor, in_hooks: Sequence[str], out_hook: str,
+                 reconstruct) -> dict:
+    """The three runs of one batch that score a dictionary at ``out_hook``: clean (capturing ``in_hooks`` and the
+    target ``out_hook``), spliced (``out_hook`` at the ``keep`` positions replaced by the reconstruction) and zero
+    (``out_hook`` zeroed there). ``reconstruct(inputs, x)`` gets ``{hook: Tensor[kept, d]}`` of ``in_hooks`` and
+    ``out_hook``'s own kept rows and returns ``(latents, reconstruction)``. Returns ``{"nll", "kl", "n_pred"}``
+    (:func:`next_token_losses` against the clean run, over the kept positions' next tokens), ``"n_tokens"``, and the
+    kept rows' ``"f"``, ``"rec"`` and target ``"y"``."""
+    state: dict[str, Any] = {"x": {}}
+
+    def capture(x, name):
+        state["x"][name] = x
+
+    def splice(x, name, mode):
+        if mode == "capture":
+            state["y"] = x.detach().clone()
+            return None
+        m = keep.to(x.device)
+        if mode == "zero":
+            return torch.where(m[..., None], torch.zeros_like(x), x)
+        f, rec = reconstruct({h: v[m] for h, v in state["x"].items()}, x[m])
+        state["f"], state["rec"] = f, rec.to(x.dtype).to(x.device)
+        out = x.clone()
+        out[m] = state["rec"]
+        return out
+
+    def run(mode: str) -> Tensor:
+        hooks: list = [(h, capture) for h in in_hooks]
+        hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
+        with model.hooks(hooks):
+            return model.final_hidden(tokens, attention_mask=mask)
+
+    hidden = {"clean": run("capture"), "spliced": run("sae"), "zero": run("zero")}
+    # predictions of real (kept) tokens only: BOS, a packed document separator and pads are not targets
+    nll, kl, n = next_token_losses(model, hidden, tokens, keep[:, 1:], reference="clean")
+    return {"nll": nll, "kl": kl, "n_pred": n, "n_tokens": int(keep.sum()), "f": state["f"], "rec": state["rec"],
+            "y": state["y"][keep.to(state["y"].device)]}
+
+
 @torch.no_grad()
 def evaluate_sae(
     model,
@@ -195,106 +287,45 @@ def evaluate_sae(
     sae = sae.eval()
     dev = sae.W_enc.device
 
-    ys, recons = [], []
     assert sae.cfg.d_sae is not None  # filled in by SAEConfig.__post_init__
-    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-    l0s: list[Tensor] = []
-    ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    kl = {"spliced": 0.0, "zero": 0.0}
-    n_pred, n_seen = 0, 0
+    totals = SpliceTotals(sae.cfg.d_sae)
+
+    def reconstruct(inputs, x):
+        xin = (inputs[hook_name] if sae.cfg.transcoder else x).to(dev)
+        f = sae.encode(xin)
+        skip = sae.skip_out(xin)  # skip transcoders: + x @ skip
+        rec = sae.decode(f)
+        return f, rec if skip is None else rec + skip
 
     batches = iter_token_batches(model, texts, context_size, batch_size)
     rest: list[tuple[Tensor, Tensor, Tensor]] = []  # the tokens of the last batch beyond n_tokens
     for tokens, mask in batches:
         real = token_mask(model, tokens, mask)
         # cap tokens: drop rows beyond the budget
-        keep = _first_tokens(real, n_tokens - n_seen)
+        keep = _first_tokens(real, n_tokens - totals.n_seen)
         if bool((real & ~keep).any()):
             rest.append((tokens, mask, real & ~keep))
         rows = keep.any(1)
         if not bool(rows.all()):  # rows past the token budget: do not run them at all
             tokens, mask, keep = tokens[rows], mask[rows], keep[rows]
-        state: dict[str, Tensor] = {}
-
-        def capture_in(x, name):
-            state["x"] = x
-
-        def splice(x, name, mode):
-            if mode == "capture":
-                state["y"] = x.detach().clone()
-                return None
-            m = keep.to(x.device)
-            if mode == "zero":
-                return torch.where(m[..., None], torch.zeros_like(x), x)
-            src = state["x"] if sae.cfg.transcoder else x
-            xin = src[m].to(dev)
-            f = sae.encode(xin)
-            rec = sae.decode(f)
-            skip = sae.skip_out(xin)  # skip transcoders: + x @ skip
-            rec = (rec if skip is None else rec + skip).to(x.dtype).to(x.device)
-            state["f"], state["rec"] = f, rec
-            out = x.clone()
-            out[m] = rec
-            return out
-
-        def run(mode: str) -> Tensor:
-            hooks = []
-            if sae.cfg.transcoder:
-                hooks.append((hook_name, capture_in))
-            hooks.append((out_hook, lambda x, name: splice(x, name, mode)))
-            with model.hooks(hooks):
-                return model.final_hidden(tokens, attention_mask=mask)
-
-        hidden = {"clean": run("capture"), "spliced": run("sae"), "zero": run("zero")}
-        # predictions of real (kept) tokens only: BOS, a packed document separator and pads are not targets
-        nll, klv, n = next_token_losses(model, hidden, tokens, keep[:, 1:], reference="clean")
-        for key in ce:
-            ce[key] += nll[key]
-        for key in kl:
-            kl[key] += klv[key]
-        n_pred += n
-        f = state["f"]
-        fires += (f != 0).sum(0).cpu()
-        l0s.append((f != 0).sum(-1).cpu())
-        recons.append(state["rec"].float().cpu())
-        ys.append(state["y"][keep].float().cpu())
-        n_seen += int(keep.sum())
-        if n_seen >= n_tokens:
+        totals.add(splice_batch(model, tokens, mask, keep, [hook_name] if sae.cfg.transcoder else [], out_hook,
+                                reconstruct))
+        if totals.n_seen >= n_tokens:
             break
 
-    if n_seen == 0:
+    if totals.n_seen == 0:
         raise ValueError("no evaluation tokens: texts are empty")
-    n_sparsity = n_seen
+    n_sparsity = totals.n_seen
     more = ((t, m, token_mask(model, t, m)) for t, m in batches)
     sparsity_target = sparsity_tokens or 0
-    for tokens, mask, keep in chain(rest, more) if sparsity_target > n_seen else ():
+    for tokens, mask, keep in chain(rest, more) if sparsity_target > totals.n_seen else ():
         keep = _first_tokens(keep, sparsity_target - n_sparsity)
         x = collect_hook_activations(model, tokens, mask, [hook_name])[hook_name][keep]
-        f = sae.encode(x.to(dev))  # (evaluate_sae runs without gradients)
-        fires += (f != 0).sum(0).cpu()
-        l0s.append((f != 0).sum(-1).cpu())
+        totals.add_latents(sae.encode(x.to(dev)))  # (evaluate_sae runs without gradients)
         n_sparsity += int(keep.sum())
         if n_sparsity >= sparsity_target:
             break
-    y, recon = torch.cat(ys), torch.cat(recons)
-    ce_clean, ce_spl, ce_zero = (ce[k] / n_pred for k in ("clean", "spliced", "zero"))
-    kl_spl, kl_zero = kl["spliced"] / n_pred, kl["zero"] / n_pred
-    return {
-        "l0": float(torch.cat(l0s).float().mean()),
-        "explained_variance": explained_variance(y, recon),
-        "mse": mse(y, recon),
-        "cossim": cossim(y, recon),
-        "ce_loss_score": ce_loss_score(ce_clean, ce_spl, ce_zero),
-        "kl_div_score": kl_div_score(kl_spl, kl_zero),
-        "ce_clean": ce_clean,
-        "ce_spliced": ce_spl,
-        "ce_zero_ablated": ce_zero,
-        "kl_spliced": kl_spl,
-        "kl_zero_ablated": kl_zero,
-        "dead_fraction": dead_fraction(fires),
-        "dead_fraction_n_tokens": n_sparsity,
-        "n_tokens": n_seen,
-    }
+    return totals.metrics(n_sparsity)
 
 
 def plot_layer_metrics(layers: dict[str, dict], path: str, title: str | None = None,
