@@ -10,8 +10,11 @@ bytes per parameter) and the working memory of the stage, from what it holds at 
 * ``causal_tracing``: 128 restored runs per batch with their last-position logits;
 * ``circuits``, ``validation``: EAP, 32 prompts per batch, the gradients of 6 hooks per layer (the metric reads
   the answer tokens' logits only; refinement and validation run forwards only: less);
-* ``dictionaries``: the harvested activations of every layer (input and output, the built-in corpus of about 21k
-  tokens, as ``train_saes`` keeps them in memory) and the TopK transcoders with their Adam states;
+* ``dictionaries``: with the activations on disk (``sae_activations = "disk"``, the default) the finished
+  transcoders, the training state (weights, gradients, two Adam moments) of those trained at once (at most
+  :data:`~circuit_discovery.sae.training.TRAIN_GROUP_BYTES`, and at least one layer's), and the store's shard
+  buffer while harvesting (measured on Gemma 3 270M, a cold run: 2.96 GB, predicted 2.49 GB); in memory (``"memory"``), the harvested activations of every layer (input and output,
+  the built-in corpus of about 21k tokens) and every layer's training state;
 * ``feature_circuits``: the transcoders and one graph's rows (128 feature nodes x sources).
 
 The weights count in full: the cached weights are memory-mapped, and the known filter, the first stage, reads all
@@ -92,8 +95,9 @@ def _gb(x: float) -> float:
     return x / 1e9
 
 
-def working_gb(shape: Shape, stage: str) -> float:
-    """Working memory of one stage in GB (float32), as the module docstring lists it."""
+def working_gb(shape: Shape, stage: str, activations: str = "disk") -> float:
+    """Working memory of one stage in GB (float32), as the module docstring lists it; ``activations``: where the
+    transcoders' training activations are kept (``RunConfig.sae_activations``)."""
     d, V, L, P, f = shape.d_model, shape.d_vocab, shape.n_layers, PROMPT_TOKENS, shape.d_mlp
     act = P * (2 * f + 4 * d) * 4  # one prompt's activations inside one layer (MLP hidden, residuals)
     if stage == "known":
@@ -104,9 +108,14 @@ def working_gb(shape: Shape, stage: str) -> float:
         return _gb(128 * V * 4 * 3 + 128 * act)
     if stage in ("circuits", "validation"):  # the metric reads the answer tokens' logits only
         return _gb(32 * L * 6 * P * d * 4 * 2 + 32 * act)
-    tc = L * (2 * d * 4 * d + 5 * d) * 4  # per-layer TopK transcoders, d_sae = 4 d_model
+    tc = L * (2 * d * 4 * d + d * d + 5 * d) * 4  # per-layer skip transcoders, d_sae = 4 d_model
     if stage == "dictionaries":
-        return _gb(CORPUS_TOKENS * L * 2 * d * 4 + 4 * tc)
+        from circuit_discovery.sae.harvest import STORE_SHARD_BYTES
+        from circuit_discovery.sae.training import TRAIN_GROUP_BYTES
+
+        if activations == "memory":
+            return _gb(CORPUS_TOKENS * L * 2 * d * 4 + 4 * tc)
+        return _gb(tc + min(4 * tc, TRAIN_GROUP_BYTES + 4 * tc / L) + STORE_SHARD_BYTES)
     if stage == "feature_circuits":
         sources = L * P * (64 + 1) + P  # active features (k = 64 per token), errors, embeddings
         return _gb(tc + 2 * 128 * sources * 4 + 32 * act * L)
