@@ -1,13 +1,16 @@
-"""Feature-graph scores of finished runs, per relation and in summary: compare dictionaries on the same run.
+"""Dictionary quality and feature-graph scores of finished runs: compare dictionaries on the same run.
 
     python benchmarks/graph_scores.py --run topk=/tmp/default3 --run skip=/tmp/default8 --out F.json
 
-Reads each run folder's ``stages/feature_circuits.json`` and ``stages/dictionaries.json`` (nothing is recomputed) and
-writes ``{"runs": {label: {"kind", "relations": {relation: {"replacement_score", "completeness_score",
-"error_influence_share", "held_out_faithfulness", "n_graphs"}}, "summary": {...}}}}``: the scores are
-circuit-tracer's, the mean over the relation's prompt graphs (``feature_facts`` per relation); ``summary`` gives
-the mean, median, minimum and maximum over relations (the unit: relations, never graphs). Runs that share their
-stages up to the dictionaries (one resumed from the other) differ only in their dictionaries.
+Reads each run folder's ``stages/dictionaries.json`` and, when present, ``stages/feature_circuits.json`` (nothing
+is recomputed; a ``frc train-sae`` folder has only the first) and writes ``{"runs": {label: {"kind", "layers":
+{hook pair: {"explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction", "dead_fraction_n_tokens",
+"l0"}}, "relations": {relation: {"replacement_score", "completeness_score", "error_influence_share",
+"held_out_faithfulness", "n_graphs"}}, "summary": {...}}}}``: the dictionaries' held-out metrics as the run measured
+them; the graph scores are circuit-tracer's, the mean over the relation's prompt graphs (``feature_facts`` per
+relation); ``summary`` gives the mean, median, minimum and maximum over relations (the unit: relations, never
+graphs). Runs that share their stages up to the dictionaries (one resumed from the other) differ only in their
+dictionaries.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from pathlib import Path
 from circuit_discovery.io import atomic_write_json
 
 SCORES = ("replacement_score", "completeness_score", "error_influence_share")
+METRICS = ("explained_variance", "ce_loss_score", "kl_div_score", "dead_fraction", "dead_fraction_n_tokens", "l0")
 
 
 def run_scores(folder: Path) -> dict:
-    feats = json.loads((folder / "stages" / "feature_circuits.json").read_text())
     dicts = json.loads((folder / "stages" / "dictionaries.json").read_text())
+    path = folder / "stages" / "feature_circuits.json"
+    feats = json.loads(path.read_text()) if path.is_file() else {"relations": {}}
     rels = {}
     for rel, r in feats["relations"].items():
         graphs = r.get("info", {}).get("graph_scores") or []
@@ -37,7 +42,8 @@ def run_scores(folder: Path) -> dict:
                    "min": min(v[s] for v in rels.values()), "max": max(v[s] for v in rels.values())}
                for s in SCORES} if rels else {}
     kind = dicts.get("kind") or f"{(dicts.get('settings') or {}).get('architecture')}_transcoder"
-    return {"folder": str(folder), "kind": kind, "settings": dicts.get("settings"),
+    layers = {h: {k: m.get(k) for k in METRICS} for h, m in (dicts.get("layers") or {}).items()}
+    return {"folder": str(folder), "kind": kind, "settings": dicts.get("settings"), "layers": layers,
             "n_relations": len(rels), "relations": rels, "summary": summary}
 
 
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["runs"][label] = run_scores(Path(folder))
     atomic_write_json(args.out, out)
     for label, r in out["runs"].items():
-        print(label, r["kind"], r["n_relations"], {s: round(v["mean"], 3) for s, v in r["summary"].items()})
+        print(label, r["kind"], len(r["layers"]), "layers;", r["n_relations"], "relations",
+              {s: round(v["mean"], 3) for s, v in r["summary"].items()})
     return out
 
 
