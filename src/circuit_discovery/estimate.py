@@ -13,8 +13,9 @@ bytes per parameter) and the working memory of the stage, from what it holds at 
 * ``dictionaries``: with the activations on disk (``sae_activations = "disk"``, the default) the finished
   transcoders, the training state (weights, gradients, two Adam moments) of those trained at once (at most
   :data:`~circuit_discovery.sae.training.TRAIN_GROUP_BYTES`, and at least one layer's), and the store's shard
-  buffer while harvesting (measured on Gemma 3 270M, a cold run: 2.96 GB, predicted 2.49 GB); in memory (``"memory"``), the harvested activations of every layer (input and output,
-  the built-in corpus of about 21k tokens) and every layer's training state;
+  buffer while harvesting (measured on Gemma 3 270M, a cold run: 2.96 GB, predicted 2.49 GB); in memory
+  (``"memory"``), the harvested activations of every layer (input and output, the built-in corpus of about 21k
+  tokens) and every layer's training state;
 * ``feature_circuits``: the transcoders and one graph's rows (128 feature nodes x sources).
 
 The weights count in full: the cached weights are memory-mapped, and the known filter, the first stage, reads all
