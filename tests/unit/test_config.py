@@ -19,8 +19,8 @@ DEFAULTS = dict(
     quick_relations=4, quick_facts=6, quick_held_out=4, patching_facts=1, granularity="head", component_method="eap",
     circuit_search="refine", refine_budget=0.05, ig_steps=5, node_threshold=0.8, edge_threshold=0.98,
     ablation="corrupted", n_random=100, baselines=["matched", "top_m", "last_token"], min_metric_gap=0.5,
-    graphs_per_relation=2, causal_facts=2, causal_samples=10, causal_full_facts=2, features=True, dictionaries=None, sae_kind="jumprelu_skip_transcoder",
-    sae_layers=None,
+    graphs_per_relation=2, causal_facts=2, causal_samples=10, causal_full_facts=2, features=True, dictionaries=None,
+    sae_kind="jumprelu_skip_transcoder", sae_activations="disk", sae_layers=None,
     sae_training_tokens=100_000, sae_k=64, sae_eval_tokens=256, sae_corpus_sequences=None, sae_text_files=[],
     sae_seed=42, feature_facts=2, feature_nodes=128, steer_features=10, steer_random=10, feature_context_tokens=1024,
     feature_max_edges=1000)
@@ -99,6 +99,10 @@ def test_closed_sets_come_from_their_consumers():
     assert (c["metric"], c["granularity"], c["component_method"], c["ablation"]) == (
         tuple(METRICS), tuple(GRANULARITIES), tuple(METHODS), tuple(ABLATIONS))
     assert set(c["circuit_search"]) == {"eap", "refine"}
+    from circuit_discovery.sae.dictionaries import SAE_KINDS
+    from circuit_discovery.sae.training import ACTIVATION_PLACES
+
+    assert (c["sae_kind"], c["sae_activations"]) == (SAE_KINDS, ACTIVATION_PLACES)
 
 
 @pytest.mark.parametrize("bad", [["matched", "nope"], "matched", ["matched", "matched"], [1]])

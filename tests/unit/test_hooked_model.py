@@ -234,7 +234,7 @@ def test_damaged_builtin_cache_is_rebuilt_once_then_reported(monkeypatch, tmp_pa
     from circuit_discovery.models import loading
 
     tiny = loading.build_tiny("tiny-gemma3")
-    monkeypatch.setattr(loading, "builtin_folder", lambda name, cache_dir=None: tmp_path / name)
+    monkeypatch.setattr(loading, "builtin_folder", lambda name, cache_dir=None, **kw: tmp_path / name)
     failures = [SafetensorError("Error while deserializing header"), OSError("truncated")]
 
     def load_folder(folder, dt):

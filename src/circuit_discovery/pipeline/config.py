@@ -76,10 +76,6 @@ CIRCUIT_SEARCHES = ("eap", "refine")
 #: ``clt`` is one cross-layer transcoder
 SAE_KINDS = ("topk_transcoder", "jumprelu_transcoder", "jumprelu_skip_transcoder", "clt")
 
-#: ``RunConfig.sae_activations``: where the transcoders' training activations are kept (read by
-#: ``sae.training.train_saes_on_model``)
-ACTIVATION_PLACES = ("disk", "memory")
-
 #: ``RunConfig.device``: what :func:`circuit_discovery.models.loading.resolve_device` accepts (whether the device
 #: exists here is checked when the model is loaded)
 DEVICES = ("auto", "cpu", "mps", "cuda", "cuda:N")
@@ -112,6 +108,7 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Each option with a closed set of values -> its valid values, read from the code that consumes it."""
     from circuit_discovery.attribution.component_graph import GRANULARITIES, METHODS
     from circuit_discovery.metrics import METRICS
+    from circuit_discovery.sae.training import ACTIVATION_PLACES
     from circuit_discovery.validation.ablation import ABLATIONS
 
     return {"metric": tuple(METRICS), "granularity": tuple(GRANULARITIES), "component_method": tuple(METHODS),

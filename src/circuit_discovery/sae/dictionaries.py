@@ -50,7 +50,7 @@ def kind_settings(kind: str) -> dict[str, Any]:
         raise InputError("kind 'clt' is one cross-layer transcoder, not per-layer configs; use train_transcoders")
     return dict(_KIND_SETTINGS[kind])
 
-_EVAL_VERSION = 1  # bump when evaluate_sae changes what it measures (invalidates cached metrics)
+_EVAL_VERSION = 2  # bump when evaluate_sae changes what it measures or how it sums (invalidates cached metrics)
 
 
 def transcoder_configs(n_layers: int, layers: Sequence[int] | None = None, training_tokens: int = 100_000,
